@@ -1,0 +1,54 @@
+"""Small helpers that turn results into metadata a user reads in the UI."""
+
+import base64
+from collections.abc import Mapping
+
+import polars as pl
+from dagster import MetadataValue, TableColumn, TableSchema
+
+_DAGSTER_TYPES = {
+    pl.String: "string",
+    pl.Float64: "float",
+    pl.Int64: "int",
+    pl.Int32: "int",
+    pl.Boolean: "bool",
+    pl.Date: "date",
+}
+
+
+def column_schema(frame: pl.DataFrame) -> TableSchema:
+    """Dagster column schema of a polars frame (shown on the asset page)."""
+    return TableSchema(
+        columns=[
+            TableColumn(name=name, type=_DAGSTER_TYPES.get(type(dtype), str(dtype)))
+            for name, dtype in frame.schema.items()
+        ]
+    )
+
+
+def markdown_table(frame: pl.DataFrame, *, max_rows: int = 20, float_fmt: str = "{:.4g}") -> str:
+    """Render the first rows of a frame as a markdown table."""
+    if frame.height == 0:
+        return "_no rows_"
+    head = frame.head(max_rows)
+    lines = ["| " + " | ".join(head.columns) + " |", "|" + "---|" * head.width]
+    for row in head.iter_rows():
+        cells = [float_fmt.format(v) if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    if frame.height > max_rows:
+        lines.append(f"\n_{frame.height - max_rows} more rows_")
+    return "\n".join(lines)
+
+
+def counts_table(counts: Mapping[str, int], *, label: str = "reason") -> str:
+    """Markdown table of counts, largest first."""
+    if not counts:
+        return "_none_"
+    rows = sorted(counts.items(), key=lambda kv: -kv[1])
+    return "\n".join([f"| {label} | rows |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]])
+
+
+def png_markdown(png: bytes, alt: str) -> MetadataValue:
+    """Embed a PNG in markdown metadata (the UI renders it inline)."""
+    encoded = base64.b64encode(png).decode("ascii")
+    return MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")

@@ -1,0 +1,261 @@
+"""Data-contract checks on bronze and curated assets.
+
+Each check re-reads what was *stored* for the partition and applies the same
+rules as the ingestion code (:mod:`pipeline.domain.contracts`), so a check can
+catch a bug in the writer, not only in the delivery. Curated checks are
+blocking: a partition that breaks its contract or fails to reconcile stops every
+downstream model in the same run, and the model assets' own guards hold the line
+in later runs.
+"""
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetChecksDefinition,
+    AssetCheckSeverity,
+    AssetKey,
+    MetadataValue,
+    PartitionsDefinition,
+    asset_check,
+)
+
+from pipeline import keys
+from pipeline.assets.ingest import (
+    BRONZE_PARTITION_COLUMN,
+    SOURCES,
+    Source,
+    quarantined_symbol,
+    read_bronze,
+)
+from pipeline.assets.metadata import counts_table
+from pipeline.domain import contracts
+from pipeline.domain.contracts import try_normalise_symbol
+from pipeline.partitions import split_symbol_date, symbol_date_partitions
+from pipeline.resources.lake import LakeResource
+
+MAX_INGEST_LAG = dt.timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of one check on one partition."""
+
+    passed: bool
+    summary: str
+    metadata: dict
+
+
+def _combine(
+    context: AssetCheckExecutionContext, evaluate: Callable[[str], Verdict]
+) -> AssetCheckResult:
+    """Evaluate every partition of the run (one, or a range in a single-run backfill)."""
+    verdicts = {key: evaluate(key) for key in context.partition_keys}
+    failed = {k: v for k, v in verdicts.items() if not v.passed}
+    metadata: dict = {"partitions_checked": len(verdicts), "partitions_failed": len(failed)}
+    if len(verdicts) == 1:
+        metadata.update(next(iter(verdicts.values())).metadata)
+    summary = "; ".join(f"{k}: {v.summary}" for k, v in (failed or verdicts).items())
+    metadata["summary"] = MetadataValue.text(summary[:2000])
+    return AssetCheckResult(passed=not failed, metadata=metadata, description=summary[:500])
+
+
+def _bronze_checks(source: Source) -> list[AssetChecksDefinition]:
+    @asset_check(
+        asset=source.key,
+        name=keys.CHECK_FILE_SCHEMA,
+        partitions_def=source.partitions_def,
+        blocking=True,
+        description="The stored partition has rows and every column the contract requires.",
+    )
+    def schema_check(context: AssetCheckExecutionContext, lake: LakeResource) -> AssetCheckResult:
+        def evaluate(partition_key: str) -> Verdict:
+            stored = read_bronze(lake, source, partition_key)
+            required = source.contract(partition_key).required_columns
+            missing = [c for c in required if c not in stored.columns]
+            if stored.height == 0:
+                return Verdict(False, "no rows stored", {"rows": 0})
+            if missing:
+                return Verdict(False, f"missing columns {missing}", {"missing": str(missing)})
+            return Verdict(True, f"{stored.height} rows, all columns", {"rows": stored.height})
+
+        return _combine(context, evaluate)
+
+    @asset_check(
+        asset=source.key,
+        name=keys.CHECK_INGEST_LAG,
+        partitions_def=source.partitions_def,
+        description="Files were ingested within 24 h of their delivery (file time).",
+    )
+    def ingest_lag_check(
+        context: AssetCheckExecutionContext, lake: LakeResource
+    ) -> AssetCheckResult:
+        def evaluate(partition_key: str) -> Verdict:
+            stored = read_bronze(lake, source, partition_key)
+            if stored.height == 0:
+                return Verdict(False, "no rows stored", {})
+            lag = stored.select(
+                (pl.col("_ingested_at") - pl.col("_delivered_at")).max().alias("lag")
+            ).item()
+            hours = lag.total_seconds() / 3600
+            return Verdict(
+                lag <= MAX_INGEST_LAG,
+                f"max ingest lag {hours:.2f} h (bound 24 h)",
+                {"max_ingest_lag_hours": round(hours, 3)},
+            )
+
+        result = _combine(context, evaluate)
+        return AssetCheckResult(
+            passed=result.passed,
+            metadata=result.metadata,
+            description=result.description,
+            severity=AssetCheckSeverity.WARN,
+        )
+
+    return [schema_check, ingest_lag_check]
+
+
+@dataclass(frozen=True)
+class CuratedSpec:
+    """How to read one curated partition and reconcile it with bronze."""
+
+    key: AssetKey
+    source: Source
+    partitions_def: PartitionsDefinition
+    contract: Callable[[str], contracts.Contract]
+    read: Callable[[LakeResource, str], pl.DataFrame]
+    delivered_rows: Callable[[LakeResource, str], int]
+    curated_rows: Callable[[pl.DataFrame], int]
+    quarantined_rows: Callable[[LakeResource, str], int]
+
+
+def _quarantine_count(table: str) -> Callable[[LakeResource, str], int]:
+    return lambda lake, pk: lake.read("quarantine", table, {"partition_key": pk}).height
+
+
+def _bronze_count(source: Source) -> Callable[[LakeResource, str], int]:
+    return lambda lake, pk: read_bronze(lake, source, pk).height
+
+
+def _fx_delivered(lake: LakeResource, partition_key: str) -> int:
+    symbol, date = split_symbol_date(partition_key)
+    raw = lake.read("bronze", "fx_ticks", {BRONZE_PARTITION_COLUMN: date}, columns=["symbol"])
+    if raw.height == 0:
+        return 0
+    normalised = raw["symbol"].map_elements(try_normalise_symbol, return_dtype=pl.String)
+    return int((normalised == symbol).sum())
+
+
+def _fx_quarantined(lake: LakeResource, partition_key: str) -> int:
+    symbol, date = split_symbol_date(partition_key)
+    rows = lake.read("quarantine", "fx_spreads", {"partition_key": date})
+    return 0 if rows.height == 0 else int((quarantined_symbol(rows) == symbol).sum())
+
+
+def _fx_read(lake: LakeResource, partition_key: str) -> pl.DataFrame:
+    symbol, date = split_symbol_date(partition_key)
+    return lake.read("curated", "fx_spreads", {"symbol": symbol, "date": date})
+
+
+CURATED_SPECS = (
+    CuratedSpec(
+        keys.CLAIMS_BY_DISTRICT,
+        SOURCES["claims"],
+        SOURCES["claims"].partitions_def,
+        contracts.claims_by_district_contract,
+        lambda lake, pk: lake.read("curated", "claims_by_district", {"month": pk}),
+        _bronze_count(SOURCES["claims"]),
+        lambda frame: int(frame["n_policies"].sum()) if frame.height else 0,
+        _quarantine_count("claims_by_district"),
+    ),
+    CuratedSpec(
+        keys.FX_SPREADS,
+        SOURCES["fx_ticks"],
+        symbol_date_partitions,
+        lambda pk: contracts.fx_ticks_contract(split_symbol_date(pk)[1]),
+        _fx_read,
+        _fx_delivered,
+        lambda frame: frame.height,
+        _fx_quarantined,
+    ),
+    CuratedSpec(
+        keys.LOAN_BOOK,
+        SOURCES["loan_book"],
+        SOURCES["loan_book"].partitions_def,
+        contracts.loan_book_contract,
+        lambda lake, pk: lake.read("curated", "loan_book", {"valuation_date": pk}),
+        _bronze_count(SOURCES["loan_book"]),
+        lambda frame: frame.height,
+        _quarantine_count("loan_book"),
+    ),
+    CuratedSpec(
+        keys.LOAN_SCENARIOS,
+        SOURCES["loan_scenarios"],
+        SOURCES["loan_scenarios"].partitions_def,
+        contracts.loan_scenarios_contract,
+        lambda lake, pk: lake.read("curated", "loan_scenarios", {"valuation_date": pk}),
+        _bronze_count(SOURCES["loan_scenarios"]),
+        lambda frame: frame.height,
+        _quarantine_count("loan_scenarios"),
+    ),
+)
+
+
+def _curated_checks(spec: CuratedSpec) -> list[AssetChecksDefinition]:
+    @asset_check(
+        asset=spec.key,
+        name=keys.CHECK_CURATED_CONTRACT,
+        partitions_def=spec.partitions_def,
+        blocking=True,
+        description=(
+            "Stored rows satisfy the contract: types, ranges (exposure ≥ 0, counts ≥ 0, "
+            "bid ≤ ask, PD and LGD in [0, 1]), no NaN/inf, unique keys."
+        ),
+    )
+    def contract_check(context: AssetCheckExecutionContext, lake: LakeResource) -> AssetCheckResult:
+        def evaluate(partition_key: str) -> Verdict:
+            stored = spec.read(lake, partition_key)
+            if stored.height == 0:
+                return Verdict(False, "no curated rows stored", {"rows": 0})
+            violations = contracts.rule_violations(stored, spec.contract(partition_key))
+            return Verdict(
+                not violations,
+                "no violations" if not violations else f"violations {violations}",
+                {"rows": stored.height, "violations": MetadataValue.md(counts_table(violations))},
+            )
+
+        return _combine(context, evaluate)
+
+    @asset_check(
+        asset=spec.key,
+        name=keys.CHECK_RECONCILES,
+        partitions_def=spec.partitions_def,
+        blocking=True,
+        description="Every delivered row is either curated or quarantined: nothing is lost.",
+    )
+    def reconciliation_check(
+        context: AssetCheckExecutionContext, lake: LakeResource
+    ) -> AssetCheckResult:
+        def evaluate(partition_key: str) -> Verdict:
+            rows_in = spec.delivered_rows(lake, partition_key)
+            curated = spec.curated_rows(spec.read(lake, partition_key))
+            quarantined = spec.quarantined_rows(lake, partition_key)
+            return Verdict(
+                rows_in == curated + quarantined and rows_in > 0,
+                f"{rows_in} in = {curated} curated + {quarantined} quarantined",
+                {"rows_in": rows_in, "rows_curated": curated, "rows_quarantined": quarantined},
+            )
+
+        return _combine(context, evaluate)
+
+    return [contract_check, reconciliation_check]
+
+
+contract_checks = [
+    *[c for source in SOURCES.values() for c in _bronze_checks(source)],
+    *[c for spec in CURATED_SPECS for c in _curated_checks(spec)],
+]

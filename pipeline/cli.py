@@ -1,0 +1,124 @@
+"""The ``pipeline`` command: seed demo drops, run the demo, start the UIs."""
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from pipeline.settings import Settings, ensure_dagster_home, get_settings
+
+
+def seed_landing(settings: Settings, *, force: bool = False) -> int:
+    """Write the seeded demo drops under the landing folder; return files written."""
+    from pipeline.domain.demo_data import write_demo_landing
+
+    marker = settings.landing_dir / "_truth" / "claims_truth.json"
+    if marker.exists() and not force:
+        print(f"landing files already present under {settings.landing_dir} (use --force)")
+        return 0
+    files = write_demo_landing(settings.landing_dir)
+    print(f"wrote {len(files)} landing files under {settings.landing_dir}")
+    return len(files)
+
+
+def demo(settings: Settings) -> None:
+    """Seed the landing zone and materialise every asset on embedded defaults."""
+    os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
+    ensure_dagster_home(settings)
+    seed_landing(settings)
+    from pipeline.demo import run_demo
+
+    started = time.perf_counter()
+    summary = run_demo(settings)
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
+    for line in summary:
+        print(f"  {line}")
+    print(
+        f"\nresults: Delta tables under {settings.lake_uri}\n"
+        f"         MLflow store {settings.mlflow_tracking_uri}\n"
+        f"open the UIs with `make dev`, then http://127.0.0.1:3000 (Dagster) and "
+        f"{settings.mlflow_ui_url} (MLflow)"
+    )
+
+
+def dev(settings: Settings, *, dagster_port: int, mlflow_port: int) -> int:
+    """Run ``dagster dev`` and the MLflow UI on the same embedded stores."""
+    os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
+    ensure_dagster_home(settings)
+    os.environ["MLFLOW_UI_URL"] = f"http://127.0.0.1:{mlflow_port}"
+    bin_dir = os.path.dirname(sys.executable)
+    mlflow_cmd = [
+        os.path.join(bin_dir, "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        settings.mlflow_tracking_uri,
+        "--default-artifact-root",
+        settings.mlflow_artifact_root,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(mlflow_port),
+    ]
+    dagster_cmd = [
+        os.path.join(bin_dir, "dagster"),
+        "dev",
+        "-w",
+        "workspace.yaml",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(dagster_port),
+    ]
+    procs = [subprocess.Popen(mlflow_cmd), subprocess.Popen(dagster_cmd)]  # noqa: S603
+    print(
+        f"Dagster UI: http://127.0.0.1:{dagster_port}\n"
+        f"MLflow UI:  http://127.0.0.1:{mlflow_port}\n(Ctrl-C stops both)"
+    )
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return max((p.returncode or 0) for p in procs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pipeline`` console script."""
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    seed = sub.add_parser("seed-landing", help="write seeded demo drops into the landing zone")
+    seed.add_argument("--force", action="store_true", help="rewrite existing demo files")
+    sub.add_parser("demo", help="seed and materialise the whole graph on embedded defaults")
+    dev_parser = sub.add_parser("dev", help="start dagster dev and the MLflow UI")
+    dev_parser.add_argument("--dagster-port", type=int, default=3000)
+    dev_parser.add_argument("--mlflow-port", type=int, default=5000)
+    sub.add_parser("reset", help="delete PIPELINE_HOME (lake, landing, MLflow, Dagster state)")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    if args.command == "seed-landing":
+        seed_landing(settings, force=args.force)
+    elif args.command == "demo":
+        demo(settings)
+    elif args.command == "dev":
+        return dev(settings, dagster_port=args.dagster_port, mlflow_port=args.mlflow_port)
+    elif args.command == "reset":
+        shutil.rmtree(settings.home, ignore_errors=True)
+        print(f"removed {settings.home}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The one ``Definitions`` object of the code location ``pipeline.definitions:defs``."""
+
+from dagster import Definitions
+
+from pipeline.assets.ingest import bronze_assets, curated_assets
+from pipeline.checks.contracts import contract_checks
+from pipeline.resources import build_resources
+from pipeline.settings import get_settings
+
+
+def build_definitions(settings=None) -> Definitions:
+    """Assemble assets, checks, jobs, schedules, sensors and resources."""
+    settings = settings or get_settings()
+    return Definitions(
+        assets=[*bronze_assets, *curated_assets],
+        asset_checks=[*contract_checks],
+        resources=build_resources(settings),
+    )
+
+
+defs = build_definitions()

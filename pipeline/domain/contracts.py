@@ -1,0 +1,463 @@
+"""Data contracts: what a delivered row must satisfy to be published.
+
+A contract turns a bronze frame (every column text, exactly as delivered, plus
+lineage columns) into two frames: curated rows, typed and clean, and quarantined
+rows, each with the reason it was rejected. Nothing is dropped silently: every
+input row ends up in exactly one of the two, which :func:`apply_contract`
+guarantees and the reconciliation checks verify on what was stored.
+"""
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from pipeline.domain.errors import DomainError
+
+LINEAGE_COLUMNS = ("_source_file", "_row_number", "_ingested_at", "_delivered_at", "_partition_key")
+QUARANTINE_COLUMNS = ("partition_key", "_source_file", "_row_number", "reason", "record")
+
+SYMBOL_PATTERN = re.compile(r"^[A-Z0-9]{3,12}$")
+
+
+class ContractError(DomainError):
+    """A delivery breaks its contract as a whole (not row by row)."""
+
+
+class InvalidSymbolError(ContractError):
+    """A currency-pair name cannot be made into a safe partition key."""
+
+
+def normalise_symbol(raw: str) -> str:
+    """Return the canonical partition key of a currency-pair name.
+
+    Upstream sends ``EUR/USD``, ``eur/usd``, ``EUR-USD`` or ``eur_usd`` for the
+    same pair. Separators are removed and letters upper-cased; whatever remains
+    must match ``[A-Z0-9]{3,12}``, so that a key like ``../etc`` can never
+    reach a file path, a Delta predicate or an MLflow model name.
+
+    Raises
+    ------
+    InvalidSymbolError
+        When the cleaned name does not match the pattern.
+    """
+    if not isinstance(raw, str):
+        raise InvalidSymbolError(f"symbol {raw!r} is not text")
+    cleaned = re.sub(r"[/\-_ ]", "", raw.strip()).upper()
+    if not SYMBOL_PATTERN.match(cleaned):
+        raise InvalidSymbolError(
+            f"symbol {raw!r} normalises to {cleaned!r}, which does not match [A-Z0-9]{{3,12}}"
+        )
+    return cleaned
+
+
+def try_normalise_symbol(raw: str | None) -> str | None:
+    """Like :func:`normalise_symbol`, returning ``None`` instead of raising."""
+    try:
+        return normalise_symbol(raw) if raw is not None else None
+    except InvalidSymbolError:
+        return None
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """A row-level rule: ``violated`` is true for rows that break it."""
+
+    reason: str
+    violated: Callable[[], pl.Expr]
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The published shape of one curated table.
+
+    Attributes
+    ----------
+    table
+        Curated table name.
+    columns
+        Delivered column name to target dtype, in output order.
+    key
+        Columns that must be unique within one partition.
+    rules
+        Row rules checked after typing.
+    derived
+        Expressions evaluated after typing to add or replace columns
+        (e.g. the normalised symbol or the spread).
+    """
+
+    table: str
+    columns: dict[str, pl.DataType]
+    key: tuple[str, ...]
+    rules: tuple[RowRule, ...] = ()
+    derived: tuple[pl.Expr, ...] = field(default_factory=tuple)
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """Columns a delivered file must carry."""
+        return tuple(self.columns)
+
+
+def _finite(col: str) -> pl.Expr:
+    return pl.col(col).is_finite()
+
+
+def _cast(col: str, dtype: pl.DataType) -> pl.Expr:
+    raw = pl.col(col).str.strip_chars()
+    if dtype == pl.Datetime("us"):
+        return raw.str.to_datetime(time_unit="us", strict=False).alias(col)
+    if dtype == pl.Date:
+        return raw.str.to_date(strict=False).alias(col)
+    return raw.cast(dtype, strict=False).alias(col)
+
+
+def check_required_columns(frame: pl.DataFrame, contract: Contract, source_file: str) -> None:
+    """Fail the whole file when a contract column is missing.
+
+    Raises
+    ------
+    ContractError
+        Naming the file and every missing column.
+    """
+    missing = [c for c in contract.required_columns if c not in frame.columns]
+    if missing:
+        raise ContractError(
+            f"{source_file}: missing required column(s) {', '.join(missing)} "
+            f"for {contract.table} (found: {', '.join(frame.columns) or 'none'})"
+        )
+
+
+def apply_contract(
+    bronze: pl.DataFrame, contract: Contract, *, partition_key: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split a bronze frame into curated rows and quarantined rows.
+
+    Parameters
+    ----------
+    bronze
+        Text columns as delivered plus ``_source_file`` and ``_row_number``.
+    contract
+        The contract of the target table.
+    partition_key
+        Recorded on every quarantined row so a user can find them per partition.
+
+    Returns
+    -------
+    tuple of (curated, quarantined)
+        ``curated`` holds the typed contract columns plus derived columns;
+        ``quarantined`` has :data:`QUARANTINE_COLUMNS`. Their row counts add up
+        to ``bronze.height``.
+    """
+    for col in ("_source_file", "_row_number"):
+        if col not in bronze.columns:
+            raise ContractError(f"bronze frame for {contract.table} lacks lineage column {col}")
+    check_required_columns(bronze, contract, "bronze frame")
+    raw_cols = list(contract.columns)
+    typed = bronze.with_columns(
+        [_cast(c, t).alias(f"__typed_{c}") for c, t in contract.columns.items()]
+    )
+    reasons: list[pl.Expr] = []
+    for col, dtype in contract.columns.items():
+        raw = pl.col(col)
+        is_blank = raw.is_null() | (raw.str.strip_chars() == "")
+        reasons.append(pl.when(is_blank).then(pl.lit(f"{col}: missing value")))
+        reasons.append(
+            pl.when(~is_blank & pl.col(f"__typed_{col}").is_null()).then(
+                pl.format("{}: cannot parse '{}' as {}", pl.lit(col), raw, pl.lit(str(dtype)))
+            )
+        )
+    typed = typed.with_columns(
+        pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("__type_reason")
+    )
+    clean_types = typed.filter(pl.col("__type_reason") == "")
+    bad_types = typed.filter(pl.col("__type_reason") != "").with_columns(
+        pl.col("__type_reason").alias("reason")
+    )
+
+    as_typed = clean_types.drop(raw_cols).rename({f"__typed_{c}": c for c in raw_cols})
+    if contract.derived:
+        as_typed = as_typed.with_columns(list(contract.derived))
+    rule_reasons = [
+        pl.when(rule.violated().fill_null(True)).then(pl.lit(rule.reason))
+        for rule in contract.rules
+    ]
+    if rule_reasons:
+        as_typed = as_typed.with_columns(
+            pl.concat_str(rule_reasons, separator="; ", ignore_nulls=True).alias("reason")
+        )
+    else:
+        as_typed = as_typed.with_columns(pl.lit("").alias("reason"))
+
+    passing = as_typed.filter(pl.col("reason") == "").sort("_source_file", "_row_number")
+    key = list(contract.key)
+    first_seen = passing.group_by(key, maintain_order=True).agg(
+        pl.col("_source_file").first().alias("__first_file"),
+        pl.col("_row_number").first().alias("__first_row"),
+    )
+    passing = passing.join(first_seen, on=key, how="left", nulls_equal=True)
+    is_dup = (pl.col("_source_file") != pl.col("__first_file")) | (
+        pl.col("_row_number") != pl.col("__first_row")
+    )
+    duplicates = passing.filter(is_dup).with_columns(
+        pl.format(
+            "duplicate key ({}) = ({}); first seen at row {} of {}",
+            pl.lit(", ".join(key)),
+            pl.concat_str([pl.col(k).cast(pl.String) for k in key], separator=", "),
+            pl.col("__first_row"),
+            pl.col("__first_file"),
+        ).alias("reason")
+    )
+    curated = passing.filter(~is_dup).drop("reason", "__first_file", "__first_row")
+    keep = [
+        c
+        for c in curated.columns
+        if not c.startswith("__") and c not in ("_ingested_at", "_delivered_at", "_partition_key")
+    ]
+    curated = curated.select(keep)
+
+    rejected_rows = [
+        _to_quarantine(bronze, bad_types.select("_source_file", "_row_number", "reason")),
+        _to_quarantine(
+            bronze,
+            as_typed.filter(pl.col("reason") != "").select("_source_file", "_row_number", "reason"),
+        ),
+        _to_quarantine(bronze, duplicates.select("_source_file", "_row_number", "reason")),
+    ]
+    quarantined = pl.concat(rejected_rows).with_columns(
+        pl.lit(partition_key).alias("partition_key")
+    )
+    quarantined = quarantined.select(QUARANTINE_COLUMNS).sort("_source_file", "_row_number")
+    if curated.height + quarantined.height != bronze.height:
+        raise ContractError(
+            f"{contract.table} partition {partition_key}: {bronze.height} rows in but "
+            f"{curated.height} curated + {quarantined.height} quarantined"
+        )
+    return curated, quarantined
+
+
+def _to_quarantine(bronze: pl.DataFrame, rejected: pl.DataFrame) -> pl.DataFrame:
+    """Attach the delivered record (as JSON) to rejected row ids."""
+    raw_cols = [c for c in bronze.columns if c not in LINEAGE_COLUMNS]
+    if rejected.height == 0:
+        return pl.DataFrame(
+            schema={
+                "_source_file": pl.String,
+                "_row_number": pl.Int64,
+                "reason": pl.String,
+                "record": pl.String,
+            }
+        )
+    joined = rejected.join(
+        bronze.select("_source_file", "_row_number", *raw_cols),
+        on=["_source_file", "_row_number"],
+        how="left",
+    )
+    records = [json.dumps(r, default=str) for r in joined.select(raw_cols).iter_rows(named=True)]
+    return joined.select(
+        pl.col("_source_file"),
+        pl.col("_row_number").cast(pl.Int64),
+        pl.col("reason"),
+        pl.Series("record", records, dtype=pl.String),
+    )
+
+
+def empty_quarantine() -> pl.DataFrame:
+    """A quarantine frame with no rows and the standard schema."""
+    return pl.DataFrame(
+        schema={
+            "partition_key": pl.String,
+            "_source_file": pl.String,
+            "_row_number": pl.Int64,
+            "reason": pl.String,
+            "record": pl.String,
+        }
+    )
+
+
+# --- the four curated contracts -------------------------------------------------
+
+
+def claims_contract(month: str) -> Contract:
+    """Policy-level claims for one valuation month."""
+    return Contract(
+        table="claims_by_district",
+        columns={
+            "policy_id": pl.String(),
+            "district": pl.String(),
+            "valuation_month": pl.String(),
+            "exposure": pl.Float64(),
+            "claim_count": pl.Int64(),
+        },
+        key=("policy_id",),
+        rules=(
+            RowRule("exposure is NaN or infinite", lambda: ~_finite("exposure")),
+            RowRule("exposure < 0", lambda: pl.col("exposure") < 0),
+            RowRule("claim_count < 0", lambda: pl.col("claim_count") < 0),
+            RowRule(
+                f"valuation_month is not the partition month {month}",
+                lambda: pl.col("valuation_month") != month,
+            ),
+            RowRule(
+                "district is not [A-Za-z0-9_-]{1,32}",
+                lambda: ~pl.col("district").str.contains(r"^[A-Za-z0-9_-]{1,32}$"),
+            ),
+        ),
+    )
+
+
+def fx_ticks_contract(date: str) -> Contract:
+    """Bid/ask ticks of any symbol for one trading date (UTC)."""
+    return Contract(
+        table="fx_spreads",
+        columns={
+            "symbol": pl.String(),
+            "ts": pl.Datetime("us"),
+            "bid": pl.Float64(),
+            "ask": pl.Float64(),
+        },
+        key=("symbol", "ts"),
+        rules=(
+            RowRule(
+                "symbol does not normalise to [A-Z0-9]{3,12}",
+                lambda: pl.col("symbol").is_null(),
+            ),
+            RowRule(
+                "bid or ask is NaN or infinite",
+                lambda: ~(_finite("bid") & _finite("ask")),
+            ),
+            RowRule("bid or ask <= 0", lambda: (pl.col("bid") <= 0) | (pl.col("ask") <= 0)),
+            RowRule("bid > ask", lambda: pl.col("bid") > pl.col("ask")),
+            RowRule(
+                f"ts is not on the partition date {date}",
+                lambda: pl.col("ts").dt.date().cast(pl.String) != date,
+            ),
+        ),
+        derived=(
+            pl.col("symbol").map_elements(try_normalise_symbol, return_dtype=pl.String),
+            (pl.col("ask") - pl.col("bid")).alias("spread"),
+            pl.lit(date).alias("date"),
+        ),
+    )
+
+
+LOAN_SEGMENTS = ("retail_mortgage", "consumer", "sme", "corporate")
+
+
+def loan_book_contract(valuation_date: str) -> Contract:
+    """Loan-level exposures for one valuation date."""
+    return Contract(
+        table="loan_book",
+        columns={
+            "loan_id": pl.String(),
+            "ead": pl.Float64(),
+            "pd": pl.Float64(),
+            "lgd": pl.Float64(),
+            "rate": pl.Float64(),
+            "segment": pl.String(),
+        },
+        key=("loan_id",),
+        rules=(
+            RowRule(
+                "ead, pd, lgd or rate is NaN or infinite",
+                lambda: ~(_finite("ead") & _finite("pd") & _finite("lgd") & _finite("rate")),
+            ),
+            RowRule("ead < 0", lambda: pl.col("ead") < 0),
+            RowRule("pd outside [0, 1]", lambda: (pl.col("pd") < 0) | (pl.col("pd") > 1)),
+            RowRule("lgd outside [0, 1]", lambda: (pl.col("lgd") < 0) | (pl.col("lgd") > 1)),
+            RowRule(
+                f"segment not one of {', '.join(LOAN_SEGMENTS)}",
+                lambda: ~pl.col("segment").is_in(LOAN_SEGMENTS),
+            ),
+        ),
+        derived=(pl.lit(valuation_date).alias("valuation_date"),),
+    )
+
+
+def loan_scenarios_contract(valuation_date: str) -> Contract:
+    """Macro scenarios applied to the loan book of one valuation date."""
+    return Contract(
+        table="loan_scenarios",
+        columns={
+            "scenario": pl.String(),
+            "pd_multiplier": pl.Float64(),
+            "asset_correlation": pl.Float64(),
+        },
+        key=("scenario",),
+        rules=(
+            RowRule(
+                "pd_multiplier or asset_correlation is NaN or infinite",
+                lambda: ~(_finite("pd_multiplier") & _finite("asset_correlation")),
+            ),
+            RowRule("pd_multiplier < 0", lambda: pl.col("pd_multiplier") < 0),
+            RowRule(
+                "asset_correlation outside [0, 1)",
+                lambda: (pl.col("asset_correlation") < 0) | (pl.col("asset_correlation") >= 1),
+            ),
+            RowRule(
+                "scenario is not [a-z0-9_]{1,40}",
+                lambda: ~pl.col("scenario").str.contains(r"^[a-z0-9_]{1,40}$"),
+            ),
+        ),
+        derived=(pl.lit(valuation_date).alias("valuation_date"),),
+    )
+
+
+def rule_violations(frame: pl.DataFrame, contract: Contract) -> dict[str, int]:
+    """Count rows of an already typed frame breaking each rule, plus key duplicates.
+
+    The curated checks call this on what was *stored*, so the same rules that
+    split the delivery also verify the published table.
+    """
+    counts: dict[str, int] = {}
+    for rule in contract.rules:
+        n = frame.filter(rule.violated().fill_null(True)).height
+        if n:
+            counts[rule.reason] = n
+    key = [k for k in contract.key if k in frame.columns]
+    if key:
+        dupes = frame.height - frame.select(key).unique().height
+        if dupes:
+            counts[f"duplicate key ({', '.join(key)})"] = dupes
+    for col in contract.columns:
+        if col in frame.columns and frame[col].null_count():
+            counts[f"{col}: null"] = frame[col].null_count()
+    return counts
+
+
+def claims_by_district_contract(month: str) -> Contract:
+    """The aggregated claims table as published for credibility modelling."""
+    return Contract(
+        table="claims_by_district",
+        columns={
+            "month": pl.String(),
+            "district": pl.String(),
+            "exposure": pl.Float64(),
+            "claim_count": pl.Int64(),
+            "n_policies": pl.Int64(),
+        },
+        key=("month", "district"),
+        rules=(
+            RowRule("exposure is NaN or infinite", lambda: ~_finite("exposure")),
+            RowRule("exposure < 0", lambda: pl.col("exposure") < 0),
+            RowRule("claim_count < 0", lambda: pl.col("claim_count") < 0),
+            RowRule("n_policies < 1", lambda: pl.col("n_policies") < 1),
+            RowRule(f"month is not {month}", lambda: pl.col("month") != month),
+        ),
+    )
+
+
+def aggregate_claims(policies: pl.DataFrame, month: str) -> pl.DataFrame:
+    """Per-district sufficient statistics of one month's curated policies."""
+    return (
+        policies.group_by("district")
+        .agg(
+            pl.col("exposure").sum(),
+            pl.col("claim_count").sum().cast(pl.Int64),
+            pl.len().cast(pl.Int64).alias("n_policies"),
+        )
+        .with_columns(pl.lit(month).alias("month"))
+        .select("month", "district", "exposure", "claim_count", "n_policies")
+        .sort("district")
+    )

@@ -1,0 +1,261 @@
+"""Seeded demo drops, written the way upstream systems deliver them.
+
+Each generator returns the delivered frame *and* the generating truth, so tests
+and users can compare what the platform estimates with what was simulated. The
+truth is saved under ``landing/_truth/``, which no asset reads: FX anomaly labels,
+for example, exist only there, as they would in a desk's incident log.
+
+The generators draw from known processes:
+
+* claims: ``log rate_d = mu + sigma * z_d`` with ``z_d ~ N(0, 1)``; policies carry
+  exposure in policy-years and ``claim_count ~ Poisson(exposure * rate_d)``;
+* FX ticks: a random-walk mid with a per-symbol spread level, an intraday
+  pattern and lognormal noise; anomalies are bursts and isolated spikes where the
+  spread is multiplied by 4-15;
+* loans: segment-dependent PD, LGD and EAD; eight macro scenarios with PD
+  multipliers and asset correlations.
+"""
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+DEMO_SEED = 20261125
+CLAIMS_MONTHS = ("2026-07", "2026-08", "2026-09")
+FX_DATES = tuple((dt.date(2026, 9, 1) + dt.timedelta(days=i)).isoformat() for i in range(14))
+VALUATION_DATES = ("2026-09-30",)
+
+# symbol as upstream sends it -> (mid price level, spread level in bps)
+FX_SYMBOLS: dict[str, tuple[float, float]] = {
+    "EUR/USD": (1.08, 0.8),
+    "usd/jpy": (150.0, 1.0),
+    "GBP/USD": (1.27, 1.1),
+    "aud/usd": (0.66, 1.4),
+    "USD/CHF": (0.88, 1.5),
+    "usd/cad": (1.36, 1.3),
+    "NZD/USD": (0.60, 2.0),
+    "eur/gbp": (0.85, 1.2),
+}
+
+
+@dataclass(frozen=True)
+class ClaimsTruth:
+    """Generating parameters of the claims drop."""
+
+    mu: float
+    sigma: float
+    district_rates: pl.DataFrame  # district, z, rate
+
+
+def claims_truth(
+    n_districts: int = 240, *, mu: float = np.log(0.07), sigma: float = 0.4, seed: int = DEMO_SEED
+) -> ClaimsTruth:
+    """District claim rates drawn once; every month's policies share them."""
+    rng = np.random.default_rng([seed, 1])
+    z = rng.standard_normal(n_districts)
+    districts = [f"D{i:03d}" for i in range(1, n_districts + 1)]
+    return ClaimsTruth(
+        mu=float(mu),
+        sigma=float(sigma),
+        district_rates=pl.DataFrame(
+            {"district": districts, "z": z, "rate": np.exp(mu + sigma * z)}
+        ),
+    )
+
+
+def generate_claims(
+    month: str, truth: ClaimsTruth, *, n_policies: int = 60_000, seed: int = DEMO_SEED
+) -> pl.DataFrame:
+    """Policy-level claims for one valuation month.
+
+    District sizes are lognormal, so some districts are dense and some sparse,
+    as in a real book.
+    """
+    rng = np.random.default_rng([seed, 2, int(month.replace("-", ""))])
+    n_d = truth.district_rates.height
+    size_rng = np.random.default_rng([seed, 3])  # district sizes are stable over months
+    weights = size_rng.lognormal(0.0, 0.8, n_d)
+    district_idx = rng.choice(n_d, size=n_policies, p=weights / weights.sum())
+    exposure = np.round(rng.uniform(0.05, 1.0, n_policies), 4)
+    rates = truth.district_rates["rate"].to_numpy()[district_idx]
+    counts = rng.poisson(exposure * rates)
+    return pl.DataFrame(
+        {
+            "policy_id": [f"P{month.replace('-', '')}{i:07d}" for i in range(n_policies)],
+            "district": truth.district_rates["district"].to_numpy()[district_idx],
+            "valuation_month": month,
+            "exposure": exposure,
+            "claim_count": counts.astype(np.int64),
+        }
+    )
+
+
+def generate_fx_ticks(
+    date: str,
+    *,
+    ticks_per_symbol: int = 1_500,
+    seed: int = DEMO_SEED,
+    symbols: dict[str, tuple[float, float]] | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Bid/ask ticks of every symbol for one UTC day, and the anomaly labels.
+
+    Returns
+    -------
+    tuple of (ticks, labels)
+        ``ticks`` has ``symbol`` (as sent), ``ts``, ``bid``, ``ask``;
+        ``labels`` has ``symbol`` (as sent), ``ts``, ``kind`` for anomalous ticks only.
+    """
+    symbols = symbols or FX_SYMBOLS
+    day = dt.datetime.fromisoformat(date)
+    frames, labels = [], []
+    for s_idx, (symbol, (level, spread_bps)) in enumerate(symbols.items()):
+        rng = np.random.default_rng([seed, 4, s_idx, int(date.replace("-", ""))])
+        n = ticks_per_symbol
+        offsets_us = np.sort(rng.choice(86_400_000_000, size=n, replace=False))
+        hours = offsets_us / 3.6e9
+        # wider at the day boundary (Asia/Sydney handover) and thinner at London/NY overlap
+        intraday = 1.0 + 0.8 * np.exp(-((np.minimum(hours, 24 - hours)) ** 2) / 4.0)
+        mid = level * np.exp(np.cumsum(rng.normal(0.0, 2e-5, n)))
+        spread = mid * spread_bps * 1e-4 * intraday * rng.lognormal(0.0, 0.15, n)
+        anomalous = np.zeros(n, dtype=bool)
+        kinds = np.array([""] * n, dtype=object)
+        for _ in range(3):  # bursts of 5-20 ticks
+            start = int(rng.integers(0, n - 25))
+            length = int(rng.integers(5, 21))
+            anomalous[start : start + length] = True
+            kinds[start : start + length] = "burst"
+        spikes = rng.choice(n, size=5, replace=False)
+        anomalous[spikes] = True
+        kinds[spikes] = np.where(kinds[spikes] == "", "spike", kinds[spikes])
+        spread = np.where(anomalous, spread * rng.uniform(4.0, 15.0, n), spread)
+        decimals = 3 if level > 20 else 5
+        bid = np.round(mid - spread / 2, decimals + 2)
+        ask = np.round(mid + spread / 2, decimals + 2)
+        ts = [day + dt.timedelta(microseconds=int(o)) for o in offsets_us]
+        frames.append(pl.DataFrame({"symbol": symbol, "ts": ts, "bid": bid, "ask": ask}))
+        labels.append(
+            pl.DataFrame({"symbol": symbol, "ts": ts, "kind": kinds.astype(str)}).filter(
+                pl.Series(anomalous)
+            )
+        )
+    ticks = pl.concat(frames).with_columns(pl.col("ts").cast(pl.Datetime("us")))
+    return ticks, pl.concat(labels).with_columns(pl.col("ts").cast(pl.Datetime("us")))
+
+
+SEGMENT_PROFILES = {
+    # segment: (share, median PD, PD dispersion, LGD low, LGD high, median EAD)
+    "retail_mortgage": (0.40, 0.008, 0.6, 0.10, 0.30, 250_000.0),
+    "consumer": (0.30, 0.030, 0.5, 0.50, 0.80, 15_000.0),
+    "sme": (0.20, 0.020, 0.6, 0.30, 0.60, 400_000.0),
+    "corporate": (0.10, 0.006, 0.8, 0.30, 0.50, 2_500_000.0),
+}
+
+SCENARIOS = (
+    # scenario, PD multiplier, asset correlation
+    ("baseline", 1.0, 0.12),
+    ("upside", 0.8, 0.10),
+    ("mild_downturn", 1.5, 0.15),
+    ("severe_recession", 2.5, 0.20),
+    ("stagflation", 2.0, 0.18),
+    ("rate_shock", 1.8, 0.16),
+    ("housing_crash", 2.2, 0.22),
+    ("pandemic", 3.0, 0.25),
+)
+
+
+def generate_loan_book(
+    valuation_date: str, *, n_loans: int = 1_200, seed: int = DEMO_SEED
+) -> pl.DataFrame:
+    """Loan-level book with segment-specific PD, LGD and EAD."""
+    rng = np.random.default_rng([seed, 5, int(valuation_date.replace("-", ""))])
+    names = list(SEGMENT_PROFILES)
+    shares = np.array([SEGMENT_PROFILES[s][0] for s in names])
+    seg_idx = rng.choice(len(names), size=n_loans, p=shares / shares.sum())
+    pd_, lgd, ead = np.empty(n_loans), np.empty(n_loans), np.empty(n_loans)
+    for k, name in enumerate(names):
+        _, pd_med, pd_disp, lgd_lo, lgd_hi, ead_med = SEGMENT_PROFILES[name]
+        m = seg_idx == k
+        pd_[m] = np.clip(pd_med * rng.lognormal(0.0, pd_disp, m.sum()), 1e-4, 0.5)
+        lgd[m] = rng.uniform(lgd_lo, lgd_hi, m.sum())
+        ead[m] = ead_med * rng.lognormal(0.0, 0.7, m.sum())
+    return pl.DataFrame(
+        {
+            "loan_id": [f"L{i:06d}" for i in range(1, n_loans + 1)],
+            "ead": np.round(ead, 2),
+            "pd": np.round(pd_, 6),
+            "lgd": np.round(lgd, 4),
+            "rate": np.round(0.02 + 4 * pd_ + rng.normal(0, 0.003, n_loans), 5),
+            "segment": [names[i] for i in seg_idx],
+        }
+    )
+
+
+def generate_loan_scenarios() -> pl.DataFrame:
+    """The eight macro scenarios of the demo."""
+    return pl.DataFrame(
+        SCENARIOS, schema=["scenario", "pd_multiplier", "asset_correlation"], orient="row"
+    )
+
+
+def write_demo_landing(
+    landing_dir: Path,
+    *,
+    seed: int = DEMO_SEED,
+    n_policies: int = 60_000,
+    ticks_per_symbol: int = 1_500,
+    fx_dates: tuple[str, ...] = FX_DATES,
+    claims_months: tuple[str, ...] = CLAIMS_MONTHS,
+    valuation_dates: tuple[str, ...] = VALUATION_DATES,
+) -> list[Path]:
+    """Write every demo drop and its truth under ``landing_dir``.
+
+    Files are written to a temporary name and renamed, so a sensor never sees a
+    half-written drop. Returns the data files written (truth files excluded).
+    """
+    written: list[Path] = []
+    truth_dir = landing_dir / "_truth"
+    truth_dir.mkdir(parents=True, exist_ok=True)
+
+    truth = claims_truth(seed=seed)
+    (truth_dir / "claims_truth.json").write_text(
+        json.dumps({"mu": truth.mu, "sigma": truth.sigma, "seed": seed}, indent=2)
+    )
+    truth.district_rates.write_csv(truth_dir / "claims_district_rates.csv")
+    for month in claims_months:
+        frame = generate_claims(month, truth, n_policies=n_policies, seed=seed)
+        written.append(_atomic_write(frame, landing_dir / "claims" / f"claims_{month}.csv"))
+
+    labels = []
+    for date in fx_dates:
+        ticks, day_labels = generate_fx_ticks(date, ticks_per_symbol=ticks_per_symbol, seed=seed)
+        labels.append(day_labels)
+        written.append(_atomic_write(ticks, landing_dir / "fx_ticks" / f"fx_ticks_{date}.parquet"))
+    pl.concat(labels).write_parquet(truth_dir / "fx_anomaly_labels.parquet")
+
+    for valuation_date in valuation_dates:
+        book = generate_loan_book(valuation_date, seed=seed)
+        written.append(
+            _atomic_write(book, landing_dir / "loan_book" / f"loan_book_{valuation_date}.parquet")
+        )
+        written.append(
+            _atomic_write(
+                generate_loan_scenarios(),
+                landing_dir / "loan_scenarios" / f"loan_scenarios_{valuation_date}.csv",
+            )
+        )
+    return written
+
+
+def _atomic_write(frame: pl.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".csv":
+        frame.write_csv(tmp)
+    else:
+        frame.write_parquet(tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,34 @@
+"""Resources derived from one place: the settings of this deployment."""
+
+from dagster import EnvVar
+
+from pipeline.resources.compute import ComputeResource
+from pipeline.resources.lake import LakeResource
+from pipeline.resources.landing import LandingResource
+from pipeline.resources.tracking import TrackingResource
+from pipeline.settings import Settings
+
+
+def build_resources(settings: Settings) -> dict[str, object]:
+    """Resources for ``settings``: tests pass settings pointing at a temp folder."""
+    compute_kwargs: dict[str, object] = {
+        "backend": settings.compute,
+        "spark_master": settings.spark_master,
+    }
+    if settings.compute == "databricks":
+        compute_kwargs["databricks_host"] = EnvVar("DATABRICKS_HOST")
+        compute_kwargs["databricks_token"] = EnvVar("DATABRICKS_TOKEN")
+        compute_kwargs["databricks_cluster_id"] = EnvVar("DATABRICKS_CLUSTER_ID")
+    return {
+        "lake": LakeResource(root_uri=settings.lake_uri),
+        "landing": LandingResource(path=str(settings.landing_dir)),
+        "tracking": TrackingResource(
+            tracking_uri=settings.mlflow_tracking_uri,
+            artifact_root=settings.mlflow_artifact_root,
+            ui_url=settings.mlflow_ui_url,
+            uc_catalog=settings.uc_catalog,
+            uc_schema=settings.uc_schema,
+            registry_uri="databricks-uc" if settings.uc_catalog else None,
+        ),
+        "compute": ComputeResource(**compute_kwargs),
+    }

@@ -1,0 +1,131 @@
+"""MLflow tracking and model registry, bound to the platform's settings.
+
+``dagster-mlflow`` only wraps tracking, so the registry (versions, aliases) is
+driven with ``MlflowClient``. Every run opened here is tagged with the Dagster
+run id, asset key and partition key, so a run can be found from the asset and
+the asset from the run.
+"""
+
+import contextlib
+import re
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+from dagster import ConfigurableResource
+
+_SAFE_SYMBOL = re.compile(r"^[A-Z0-9]{3,12}$")
+
+DAGSTER_RUN_TAG = "dagster.run_id"
+DAGSTER_ASSET_TAG = "dagster.asset_key"
+DAGSTER_PARTITION_TAG = "dagster.partition_key"
+
+
+class TrackingError(ValueError):
+    """A model name or alias request is not acceptable."""
+
+
+class TrackingResource(ConfigurableResource):
+    """MLflow client factory and naming rules for registered models.
+
+    Attributes
+    ----------
+    tracking_uri
+        ``sqlite:///…`` locally, ``http://…`` for a server or ``databricks``.
+    registry_uri
+        Defaults to the tracking URI; ``databricks-uc`` for Unity Catalog.
+    artifact_root
+        Where new experiments store artefacts (ignored by remote servers that
+        manage their own).
+    ui_url
+        Base URL of the MLflow UI used in Dagster metadata links.
+    uc_catalog, uc_schema
+        When both are set, models are registered as
+        ``<catalog>.<schema>.fx_spread_<symbol>``.
+    """
+
+    tracking_uri: str
+    registry_uri: str | None = None
+    artifact_root: str | None = None
+    ui_url: str = "http://127.0.0.1:5000"
+    uc_catalog: str | None = None
+    uc_schema: str | None = None
+
+    def _bind(self) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
+
+    def client(self) -> Any:
+        """An ``MlflowClient`` bound to this store (also sets the global URIs)."""
+        from mlflow import MlflowClient
+
+        self._bind()
+        return MlflowClient(
+            tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or self.tracking_uri
+        )
+
+    def experiment_id(self, name: str) -> str:
+        """Id of experiment ``name``, created with the configured artefact root."""
+        client = self.client()
+        existing = client.get_experiment_by_name(name)
+        if existing is not None:
+            return existing.experiment_id
+        location = f"{self.artifact_root.rstrip('/')}/{name}" if self.artifact_root else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except Exception:
+            # another process created it between our lookup and create
+            existing = client.get_experiment_by_name(name)
+            if existing is None:
+                raise
+            return existing.experiment_id
+
+    @contextlib.contextmanager
+    def start_run(
+        self,
+        *,
+        experiment: str,
+        run_name: str,
+        dagster_run_id: str,
+        asset_key: str,
+        partition_key: str | None,
+        tags: dict[str, str] | None = None,
+    ) -> Iterator[Any]:
+        """Open an MLflow run tagged with its Dagster origin.
+
+        The run ends as ``FAILED`` when the body raises, so a broken
+        materialisation is visible in MLflow too.
+        """
+        import mlflow
+
+        self._bind()
+        all_tags = {
+            DAGSTER_RUN_TAG: dagster_run_id,
+            DAGSTER_ASSET_TAG: asset_key,
+            DAGSTER_PARTITION_TAG: partition_key or "",
+            **(tags or {}),
+        }
+        with mlflow.start_run(
+            experiment_id=self.experiment_id(experiment), run_name=run_name, tags=all_tags
+        ) as run:
+            yield run
+
+    def model_name(self, symbol: str) -> str:
+        """Registered model name of a symbol's spread model."""
+        if not _SAFE_SYMBOL.match(symbol):
+            raise TrackingError(f"symbol {symbol!r} is not a normalised partition key")
+        base = f"fx_spread_{symbol.lower()}"
+        if self.uc_catalog and self.uc_schema:
+            return f"{self.uc_catalog}.{self.uc_schema}.{base}"
+        return base
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        """Link to a run in the MLflow UI."""
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def model_version_url(self, name: str, version: str | int) -> str:
+        """Link to a registered model version in the MLflow UI."""
+        quoted = urllib.parse.quote(name, safe="")
+        return f"{self.ui_url.rstrip('/')}/#/models/{quoted}/versions/{version}"
