@@ -234,7 +234,8 @@ def write_demo_landing(
         ticks, day_labels = generate_fx_ticks(date, ticks_per_symbol=ticks_per_symbol, seed=seed)
         labels.append(day_labels)
         written.append(_atomic_write(ticks, landing_dir / "fx_ticks" / f"fx_ticks_{date}.parquet"))
-    pl.concat(labels).write_parquet(truth_dir / "fx_anomaly_labels.parquet")
+    if labels:
+        pl.concat(labels).write_parquet(truth_dir / "fx_anomaly_labels.parquet")
 
     for valuation_date in valuation_dates:
         book = generate_loan_book(valuation_date, seed=seed)
