@@ -3,9 +3,11 @@
 from dagster import Definitions
 
 from pipeline.assets.credibility import credibility_assets
+from pipeline.assets.fx_anomaly import fx_assets
 from pipeline.assets.ingest import bronze_assets, curated_assets
 from pipeline.checks.contracts import contract_checks
 from pipeline.checks.credibility import credibility_checks
+from pipeline.checks.fx_anomaly import fx_checks
 from pipeline.resources import build_resources
 from pipeline.settings import get_settings
 
@@ -14,8 +16,8 @@ def build_definitions(settings=None) -> Definitions:
     """Assemble assets, checks, jobs, schedules, sensors and resources."""
     settings = settings or get_settings()
     return Definitions(
-        assets=[*bronze_assets, *curated_assets, *credibility_assets],
-        asset_checks=[*contract_checks, *credibility_checks],
+        assets=[*bronze_assets, *curated_assets, *credibility_assets, *fx_assets],
+        asset_checks=[*contract_checks, *credibility_checks, *fx_checks],
         resources=build_resources(settings),
     )
 

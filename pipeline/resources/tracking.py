@@ -129,3 +129,35 @@ class TrackingResource(ConfigurableResource):
         """Link to a registered model version in the MLflow UI."""
         quoted = urllib.parse.quote(name, safe="")
         return f"{self.ui_url.rstrip('/')}/#/models/{quoted}/versions/{version}"
+
+    # --- registry -------------------------------------------------------------------
+    def alias_version(self, name: str, alias: str) -> Any | None:
+        """The model version behind ``alias``, or ``None`` when the alias (or model) is unset."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client().get_model_version_by_alias(name, alias)
+        except MlflowException as exc:
+            if exc.error_code in (
+                "RESOURCE_DOES_NOT_EXIST",
+                "INVALID_PARAMETER_VALUE",
+                "NOT_FOUND",
+            ):
+                return None
+            raise
+
+    def set_alias(self, name: str, alias: str, version: str | int) -> None:
+        """Point ``alias`` of model ``name`` at ``version``."""
+        self.client().set_registered_model_alias(name, alias, str(version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        """Remove ``alias`` from model ``name`` (no error when it is not set)."""
+        if self.alias_version(name, alias) is not None:
+            self.client().delete_registered_model_alias(name, alias)
+
+    def load_sklearn(self, name: str, alias: str) -> Any:
+        """Load the scikit-learn model behind ``models:/<name>@<alias>``."""
+        import mlflow.sklearn
+
+        self._bind()
+        return mlflow.sklearn.load_model(f"models:/{name}@{alias}")

@@ -1,0 +1,636 @@
+"""Per-symbol FX spread anomaly models: challenger -> champion -> scores -> monitor.
+
+Registry conventions (MLflow aliases on ``fx_spread_<symbol>``, or
+``<catalog>.<schema>.fx_spread_<symbol>`` in Unity Catalog):
+
+* ``challenger``: the latest trained version, not yet trusted;
+* ``champion``: the version that scores production data;
+* ``previous_champion``: the version ``champion`` replaced, kept for a revert.
+
+Every gate decision is made from stored facts, so it holds across runs: the
+challenger's evaluation is appended to ``gold/fx_model_evaluations``; the
+``challenger_beats_champion`` check and the guard in ``fx_champion_model`` apply
+:func:`pipeline.domain.fx_anomaly.promotion_failures` to that stored row.
+"""
+
+import datetime as dt
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from dagster import (
+    AssetDep,
+    AssetExecutionContext,
+    AutomationCondition,
+    BackfillPolicy,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    MultiToSingleDimensionPartitionMapping,
+    asset,
+)
+from pydantic import Field
+
+from pipeline import keys
+from pipeline.assets.metadata import markdown_table, png_markdown
+from pipeline.checks.gates import check_record_failures
+from pipeline.domain import contracts
+from pipeline.partitions import split_symbol_date, symbol_date_partitions, symbol_partitions
+from pipeline.resources.lake import LakeResource
+from pipeline.resources.landing import LandingResource
+from pipeline.resources.tracking import TrackingResource
+
+EXPERIMENT = "fx_spread_models"
+CHALLENGER, CHAMPION, PREVIOUS_CHAMPION = "challenger", "champion", "previous_champion"
+SKOPS_TRUSTED_TYPES = ["sklearn.tree._tree.Tree"]
+LABELS_FILE = Path("_truth") / "fx_anomaly_labels.parquet"
+REFERENCE_ARTIFACT = "reference_rel_spread_bps.npy"
+PER_SYMBOL = MultiToSingleDimensionPartitionMapping(partition_dimension_name="symbol")
+
+
+class ChallengerConfig(Config):
+    """Training window and promotion bounds."""
+
+    holdout_days: int = Field(default=3, description="latest days held out for the gate")
+    contamination: float = Field(default=0.03, description="alarm budget of the forest")
+    n_estimators: int = Field(default=100, description="trees per forest")
+    random_state: int = Field(default=42, description="forest seed")
+    ap_tolerance: float = Field(default=0.02, description="allowed AP shortfall vs champion")
+    ap_floor: float = Field(default=0.5, description="minimum average precision")
+    shuffle_training_spreads: bool = Field(
+        default=False,
+        description="train on spreads shuffled across time (a deliberately bad model, for drills)",
+    )
+
+
+class MonitorConfig(Config):
+    """When a champion counts as regressed."""
+
+    max_rate_ratio: float = Field(default=3.0, description="anomaly rate / rate at promotion")
+    max_psi: float = Field(default=0.25, description="PSI of relative spread vs training")
+    revert: bool = Field(default=True, description="move champion back on regression")
+
+
+def pip_requirements() -> list[str]:
+    """Exact requirements of a spread model (inferring them costs ~12 s per model)."""
+    from importlib.metadata import version
+
+    return [f"scikit-learn=={version('scikit-learn')}", f"numpy=={version('numpy')}", "skops"]
+
+
+def read_symbol_ticks(lake: LakeResource, symbol: str) -> pl.DataFrame:
+    """All curated ticks of one symbol, oldest first."""
+    ticks = lake.read("curated", "fx_spreads", {"symbol": symbol})
+    if ticks.height == 0:
+        raise Failure(f"fx symbol {symbol}: curated/fx_spreads has no rows; curate it first")
+    return ticks.sort("ts")
+
+
+def read_labels(landing: LandingResource, symbol: str) -> pl.DataFrame:
+    """Confirmed anomalies of one symbol (the desk's incident log; demo: the truth file)."""
+    path = landing.root / LABELS_FILE
+    if not path.exists():
+        raise Failure(f"fx symbol {symbol}: no anomaly labels at {path}")
+    labels = pl.read_parquet(path).with_columns(
+        pl.col("symbol").map_elements(contracts.try_normalise_symbol, return_dtype=pl.String),
+        pl.col("ts").cast(pl.Datetime("us")),
+    )
+    return labels.filter(pl.col("symbol") == symbol).select("ts").unique()
+
+
+def label_rows(features: pl.DataFrame, anomalous_ts: pl.DataFrame) -> pl.DataFrame:
+    """One label per feature row: ticks absent from the incident log are normal."""
+    flagged = anomalous_ts.with_columns(pl.lit(True).alias("is_anomaly"))
+    return (
+        features.select("ts")
+        .join(flagged, on="ts", how="left")
+        .with_columns(pl.col("is_anomaly").fill_null(False))
+    )
+
+
+def contract_failures(lake: LakeResource, ticks: pl.DataFrame) -> list[str]:
+    """The tick contract recomputed on every stored date of the symbol."""
+    failures = []
+    for (date,), day in ticks.group_by("date"):
+        violations = contracts.rule_violations(day, contracts.fx_ticks_contract(str(date)))
+        failures += [f"fx_spreads {date}: {reason} ({n} rows)" for reason, n in violations.items()]
+    return failures
+
+
+def latest_evaluation(lake: LakeResource, symbol: str) -> dict | None:
+    """The latest stored challenger evaluation of ``symbol``."""
+    rows = lake.read("gold", "fx_model_evaluations", {"symbol": symbol})
+    if rows.height == 0:
+        return None
+    return rows.sort("evaluated_at").row(-1, named=True)
+
+
+def promotion_rule_failures(evaluation: dict | None) -> list[str]:
+    """The promotion rule applied to a stored evaluation row."""
+    from pipeline.domain.fx_anomaly import promotion_failures
+
+    if evaluation is None:
+        return ["no stored challenger evaluation"]
+    champion = (
+        {"average_precision": evaluation["champion_average_precision"]}
+        if evaluation["champion_version"]
+        else None
+    )
+    failures = promotion_failures(
+        {"average_precision": evaluation["challenger_average_precision"]},
+        champion,
+        tolerance=evaluation["ap_tolerance"],
+        floor=evaluation["ap_floor"],
+    )
+    contract = [f for f in evaluation["contract_failures"].split("\n") if f]
+    return contract + failures
+
+
+def _train_and_register(
+    context: AssetExecutionContext,
+    config: ChallengerConfig,
+    lake: LakeResource,
+    landing: LandingResource,
+    tracking: TrackingResource,
+    symbol: str,
+) -> dict:
+    """Fit, evaluate against the champion, log, register and alias one symbol's challenger."""
+    import mlflow
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+
+    from pipeline.domain import fx_anomaly
+
+    ticks = read_symbol_ticks(lake, symbol)
+    dates = sorted(ticks["date"].unique().to_list())
+    if len(dates) <= config.holdout_days:
+        raise Failure(
+            f"fx symbol {symbol}: {len(dates)} curated day(s), need more than "
+            f"holdout_days={config.holdout_days} to train and hold out"
+        )
+    features = fx_anomaly.spread_features(ticks.select(fx_anomaly.TICK_COLUMNS))
+    features = features.with_columns(ticks["date"])
+    train_dates, holdout_dates = dates[: -config.holdout_days], dates[-config.holdout_days :]
+    train = features.filter(pl.col("date").is_in(train_dates))
+    holdout = features.filter(pl.col("date").is_in(holdout_dates))
+    if config.shuffle_training_spreads:
+        train = _shuffled(train, config.random_state)
+    model = fx_anomaly.fit_spread_model(
+        train,
+        random_state=config.random_state,
+        contamination=config.contamination,
+        n_estimators=config.n_estimators,
+    )
+    labels = label_rows(holdout, read_labels(landing, symbol))
+    challenger_metrics = fx_anomaly.evaluate_detector(model, holdout, labels)
+    name = tracking.model_name(symbol)
+    champion_version = tracking.alias_version(name, CHAMPION)
+    champion_metrics = None
+    if champion_version is not None:
+        champion_model = tracking.load_sklearn(name, CHAMPION)
+        champion_metrics = fx_anomaly.evaluate_detector(champion_model, holdout, labels)
+    failures_contract = contract_failures(lake, ticks)
+    train_matrix = fx_anomaly.feature_matrix(train)
+    reference = train["rel_spread_bps"].to_numpy()
+
+    with tracking.start_run(
+        experiment=EXPERIMENT,
+        run_name=f"fx_spread_{symbol.lower()}",
+        dagster_run_id=context.run_id,
+        asset_key=keys.FX_CHALLENGER_MODEL.to_user_string(),
+        partition_key=symbol,
+        tags={"symbol": symbol},
+    ) as run:
+        mlflow.log_params(
+            {
+                **config.model_dump(),
+                "train_dates": f"{train_dates[0]}..{train_dates[-1]}",
+                "holdout_dates": f"{holdout_dates[0]}..{holdout_dates[-1]}",
+                "features": ",".join(fx_anomaly.FEATURE_COLUMNS),
+            }
+        )
+        mlflow.log_metrics(
+            {
+                **{f"holdout_{k}": float(v) for k, v in challenger_metrics.items()},
+                "train_rows": train.height,
+                **(
+                    {f"champion_holdout_{k}": float(v) for k, v in champion_metrics.items()}
+                    if champion_metrics
+                    else {}
+                ),
+            }
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            np.save(Path(tmp) / REFERENCE_ARTIFACT, reference)
+            mlflow.log_artifact(str(Path(tmp) / REFERENCE_ARTIFACT))
+        example = train_matrix[:5]
+        logged = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, model.score_samples(example)),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            skops_trusted_types=SKOPS_TRUSTED_TYPES,
+            registered_model_name=name,
+            await_registration_for=0,
+        )
+        run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    version = str(logged.registered_model_version)
+    client = tracking.client()
+    for key, value in {
+        "holdout_anomaly_rate": challenger_metrics["anomaly_rate"],
+        "holdout_average_precision": challenger_metrics["average_precision"],
+        "dagster_run_id": context.run_id,
+    }.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    tracking.set_alias(name, CHALLENGER, version)
+
+    evaluation = {
+        "symbol": symbol,
+        "model_name": name,
+        "model_version": version,
+        "challenger_average_precision": float(challenger_metrics["average_precision"]),
+        "challenger_precision": float(challenger_metrics["precision"]),
+        "challenger_recall": float(challenger_metrics["recall"]),
+        "challenger_anomaly_rate": float(challenger_metrics["anomaly_rate"]),
+        "champion_version": str(champion_version.version) if champion_version else "",
+        "champion_average_precision": float(champion_metrics["average_precision"])
+        if champion_metrics
+        else float("nan"),
+        "ap_tolerance": config.ap_tolerance,
+        "ap_floor": config.ap_floor,
+        "contract_failures": "\n".join(failures_contract),
+        "holdout_dates": ",".join(holdout_dates),
+        "mlflow_run_id": run_id,
+        "dagster_run_id": context.run_id,
+        "evaluated_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+    }
+    lake.append("gold", "fx_model_evaluations", pl.DataFrame([evaluation]))
+    evaluation["mlflow_run_url"] = tracking.run_url(experiment_id, run_id)
+    evaluation["model_version_url"] = tracking.model_version_url(name, version)
+    return evaluation
+
+
+def _shuffled(train: pl.DataFrame, seed: int) -> pl.DataFrame:
+    """Destroy the time structure (a bad challenger for drills and tests)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(train.height)
+    return train.with_columns(
+        [pl.Series(c, train[c].to_numpy()[order]) for c in ("rel_spread_bps",)]
+        + [pl.Series(c, np.zeros(train.height)) for c in ("spread_log_excess", "spread_excess_z")]
+    )
+
+
+@asset(
+    key=keys.FX_CHALLENGER_MODEL,
+    partitions_def=symbol_partitions,
+    deps=[AssetDep(keys.FX_SPREADS, partition_mapping=PER_SYMBOL)],
+    group_name="fx_models",
+    kinds={"sklearn", "mlflow"},
+    description=(
+        "IsolationForest of the symbol's spreads, trained on all curated days but the "
+        "held-out window, logged and registered in MLflow with alias `challenger`."
+    ),
+    backfill_policy=BackfillPolicy.single_run(),
+    pool="model_training",
+)
+def fx_challenger_model(
+    context: AssetExecutionContext,
+    config: ChallengerConfig,
+    lake: LakeResource,
+    landing: LandingResource,
+    tracking: TrackingResource,
+) -> MaterializeResult:
+    """Train one challenger per requested symbol, all in this run."""
+    evaluations = [
+        _train_and_register(context, config, lake, landing, tracking, symbol)
+        for symbol in context.partition_keys
+    ]
+    table = pl.DataFrame(
+        [
+            {
+                "symbol": e["symbol"],
+                "version": e["model_version"],
+                "AP": e["challenger_average_precision"],
+                "champion AP": e["champion_average_precision"],
+                "precision": e["challenger_precision"],
+                "recall": e["challenger_recall"],
+            }
+            for e in evaluations
+        ]
+    )
+    metadata: dict = {
+        "models_trained": len(evaluations),
+        "evaluations": MetadataValue.md(markdown_table(table, max_rows=60)),
+    }
+    if len(evaluations) == 1:
+        (e,) = evaluations
+        metadata.update(
+            {
+                "model_name": e["model_name"],
+                "model_version": e["model_version"],
+                "average_precision": e["challenger_average_precision"],
+                "mlflow_run": MetadataValue.url(e["mlflow_run_url"]),
+                "registered_model": MetadataValue.url(e["model_version_url"]),
+            }
+        )
+    return MaterializeResult(metadata=metadata)
+
+
+@asset(
+    key=keys.FX_CHAMPION_MODEL,
+    partitions_def=symbol_partitions,
+    deps=[keys.FX_CHALLENGER_MODEL],
+    group_name="fx_models",
+    kinds={"mlflow"},
+    description=(
+        "Moves alias `champion` to the challenger's version (the former one becomes "
+        "`previous_champion`) only when `challenger_beats_champion` passed for the symbol."
+    ),
+    automation_condition=(
+        AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
+    ),
+)
+def fx_champion_model(
+    context: AssetExecutionContext, lake: LakeResource, tracking: TrackingResource
+) -> MaterializeResult:
+    """Promote the gated challenger of each requested symbol."""
+    from pipeline.checks.gates import GateClosedError
+
+    promoted = []
+    for symbol in context.partition_keys:
+        name = tracking.model_name(symbol)
+        challenger = tracking.alias_version(name, CHALLENGER)
+        evaluation = latest_evaluation(lake, symbol)
+        failures = promotion_rule_failures(evaluation)
+        if challenger is None:
+            failures.append(f"model {name} has no `challenger` alias")
+        elif evaluation and evaluation["model_version"] != str(challenger.version):
+            failures.append(
+                f"latest evaluation is of version {evaluation['model_version']}, but "
+                f"`challenger` points at {challenger.version}"
+            )
+        failures += [
+            f
+            for f in check_record_failures(
+                context.instance,
+                keys.FX_CHALLENGER_MODEL,
+                [keys.CHECK_CHALLENGER_BEATS_CHAMPION],
+                symbol,
+            )
+            if "never evaluated" not in f  # single-run backfills record unpartitioned results
+        ]
+        if failures:
+            raise GateClosedError(
+                description=(
+                    f"refusing to promote {name} for symbol {symbol}: " + "; ".join(failures)
+                ),
+                allow_retries=False,
+            )
+        current = tracking.alias_version(name, CHAMPION)
+        new_version = str(challenger.version)
+        if current is not None and str(current.version) == new_version:
+            context.log.info(f"{name}: version {new_version} is already champion")
+            promoted.append((symbol, new_version, new_version, "unchanged"))
+            continue
+        if current is not None:
+            tracking.set_alias(name, PREVIOUS_CHAMPION, current.version)
+        tracking.set_alias(name, CHAMPION, new_version)
+        record_model_event(
+            lake,
+            symbol=symbol,
+            model_name=name,
+            event="promoted",
+            from_version=str(current.version) if current else "",
+            to_version=new_version,
+            reason=(
+                f"challenger AP {evaluation['challenger_average_precision']:.3f} passed the gate"
+            ),
+            dagster_run_id=context.run_id,
+        )
+        promoted.append((symbol, str(current.version) if current else "", new_version, "promoted"))
+    table = pl.DataFrame(promoted, schema=["symbol", "from", "to", "action"], orient="row")
+    metadata: dict = {"promotions": MetadataValue.md(markdown_table(table, max_rows=60))}
+    if len(promoted) == 1:
+        metadata["champion_version"] = promoted[0][2]
+        metadata["registered_model"] = MetadataValue.url(
+            tracking.model_version_url(tracking.model_name(promoted[0][0]), promoted[0][2])
+        )
+    return MaterializeResult(metadata=metadata)
+
+
+def record_model_event(lake: LakeResource, **event: str) -> None:
+    """Append an alias move to ``gold/model_events`` (the audit trail of the registry)."""
+    lake.append(
+        "gold",
+        "model_events",
+        pl.DataFrame([{**event, "at": dt.datetime.now(dt.UTC).replace(tzinfo=None)}]),
+    )
+
+
+@asset(
+    key=keys.FX_ANOMALY_SCORES,
+    partitions_def=symbol_date_partitions,
+    deps=[keys.FX_SPREADS, AssetDep(keys.FX_CHAMPION_MODEL, partition_mapping=PER_SYMBOL)],
+    group_name="fx_models",
+    kinds={"delta", "sklearn"},
+    description="Ticks scored by the symbol's `champion` model (loaded once per symbol per run).",
+    backfill_policy=BackfillPolicy.single_run(),
+    metadata={"partition_expr": {"date": "date", "symbol": "symbol"}},
+)
+def fx_anomaly_scores(
+    context: AssetExecutionContext, lake: LakeResource, tracking: TrackingResource
+) -> MaterializeResult:
+    """Score every requested (symbol, date) with the champion of its symbol."""
+    from pipeline.domain import fx_anomaly, plots
+
+    champions: dict[str, tuple[object, str]] = {}
+    flagged = rows = 0
+    last_scored = None
+    for key in context.partition_keys:
+        symbol, date = split_symbol_date(key)
+        if symbol not in champions:
+            name = tracking.model_name(symbol)
+            version = tracking.alias_version(name, CHAMPION)
+            if version is None:
+                raise Failure(f"fx symbol {symbol}: model {name} has no `champion`; promote one")
+            champions[symbol] = (tracking.load_sklearn(name, CHAMPION), str(version.version))
+        model, version = champions[symbol]
+        ticks = lake.read("curated", "fx_spreads", {"symbol": symbol, "date": date}).sort("ts")
+        if ticks.height == 0:
+            raise Failure(f"fx_spreads {symbol} {date}: no curated ticks to score")
+        scored = fx_anomaly.score_spreads(
+            model, fx_anomaly.spread_features(ticks.select(fx_anomaly.TICK_COLUMNS))
+        )
+        out = scored.select(
+            "symbol",
+            pl.lit(date).alias("date"),
+            "ts",
+            "bid",
+            "ask",
+            "spread",
+            "rel_spread_bps",
+            "anomaly_score",
+            "is_anomaly",
+            pl.lit(version).alias("model_version"),
+        )
+        lake.overwrite_partition("gold", "fx_anomaly_scores", out, {"symbol": symbol, "date": date})
+        flagged += int(out["is_anomaly"].sum())
+        rows += out.height
+        last_scored = (symbol, date, out)
+    metadata: dict = {
+        "dagster/row_count": rows,
+        "flagged": flagged,
+        "anomaly_rate": flagged / rows if rows else 0.0,
+        "champion_versions": MetadataValue.json({s: v for s, (_, v) in champions.items()}),
+    }
+    if len(context.partition_keys) == 1 and last_scored is not None:
+        symbol, date, out = last_scored
+        metadata["spreads"] = png_markdown(
+            plots.score_plot_png(out, title=f"{symbol} {date}"), "scored spreads"
+        )
+    return MaterializeResult(metadata=metadata)
+
+
+def reference_spreads(tracking: TrackingResource, run_id: str) -> np.ndarray:
+    """Training distribution of relative spreads stored with a model's run."""
+    import mlflow.artifacts
+
+    tracking.client()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=REFERENCE_ARTIFACT, dst_path=tmp
+        )
+        return np.load(path)
+
+
+@asset(
+    key=keys.FX_MODEL_MONITOR,
+    partitions_def=symbol_date_partitions,
+    deps=[keys.FX_ANOMALY_SCORES],
+    group_name="fx_models",
+    kinds={"delta", "mlflow"},
+    description=(
+        "Champion KPI (anomaly rate against the rate at promotion) and drift (PSI, KS of "
+        "relative spread against training). Past the bounds it reverts `champion` to "
+        "`previous_champion` and records the event."
+    ),
+    metadata={"partition_expr": {"date": "date", "symbol": "symbol"}},
+)
+def fx_model_monitor(
+    context: AssetExecutionContext,
+    config: MonitorConfig,
+    lake: LakeResource,
+    tracking: TrackingResource,
+) -> MaterializeResult:
+    """Measure the serving model on one day and revert it when it regressed."""
+    from pipeline.domain import fx_anomaly
+
+    symbol, date = split_symbol_date(context.partition_key)
+    scores = lake.read("gold", "fx_anomaly_scores", {"symbol": symbol, "date": date})
+    if scores.height == 0:
+        raise Failure(f"fx_anomaly_scores {symbol} {date}: nothing scored to monitor")
+    name = tracking.model_name(symbol)
+    scored_version = scores["model_version"][0]
+    version = tracking.client().get_model_version(name, scored_version)
+    promotion_rate = float(version.tags.get("holdout_anomaly_rate", "nan"))
+    reference = reference_spreads(tracking, version.run_id)
+    current = scores["rel_spread_bps"].to_numpy()
+    rate = float(scores["is_anomaly"].mean())
+    psi = fx_anomaly.population_stability_index(reference, current)
+    ks = fx_anomaly.ks_statistic(reference, current)
+    failures = fx_anomaly.monitor_failures(
+        anomaly_rate=rate,
+        promotion_anomaly_rate=promotion_rate,
+        psi=psi,
+        max_rate_ratio=config.max_rate_ratio,
+        max_psi=config.max_psi,
+    )
+    action = "none"
+    if failures:
+        action = revert_champion(
+            context,
+            lake,
+            tracking,
+            symbol=symbol,
+            scored_version=scored_version,
+            reason="; ".join(failures),
+            enabled=config.revert,
+        )
+    row = pl.DataFrame(
+        [
+            {
+                "symbol": symbol,
+                "date": date,
+                "model_version": scored_version,
+                "anomaly_rate": rate,
+                "promotion_anomaly_rate": promotion_rate,
+                "psi": psi,
+                "ks": ks,
+                "max_rate_ratio": config.max_rate_ratio,
+                "max_psi": config.max_psi,
+                "failures": "\n".join(failures),
+                "action": action,
+                "dagster_run_id": context.run_id,
+            }
+        ]
+    )
+    lake.overwrite_partition("gold", "fx_model_monitor", row, {"symbol": symbol, "date": date})
+    return MaterializeResult(
+        metadata={
+            "model_version": scored_version,
+            "anomaly_rate": rate,
+            "promotion_anomaly_rate": promotion_rate,
+            "psi": psi,
+            "ks": ks,
+            "regression": MetadataValue.md("\n".join(f"- {f}" for f in failures) or "_none_"),
+            "action": action,
+        }
+    )
+
+
+def revert_champion(
+    context: AssetExecutionContext,
+    lake: LakeResource,
+    tracking: TrackingResource,
+    *,
+    symbol: str,
+    scored_version: str,
+    reason: str,
+    enabled: bool,
+) -> str:
+    """Move ``champion`` back to ``previous_champion``; return what was done."""
+    name = tracking.model_name(symbol)
+    champion = tracking.alias_version(name, CHAMPION)
+    previous = tracking.alias_version(name, PREVIOUS_CHAMPION)
+    if not enabled:
+        return "regression (revert disabled)"
+    if champion is None or str(champion.version) != scored_version:
+        return f"regression of version {scored_version}, which is no longer champion"
+    if previous is None:
+        context.log.warning(f"{name}: champion {scored_version} regressed; nothing to revert to")
+        return "regression (no previous champion)"
+    tracking.set_alias(name, CHAMPION, previous.version)
+    tracking.delete_alias(name, PREVIOUS_CHAMPION)
+    client = tracking.client()
+    client.set_model_version_tag(name, scored_version, "reverted", reason[:500])
+    client.set_registered_model_tag(
+        name, "last_revert", f"{scored_version}->{previous.version} by run {context.run_id}"
+    )
+    record_model_event(
+        lake,
+        symbol=symbol,
+        model_name=name,
+        event="reverted",
+        from_version=scored_version,
+        to_version=str(previous.version),
+        reason=reason,
+        dagster_run_id=context.run_id,
+    )
+    context.log.warning(f"{name}: reverted champion {scored_version} -> {previous.version}")
+    return f"reverted {scored_version} -> {previous.version}"
+
+
+fx_assets = [fx_challenger_model, fx_champion_model, fx_anomaly_scores, fx_model_monitor]

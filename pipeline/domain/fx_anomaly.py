@@ -1,0 +1,758 @@
+"""FX bid/ask spread anomaly detection: features, Isolation Forest, evaluation, drift and gates.
+
+A treasury desk watches the quoted spread of each currency pair. A healthy spread is noisy and
+follows an intraday pattern (wider around the day boundary, when liquidity is thin); an unhealthy
+one jumps to several times its usual level for a few ticks (a burst) or a single tick (a spike).
+This module turns curated ticks into scale-free, causal features, fits an unsupervised
+:class:`~sklearn.ensemble.IsolationForest` per symbol, scores ticks, measures the detector against
+labelled anomalies, measures drift between a reference and a current feature distribution, and
+holds the promotion and monitoring rules that the Dagster checks and guards share.
+
+Everything here is pure (polars, numpy, scipy, scikit-learn): no orchestration, storage or
+tracking import, so the same functions run in a test, an asset, or a Spark/Databricks task.
+"""
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import polars as pl
+from scipy import stats
+from sklearn.ensemble import IsolationForest
+from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score
+
+from pipeline.domain.errors import DomainError
+
+TICK_COLUMNS: tuple[str, ...] = ("symbol", "ts", "bid", "ask", "spread")
+"""Columns of a curated tick frame, in order."""
+
+FEATURE_COLUMNS: tuple[str, ...] = (
+    "rel_spread_bps",
+    "spread_log_excess",
+    "spread_excess_z",
+    "hour_sin",
+    "hour_cos",
+)
+"""Model inputs, in the column order of :func:`feature_matrix` (see :func:`spread_features`)."""
+
+DEFAULT_CONTAMINATION: float = 0.03
+"""Default alarm budget of :func:`fit_spread_model`: flag the top 3 % of training ticks.
+
+Isolation Forest's ``contamination="auto"`` threshold (score offset -0.5) flags far too much
+here: on the shipped demo data (2.8 % of ticks are injected 4-15x anomalies) it flagged 14.6 %,
+precision 0.19 at recall 1.00, while a 3 % budget gave precision 0.91 at recall 0.99 (a 2 %
+budget: precision 1.00, recall 0.77). On the test simulator (same rate, 6 seeds) "auto" flagged
+16 % (precision 0.16) against precision 0.92 and recall 1.00 with 3 %. The ranking, hence the
+average precision used for promotion, is the same either way: only the alarm line moves. Set
+it near the incident rate the desk expects, or to its alarm budget.
+"""
+
+ROLLING_WINDOW: int = 200
+"""Trailing window, in ticks, of the rolling median and MAD (about 2.4 h at 2,000 ticks a day).
+
+Long enough that a burst of a few dozen ticks cannot move the median (it is robust up to half the
+window), short enough to follow the intraday pattern.
+"""
+
+MIN_HISTORY: int = 20
+"""Past ticks needed before ``spread_excess_z`` is computed (it is 0 before)."""
+
+SCALE_FLOOR: float = 0.01
+"""Lower bound of the robust scale (log units, i.e. 1 %) so a flat spread history gives no inf."""
+
+REL_SPREAD_FLOOR_BPS: float = 1e-3
+"""Relative spread floor before taking the log, so a locked market (bid == ask) gives no -inf."""
+
+SPREAD_TOLERANCE: float = 1e-8
+"""Allowed ``|spread - (ask - bid)|``, relative to the mid, before the input is rejected."""
+
+MIN_TRAINING_ROWS: int = 50
+"""Fewest rows :func:`fit_spread_model` accepts: below this an Isolation Forest is noise."""
+
+RATE_FLOOR: float = 1e-3
+"""Floor of the promotion-time anomaly rate in :func:`monitor_failures` (no division blow-up)."""
+
+PSI_EPSILON: float = 1e-4
+"""Floor of a bin proportion in :func:`population_stability_index` (keeps ``log`` finite)."""
+
+_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation.
+_US_PER_DAY = 86_400_000_000
+
+
+class FxInputError(DomainError):
+    """Ticks, features, labels or drift samples that break the documented contract."""
+
+
+class FxModelError(DomainError):
+    """Training data or a model that cannot give a meaningful anomaly detector."""
+
+
+class FxGateConfigError(DomainError):
+    """A gate threshold (tolerance, floor, ratio, PSI bound) outside its meaningful range."""
+
+
+# --------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------
+
+
+def _first_bad_row(frame: pl.DataFrame, bad: pl.Expr, what: str, columns: list[str]) -> None:
+    """Raise :class:`FxInputError` naming the first row where ``bad`` holds, if any."""
+    flagged = frame.with_row_index("row").filter(bad)
+    if flagged.height == 0:
+        return
+    first = flagged.row(0, named=True)
+    values = ", ".join(f"{c}={first[c]!r}" for c in columns)
+    raise FxInputError(
+        f"{flagged.height} tick(s) with {what}; first at row {first['row']} "
+        f"(symbol={first['symbol']!r}, ts={first['ts']}): {values}"
+    )
+
+
+def _validated_ticks(ticks: pl.DataFrame) -> pl.DataFrame:
+    """Check the tick contract and return the tick columns with canonical dtypes."""
+    missing = [c for c in TICK_COLUMNS if c not in ticks.columns]
+    if missing:
+        raise FxInputError(
+            f"ticks lack column(s) {missing}; got {ticks.columns}, expected {list(TICK_COLUMNS)}"
+        )
+    ts_dtype = ticks.schema["ts"]
+    if not isinstance(ts_dtype, pl.Datetime):
+        raise FxInputError(f"ticks column 'ts' must be a Datetime, got {ts_dtype}")
+    for c in ("bid", "ask", "spread"):
+        if not ticks.schema[c].is_numeric():
+            raise FxInputError(f"ticks column {c!r} must be numeric, got {ticks.schema[c]}")
+    frame = ticks.select(
+        pl.col("symbol").cast(pl.String),
+        pl.col("ts"),
+        pl.col("bid", "ask", "spread").cast(pl.Float64),
+    )
+    _first_bad_row(
+        frame,
+        pl.any_horizontal(pl.col(c).is_null() for c in TICK_COLUMNS),
+        "a null value",
+        list(TICK_COLUMNS[2:]),
+    )
+    _first_bad_row(
+        frame,
+        ~pl.all_horizontal(pl.col(c).is_finite() for c in ("bid", "ask", "spread")),
+        "a non-finite price or spread",
+        ["bid", "ask", "spread"],
+    )
+    _first_bad_row(
+        frame, (pl.col("bid") <= 0) | (pl.col("ask") <= 0), "a non-positive price", ["bid", "ask"]
+    )
+    _first_bad_row(
+        frame, pl.col("bid") > pl.col("ask"), "bid > ask (crossed quote)", ["bid", "ask"]
+    )
+    mid = (pl.col("bid") + pl.col("ask")) / 2.0
+    _first_bad_row(
+        frame,
+        (pl.col("spread") - (pl.col("ask") - pl.col("bid"))).abs() > SPREAD_TOLERANCE * mid,
+        f"spread != ask - bid (tolerance {SPREAD_TOLERANCE:g} x mid)",
+        ["bid", "ask", "spread"],
+    )
+    _first_bad_row(
+        frame,
+        pl.col("ts").diff().over("symbol").dt.total_microseconds() < 0,
+        "a timestamp earlier than the previous tick of its symbol (ticks must be sorted by ts)",
+        ["bid", "ask"],
+    )
+    return frame
+
+
+def spread_features(ticks: pl.DataFrame) -> pl.DataFrame:
+    """Validate curated ticks and add the causal, scale-free features of the spread model.
+
+    Every feature of a tick depends only on that tick and earlier ticks of the same symbol
+    (rolling windows look strictly backwards), so a tick can be scored as soon as it arrives,
+    training and scoring see the same definition, and appending later ticks never changes an
+    earlier feature row. Rolling windows warm up without nulls: the first ticks of a symbol use
+    whatever history exists, and the robust z-score is 0 ("no evidence") until
+    :data:`MIN_HISTORY` past deviations exist. No feature is NaN or infinite.
+
+    Features (the columns of :data:`FEATURE_COLUMNS`):
+
+    ``rel_spread_bps``
+        ``spread / mid * 1e4``. Dividing by the mid makes pairs comparable (EURUSD quotes near
+        1.1 with spreads near 1e-4, USDJPY near 150 with spreads near 0.01: both about 1 bp).
+        On a linear scale a 10x spike sits far out, where Isolation Forest's uniform random
+        splits isolate it in a few steps.
+    ``spread_log_excess``
+        ``max(0, d)`` with ``d = log(rel_spread) - median of log(rel_spread) over the previous``
+        :data:`ROLLING_WINDOW` ticks: the log of "how many times the recent normal level is this
+        spread". The trailing median removes the symbol's level and the slow intraday pattern
+        and is robust to the anomalies inside the window; logs make the multiplicative
+        (lognormal) noise symmetric, so a 4x jump is log 4 at any level or hour. 0 for the
+        first tick of a symbol.
+    ``spread_excess_z``
+        ``max(0, d / s)`` with ``s = 1.4826 x`` the median of ``|d|`` over the previous
+        :data:`ROLLING_WINDOW` ticks (a trailing MAD, the robust standard deviation), floored at
+        :data:`SCALE_FLOOR`. It says how unusual the jump is for *this* pair's noise, which the
+        raw ratio cannot.
+    ``hour_sin``, ``hour_cos``
+        Time of day (UTC; a timezone-naive ``ts`` is read as UTC) on the unit circle, so 23:59
+        and 00:00 are neighbours and the forest can learn that wide spreads around the day
+        boundary are normal.
+
+    Why one-sided: Isolation Forest isolates both tails of every feature, but a spread narrower
+    than usual is good news for the desk, not an incident. With signed deviations the
+    tight-spread ticks became false alarms: on the test simulator with 2.5-8x anomalies in
+    0.4 log-sd noise, mean average precision over 6 seeds was 0.86 signed against 0.91
+    one-sided. Two other candidates were measured and left out, each adding a dimension that
+    carries no spread information and dilutes the random splits: ``log(rel_spread)``
+    (redundant with ``rel_spread_bps``) and the absolute mid log-return (spreads and mid moves
+    were independent there); without them the mean was 0.925.
+
+    Parameters
+    ----------
+    ticks
+        Curated ticks with ``symbol`` (str), ``ts`` (Datetime), ``bid``, ``ask`` and ``spread``
+        (``ask - bid``), sorted by ``ts`` within each symbol. One or several symbols, any number
+        of days; features are computed per symbol. To score one day with a warm history, pass
+        the previous day's tail as well and drop it afterwards.
+
+    Returns
+    -------
+    polars.DataFrame
+        ``symbol, ts, bid, ask, spread`` followed by :data:`FEATURE_COLUMNS`, in input row order.
+
+    Raises
+    ------
+    FxInputError
+        If a column is missing or mistyped, or a row has a null, a non-finite value, a
+        non-positive price, ``bid > ask``, a spread inconsistent with ``ask - bid``, or a
+        timestamp out of order; the message names the row index, symbol, ts and values.
+    """
+    frame = _validated_ticks(ticks)
+    mid = (pl.col("bid") + pl.col("ask")) / 2.0
+    rel_spread_bps = pl.col("spread") / mid * 1e4
+    log_rel = rel_spread_bps.clip(lower_bound=REL_SPREAD_FLOOR_BPS).log()
+    # Deviation from the trailing median (current tick excluded); null for a symbol's first tick.
+    dev = (log_rel - log_rel.shift(1).rolling_median(ROLLING_WINDOW, min_samples=1)).over("symbol")
+    with_dev = frame.with_columns(rel_spread_bps=rel_spread_bps, _dev=dev)
+    # Trailing MAD of past deviations; null until MIN_HISTORY past deviations exist.
+    scale = (
+        pl.col("_dev").abs().shift(1).rolling_median(ROLLING_WINDOW, min_samples=MIN_HISTORY)
+        * _MAD_TO_SIGMA
+    ).over("symbol")
+    angle = (pl.col("ts").dt.epoch("us") % _US_PER_DAY).cast(pl.Float64) * (
+        2.0 * math.pi / _US_PER_DAY
+    )
+    return with_dev.with_columns(_scale=scale).select(
+        *TICK_COLUMNS,
+        "rel_spread_bps",
+        spread_log_excess=pl.col("_dev").clip(lower_bound=0.0).fill_null(0.0),
+        spread_excess_z=(pl.col("_dev") / pl.col("_scale").clip(lower_bound=SCALE_FLOOR))
+        .clip(lower_bound=0.0)
+        .fill_null(0.0),
+        hour_sin=angle.sin(),
+        hour_cos=angle.cos(),
+    )
+
+
+def feature_matrix(features: pl.DataFrame) -> np.ndarray:
+    """Return the float64 matrix a spread model is fitted on and scores, columns in order.
+
+    Fitting, scoring, and re-scoring a model logged elsewhere all go through this one function,
+    so the column order (:data:`FEATURE_COLUMNS`) and dtype can never diverge between them.
+
+    Parameters
+    ----------
+    features
+        Output of :func:`spread_features` (extra columns are ignored).
+
+    Returns
+    -------
+    numpy.ndarray
+        C-contiguous ``float64`` array of shape ``(features.height, len(FEATURE_COLUMNS))``.
+
+    Raises
+    ------
+    FxInputError
+        If a feature column is missing or a value is null, NaN or infinite.
+    """
+    missing = [c for c in FEATURE_COLUMNS if c not in features.columns]
+    if missing:
+        raise FxInputError(
+            f"features lack column(s) {missing}; expected {list(FEATURE_COLUMNS)} "
+            "(build them with spread_features)"
+        )
+    x = np.ascontiguousarray(
+        features.select(pl.col(c).cast(pl.Float64) for c in FEATURE_COLUMNS).to_numpy(),
+        dtype=np.float64,
+    )
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise FxInputError(
+            f"{int(bad.sum())} non-finite feature value(s); first at row {row}, "
+            f"column {FEATURE_COLUMNS[col]!r}: {float(x[row, col])!r}"
+        )
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+def fit_spread_model(
+    features: pl.DataFrame,
+    *,
+    random_state: int = 42,
+    contamination: float | str = DEFAULT_CONTAMINATION,
+    n_estimators: int = 100,
+    max_samples: int | float | str = "auto",
+) -> IsolationForest:
+    """Fit an Isolation Forest on :func:`feature_matrix` of the training features.
+
+    Isolation Forest needs no labels, which matters because labelled spread incidents are rare
+    in production; it isolates points that few random axis-aligned splits separate from the
+    rest, i.e. ticks whose spread is far from the recent level for the time of day.
+
+    ``contamination`` sets the alarm threshold only, not the trees. ``"auto"`` uses the
+    original paper's threshold (score_samples offset -0.5); a float ``c`` flags the top ``c``
+    fraction of the *training* ticks instead. Ranking metrics (average precision) do not depend
+    on it; precision and recall do. The default is :data:`DEFAULT_CONTAMINATION` (3 %), not
+    sklearn's ``"auto"``, which flagged about 15 % of the ticks at precision below 0.2.
+
+    Parameters
+    ----------
+    features
+        Output of :func:`spread_features` for the training window.
+    random_state, contamination, n_estimators, max_samples
+        Passed to :class:`sklearn.ensemble.IsolationForest`; the seed makes refits reproducible.
+
+    Returns
+    -------
+    sklearn.ensemble.IsolationForest
+        The fitted model (fitted on a plain array, so it carries no feature names).
+
+    Raises
+    ------
+    FxModelError
+        If there are fewer than :data:`MIN_TRAINING_ROWS` rows, or every feature column is
+        constant: such a forest cannot separate anything (every tick would get the same score),
+        so it is refused rather than promoted into a detector that never alarms.
+    FxInputError
+        If a feature column is missing or non-finite (see :func:`feature_matrix`).
+    """
+    x = feature_matrix(features)
+    if x.shape[0] < MIN_TRAINING_ROWS:
+        raise FxModelError(
+            f"cannot fit a spread model on {x.shape[0]} row(s); need at least {MIN_TRAINING_ROWS}"
+        )
+    if not np.any(np.ptp(x, axis=0) > 0):
+        raise FxModelError(
+            f"cannot fit a spread model on {x.shape[0]} rows whose features are all constant "
+            f"({dict(zip(FEATURE_COLUMNS, x[0].tolist(), strict=True))}): "
+            "zero variance leaves nothing to isolate"
+        )
+    model = IsolationForest(
+        n_estimators=n_estimators,
+        max_samples=max_samples,
+        contamination=contamination,
+        random_state=random_state,
+    )
+    model.fit(x)
+    return model
+
+
+def _check_model(model: IsolationForest) -> None:
+    n_in = getattr(model, "n_features_in_", None)
+    if n_in != len(FEATURE_COLUMNS):
+        raise FxModelError(
+            f"model expects {n_in} feature(s) but the spread features have "
+            f"{len(FEATURE_COLUMNS)} {list(FEATURE_COLUMNS)}; is it fitted by fit_spread_model?"
+        )
+
+
+def score_spreads(model: IsolationForest, features: pl.DataFrame) -> pl.DataFrame:
+    """Score every tick with a fitted spread model.
+
+    Parameters
+    ----------
+    model
+        A model from :func:`fit_spread_model` (or the same model loaded back from a registry).
+    features
+        Output of :func:`spread_features`.
+
+    Returns
+    -------
+    polars.DataFrame
+        ``features`` plus ``anomaly_score`` (``-model.score_samples(X)``, in (0, 1]: higher is
+        more anomalous; about 0.5 is an ordinary point and values near 1 are isolated after very
+        few splits) and ``is_anomaly`` (``model.predict(X) == -1``, i.e.
+        ``anomaly_score > -model.offset_``, the threshold set by ``contamination``).
+
+    Raises
+    ------
+    FxModelError
+        If the model was not fitted on :data:`FEATURE_COLUMNS`.
+    FxInputError
+        If a feature column is missing or non-finite.
+    """
+    _check_model(model)
+    x = feature_matrix(features)
+    if x.shape[0] == 0:
+        return features.with_columns(
+            anomaly_score=pl.lit(None, dtype=pl.Float64), is_anomaly=pl.lit(None, dtype=pl.Boolean)
+        ).clear()
+    return features.with_columns(
+        anomaly_score=pl.Series(-model.score_samples(x), dtype=pl.Float64),
+        is_anomaly=pl.Series(model.predict(x) == -1, dtype=pl.Boolean),
+    )
+
+
+def anomaly_rate(scored: pl.DataFrame) -> float:
+    """Return the fraction of scored ticks flagged ``is_anomaly``.
+
+    Parameters
+    ----------
+    scored
+        Output of :func:`score_spreads`.
+
+    Returns
+    -------
+    float
+        Flagged ticks / all ticks, in [0, 1].
+
+    Raises
+    ------
+    FxInputError
+        If ``is_anomaly`` is missing or null, or the frame is empty (a rate of nothing is not 0).
+    """
+    if "is_anomaly" not in scored.columns:
+        raise FxInputError(f"scored frame lacks 'is_anomaly'; got {scored.columns}")
+    if scored.height == 0:
+        raise FxInputError("anomaly rate of an empty scored frame is undefined")
+    flags = scored["is_anomaly"]
+    if flags.null_count():
+        raise FxInputError(f"{flags.null_count()} null is_anomaly value(s) in the scored frame")
+    return int(flags.sum()) / scored.height
+
+
+def evaluate_detector(
+    model: IsolationForest, features: pl.DataFrame, labels: pl.DataFrame
+) -> dict[str, float]:
+    """Measure a spread model against labelled anomalies.
+
+    Labels are a polars frame rather than a bare array so that alignment is by key and cannot
+    silently shift: they are joined on ``ts`` (and on ``symbol`` too when both frames have
+    it, as the demo truth file does), every feature row must find a label, and a key may appear
+    only once in the labels.
+
+    Parameters
+    ----------
+    model
+        A model from :func:`fit_spread_model`.
+    features
+        Output of :func:`spread_features` for the evaluation window.
+    labels
+        ``ts`` (same dtype as the features), ``is_anomaly`` (bool) and optionally ``symbol``.
+
+    Returns
+    -------
+    dict[str, float]
+        ``precision``, ``recall``, ``f1`` of ``is_anomaly`` at the model's threshold;
+        ``average_precision`` of ``anomaly_score`` (threshold-free: the area under the
+        precision-recall curve, the promotion metric); ``n`` ticks, ``n_positive`` labelled
+        anomalies and ``anomaly_rate`` (fraction flagged). When there is no labelled anomaly
+        ``recall``, ``f1`` and ``average_precision`` are NaN (undefined), so a gate comparing
+        them fails closed; ``precision`` is 0 when nothing is flagged.
+
+    Raises
+    ------
+    FxInputError
+        If labels lack a column, repeat a key, or do not cover every feature row (the message
+        gives how many rows are missing and the first one), or the features are empty.
+    """
+    missing_cols = [c for c in ("ts", "is_anomaly") if c not in labels.columns]
+    if missing_cols:
+        raise FxInputError(f"labels lack column(s) {missing_cols}; got {labels.columns}")
+    if features.height == 0:
+        raise FxInputError("cannot evaluate a spread model on zero feature rows")
+    both_have_symbol = "symbol" in labels.columns and "symbol" in features.columns
+    keys = ["symbol", "ts"] if both_have_symbol else ["ts"]
+    truth = labels.select(*keys, pl.col("is_anomaly").cast(pl.Boolean).alias("_truth"))
+    duplicated = truth.filter(pl.struct(keys).is_duplicated())
+    if duplicated.height:
+        raise FxInputError(
+            f"labels repeat {duplicated.height} row(s) on key {keys}; first "
+            f"{duplicated.select(keys).row(0, named=True)}"
+        )
+    scored = score_spreads(model, features)
+    joined = scored.join(truth, on=keys, how="left", maintain_order="left")
+    uncovered = joined.filter(pl.col("_truth").is_null())
+    if uncovered.height:
+        first = uncovered.row(0, named=True)
+        raise FxInputError(
+            f"labels miss {uncovered.height} of {joined.height} feature row(s) on key {keys}; "
+            f"first symbol={first.get('symbol')!r} ts={first['ts']}"
+        )
+    y_true = joined["_truth"].to_numpy().astype(bool)
+    y_pred = joined["is_anomaly"].to_numpy().astype(bool)
+    score = joined["anomaly_score"].to_numpy()
+    n_positive = int(y_true.sum())
+    precision = float(precision_score(y_true, y_pred, zero_division=0.0))
+    if n_positive:
+        recall = float(recall_score(y_true, y_pred, zero_division=0.0))
+        f1 = float(f1_score(y_true, y_pred, zero_division=0.0))
+        average_precision = float(average_precision_score(y_true, score))
+    else:
+        recall = f1 = average_precision = math.nan
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "average_precision": average_precision,
+        "n": float(y_true.size),
+        "n_positive": float(n_positive),
+        "anomaly_rate": float(y_pred.mean()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Drift
+# --------------------------------------------------------------------------------------------
+
+
+def _sample(name: str, values: np.ndarray) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise FxInputError(f"{name} must be a non-empty 1-D sample; got shape {arr.shape}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise FxInputError(
+            f"{name} has {int(bad.sum())} non-finite value(s); first at index "
+            f"{int(np.argmax(bad))}: {float(arr[np.argmax(bad)])!r}"
+        )
+    return arr
+
+
+def population_stability_index(
+    reference: np.ndarray, current: np.ndarray, *, bins: int = 10
+) -> float:
+    """Measure the population stability index (PSI) of ``current`` against ``reference``.
+
+    ``PSI = sum_i (c_i - r_i) * ln(c_i / r_i)`` over bins whose edges are the reference
+    quantiles at ``1/bins, ..., (bins-1)/bins`` (linear interpolation), so each bin holds about
+    ``1/bins`` of the reference. The outer bins are open, so current values beyond the reference
+    range still count. A bin is ``(lower, upper]``; tied quantiles (a discrete reference) are
+    merged, giving fewer bins. Proportions are floored at :data:`PSI_EPSILON` (not renormalised)
+    so an empty bin gives a large but finite term.
+
+    Usual reading: below 0.1 no meaningful shift; 0.1 to 0.25 a moderate shift worth watching;
+    above 0.25 a major shift (the model sees a population it was not trained on).
+
+    Parameters
+    ----------
+    reference, current
+        1-D finite samples, e.g. an anomaly-score or feature column at promotion and today.
+    bins
+        Number of quantile bins, at least 2.
+
+    Returns
+    -------
+    float
+        Non-negative PSI; 0 when both samples fill the bins in the same proportions.
+
+    Raises
+    ------
+    FxInputError
+        If a sample is empty, not 1-D or non-finite, or ``bins < 2``.
+    """
+    if bins < 2:
+        raise FxInputError(f"PSI needs at least 2 bins; got {bins}")
+    ref = _sample("reference", reference)
+    cur = _sample("current", current)
+    inner = np.unique(np.quantile(ref, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
+    n_bins = inner.size + 1
+    r = np.bincount(np.searchsorted(inner, ref, side="left"), minlength=n_bins) / ref.size
+    c = np.bincount(np.searchsorted(inner, cur, side="left"), minlength=n_bins) / cur.size
+    r = np.maximum(r, PSI_EPSILON)
+    c = np.maximum(c, PSI_EPSILON)
+    return float(np.sum((c - r) * np.log(c / r)))
+
+
+def ks_statistic(reference: np.ndarray, current: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic (largest gap between the two empirical CDFs).
+
+    A bin-free complement to :func:`population_stability_index`: in [0, 1], 0 for identical
+    empirical distributions; it reacts to a shift anywhere, PSI mostly to the bulk of the bins.
+
+    Parameters
+    ----------
+    reference, current
+        1-D finite samples.
+
+    Returns
+    -------
+    float
+        ``scipy.stats.ks_2samp(reference, current).statistic``.
+
+    Raises
+    ------
+    FxInputError
+        If a sample is empty, not 1-D or non-finite.
+    """
+    ref = _sample("reference", reference)
+    cur = _sample("current", current)
+    return float(stats.ks_2samp(ref, cur).statistic)
+
+
+# --------------------------------------------------------------------------------------------
+# Gate rules (shared by asset checks and downstream guards)
+# --------------------------------------------------------------------------------------------
+
+
+def _finite_metric(metrics: Mapping[str, float], key: str) -> float | None:
+    value = metrics.get(key)
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def promotion_failures(
+    challenger_metrics: Mapping[str, float],
+    champion_metrics: Mapping[str, float] | None,
+    *,
+    tolerance: float,
+    floor: float,
+) -> list[str]:
+    """Reasons the challenger must not replace the champion; empty when it may.
+
+    The rule, on ``average_precision`` (threshold-free, so a model is not judged by where its
+    contamination put the alarm line):
+
+    * the challenger's AP must be strictly above ``floor`` (an absolute minimum of usefulness;
+      the AP of a random ranking is the anomaly base rate);
+    * if there is a champion, the challenger's AP must be at least ``champion AP - tolerance``
+      (a small tolerance lets a fresher model in when it is as good within noise).
+
+    The first model (``champion_metrics is None``) is judged by the floor alone. Missing or
+    non-finite metrics fail closed: a challenger or champion without a valid AP (e.g. an
+    evaluation window with no labelled anomaly) blocks promotion until it is re-evaluated.
+    Both metric sets should come from the same evaluation window.
+
+    Parameters
+    ----------
+    challenger_metrics, champion_metrics
+        Outputs of :func:`evaluate_detector` (only ``average_precision`` is read).
+    tolerance
+        Allowed AP shortfall against the champion, >= 0.
+    floor
+        Minimum AP, in [0, 1).
+
+    Returns
+    -------
+    list[str]
+        One human-readable reason per broken rule, naming the values and bounds.
+
+    Raises
+    ------
+    FxGateConfigError
+        If ``tolerance`` or ``floor`` is out of range.
+    """
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise FxGateConfigError(f"promotion tolerance must be finite and >= 0; got {tolerance}")
+    if not (math.isfinite(floor) and 0 <= floor < 1):
+        raise FxGateConfigError(f"promotion floor must be in [0, 1); got {floor}")
+    challenger = _finite_metric(challenger_metrics, "average_precision")
+    if challenger is None:
+        return [
+            "challenger average_precision is missing or not finite "
+            f"({challenger_metrics.get('average_precision')!r}); cannot judge it"
+        ]
+    failures: list[str] = []
+    if not challenger > floor:
+        failures.append(
+            f"challenger average_precision {challenger:.4f} is not above the floor {floor:.4f}"
+        )
+    if champion_metrics is not None:
+        champion = _finite_metric(champion_metrics, "average_precision")
+        if champion is None:
+            failures.append(
+                "champion average_precision is missing or not finite "
+                f"({champion_metrics.get('average_precision')!r}); re-evaluate the champion "
+                "before comparing"
+            )
+        elif challenger < champion - tolerance:
+            failures.append(
+                f"challenger average_precision {challenger:.4f} is below the champion's "
+                f"{champion:.4f} minus tolerance {tolerance:.4f} = {champion - tolerance:.4f}"
+            )
+    return failures
+
+
+def monitor_failures(
+    *,
+    anomaly_rate: float,
+    promotion_anomaly_rate: float,
+    psi: float,
+    max_rate_ratio: float,
+    max_psi: float,
+) -> list[str]:
+    """Reasons the serving model regressed (KPI or drift); empty when it is healthy.
+
+    * KPI: today's anomaly rate must not exceed ``max_rate_ratio`` times the rate measured when
+      the model was promoted. The promotion rate is floored at :data:`RATE_FLOOR` so a model
+      promoted with (almost) no alarms is not reverted for its first few flags.
+    * Drift: the PSI of today's distribution against the promotion reference must not exceed
+      ``max_psi`` (0.25 is the usual "major shift" line).
+
+    Non-finite measurements fail closed (a monitor that cannot measure is not healthy).
+
+    Parameters
+    ----------
+    anomaly_rate, promotion_anomaly_rate
+        Fractions of flagged ticks today and at promotion, in [0, 1].
+    psi
+        Population stability index, e.g. from :func:`population_stability_index`.
+    max_rate_ratio, max_psi
+        Bounds, both > 0.
+
+    Returns
+    -------
+    list[str]
+        One reason per broken rule, naming the value and the bound.
+
+    Raises
+    ------
+    FxGateConfigError
+        If a bound is not positive or a finite rate is outside [0, 1].
+    """
+    if not (math.isfinite(max_rate_ratio) and max_rate_ratio > 0):
+        raise FxGateConfigError(f"max_rate_ratio must be finite and > 0; got {max_rate_ratio}")
+    if not (math.isfinite(max_psi) and max_psi > 0):
+        raise FxGateConfigError(f"max_psi must be finite and > 0; got {max_psi}")
+    for name, rate in (
+        ("anomaly_rate", anomaly_rate),
+        ("promotion_anomaly_rate", promotion_anomaly_rate),
+    ):
+        if math.isfinite(rate) and not 0 <= rate <= 1:
+            raise FxGateConfigError(f"{name} must be in [0, 1]; got {rate}")
+    failures: list[str] = []
+    if not (math.isfinite(anomaly_rate) and math.isfinite(promotion_anomaly_rate)):
+        failures.append(
+            f"anomaly rate {anomaly_rate!r} or promotion rate {promotion_anomaly_rate!r} "
+            "is not finite"
+        )
+    else:
+        base = max(promotion_anomaly_rate, RATE_FLOOR)
+        bound = max_rate_ratio * base
+        if anomaly_rate > bound:
+            failures.append(
+                f"anomaly rate {anomaly_rate:.4f} exceeds {max_rate_ratio:g} x promotion rate "
+                f"{base:.4f} (floored at {RATE_FLOOR:g}) = {bound:.4f}"
+            )
+    if not math.isfinite(psi):
+        failures.append(f"PSI {psi!r} is not finite")
+    elif psi > max_psi:
+        failures.append(f"PSI {psi:.4f} exceeds the bound {max_psi:.4f}")
+    return failures
