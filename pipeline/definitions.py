@@ -5,9 +5,11 @@ from dagster import Definitions
 from pipeline.assets.credibility import credibility_assets
 from pipeline.assets.fx_anomaly import fx_assets
 from pipeline.assets.ingest import bronze_assets, curated_assets
+from pipeline.assets.loan_loss import loan_loss_assets
 from pipeline.checks.contracts import contract_checks
 from pipeline.checks.credibility import credibility_checks
 from pipeline.checks.fx_anomaly import fx_checks
+from pipeline.checks.loan_loss import loan_loss_checks
 from pipeline.resources import build_resources
 from pipeline.settings import get_settings
 
@@ -16,8 +18,14 @@ def build_definitions(settings=None) -> Definitions:
     """Assemble assets, checks, jobs, schedules, sensors and resources."""
     settings = settings or get_settings()
     return Definitions(
-        assets=[*bronze_assets, *curated_assets, *credibility_assets, *fx_assets],
-        asset_checks=[*contract_checks, *credibility_checks, *fx_checks],
+        assets=[
+            *bronze_assets,
+            *curated_assets,
+            *credibility_assets,
+            *fx_assets,
+            *loan_loss_assets,
+        ],
+        asset_checks=[*contract_checks, *credibility_checks, *fx_checks, *loan_loss_checks],
         resources=build_resources(settings),
     )
 

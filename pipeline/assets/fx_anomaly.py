@@ -59,9 +59,10 @@ class ChallengerConfig(Config):
     random_state: int = Field(default=42, description="forest seed")
     ap_tolerance: float = Field(default=0.02, description="allowed AP shortfall vs champion")
     ap_floor: float = Field(default=0.5, description="minimum average precision")
-    shuffle_training_spreads: bool = Field(
-        default=False,
-        description="train on spreads shuffled across time (a deliberately bad model, for drills)",
+    max_samples: int = Field(
+        default=0,
+        description="rows drawn per tree; 0 = sklearn's auto (min(256, n)); tiny values give a "
+        "weak model, which gate drills use",
     )
 
 
@@ -175,13 +176,12 @@ def _train_and_register(
     train_dates, holdout_dates = dates[: -config.holdout_days], dates[-config.holdout_days :]
     train = features.filter(pl.col("date").is_in(train_dates))
     holdout = features.filter(pl.col("date").is_in(holdout_dates))
-    if config.shuffle_training_spreads:
-        train = _shuffled(train, config.random_state)
     model = fx_anomaly.fit_spread_model(
         train,
         random_state=config.random_state,
         contamination=config.contamination,
         n_estimators=config.n_estimators,
+        max_samples=config.max_samples or "auto",
     )
     labels = label_rows(holdout, read_labels(landing, symbol))
     challenger_metrics = fx_anomaly.evaluate_detector(model, holdout, labels)
@@ -271,16 +271,6 @@ def _train_and_register(
     evaluation["mlflow_run_url"] = tracking.run_url(experiment_id, run_id)
     evaluation["model_version_url"] = tracking.model_version_url(name, version)
     return evaluation
-
-
-def _shuffled(train: pl.DataFrame, seed: int) -> pl.DataFrame:
-    """Destroy the time structure (a bad challenger for drills and tests)."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(train.height)
-    return train.with_columns(
-        [pl.Series(c, train[c].to_numpy()[order]) for c in ("rel_spread_bps",)]
-        + [pl.Series(c, np.zeros(train.height)) for c in ("spread_log_excess", "spread_excess_z")]
-    )
 
 
 @asset(

@@ -308,6 +308,13 @@ def fx_spreads(context: AssetExecutionContext, lake: LakeResource) -> Materializ
     by_date: dict[str, list[str]] = {}
     for key in context.partition_keys:
         symbol, date = split_symbol_date(key)
+        if contracts.try_normalise_symbol(symbol) != symbol:
+            # dynamic partitions can be added by hand or by API: a key such as
+            # ``..`` or ``eur/usd`` must never become a folder or a predicate
+            raise Failure(
+                f"fx_spreads partition {key}: symbol {symbol!r} is not a normalised "
+                "partition key ([A-Z0-9]{3,12})"
+            )
         by_date.setdefault(date, []).append(symbol)
     totals = Counter()
     for date, symbols in sorted(by_date.items()):

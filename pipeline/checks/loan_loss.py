@@ -1,0 +1,146 @@
+"""Accuracy gates of ``loan_loss_distribution``.
+
+* ``mc_error_within_bound`` (blocking): the standard error of the expected loss
+  is at most 0.5 % of it, for every scenario;
+* ``expected_loss_matches_analytic``: the simulated mean lies within 3 standard
+  errors of sum(EAD × LGD × PD × multiplier), which is known exactly;
+* ``quantiles_match_vasicek_reference``: a homogeneous reference book with each
+  scenario's average stressed PD and correlation reproduces the Vasicek
+  large-portfolio quantiles, validating the simulator under those parameters.
+"""
+
+import polars as pl
+from dagster import AssetCheckExecutionContext, AssetCheckResult, MetadataValue, asset_check
+
+from pipeline import keys
+from pipeline.assets.loan_loss import read_summary
+from pipeline.assets.metadata import markdown_table
+from pipeline.partitions import valuation_date_partitions
+from pipeline.resources.lake import LakeResource
+
+REFERENCE_LOANS = 5_000
+REFERENCE_SIMS = 20_000
+
+
+def _result(context: AssetCheckExecutionContext, verdicts: list[dict]) -> AssetCheckResult:
+    failed = [v for v in verdicts if v["failure"]]
+    if not verdicts:
+        return AssetCheckResult(passed=False, description=f"{context.partition_key}: no summary")
+    table = pl.DataFrame(verdicts).with_columns(pl.col("failure").fill_null("passed"))
+    return AssetCheckResult(
+        passed=not failed,
+        description="; ".join(f"{v['scenario']}: {v['failure']}" for v in failed)[:500]
+        or "all scenarios passed",
+        metadata={"scenarios": MetadataValue.md(markdown_table(table)), "failed": len(failed)},
+    )
+
+
+def _summary_dict(row: dict) -> dict:
+    return dict(row)
+
+
+@asset_check(
+    asset=keys.LOAN_LOSS_DISTRIBUTION,
+    name=keys.CHECK_MC_ERROR,
+    partitions_def=valuation_date_partitions,
+    blocking=True,
+    description=(
+        "Standard error of the expected loss ≤ 0.5% of it for every scenario. To fix a "
+        "failure, raise n_sims in the run config (the message gives the number needed)."
+    ),
+)
+def mc_error_within_bound(
+    context: AssetCheckExecutionContext, lake: LakeResource
+) -> AssetCheckResult:
+    """Apply the Monte Carlo error bound to the stored summaries."""
+    from pipeline.domain.loan_loss import mc_error_failure
+
+    rows = read_summary(lake, context.partition_key).iter_rows(named=True)
+    return _result(
+        context,
+        [
+            {
+                "scenario": r["scenario"],
+                "relative_se": r["se_expected_loss"] / r["expected_loss"]
+                if r["expected_loss"]
+                else 0.0,
+                "failure": mc_error_failure(_summary_dict(r)),
+            }
+            for r in rows
+        ],
+    )
+
+
+@asset_check(
+    asset=keys.LOAN_LOSS_DISTRIBUTION,
+    name=keys.CHECK_EL_ANALYTIC,
+    partitions_def=valuation_date_partitions,
+    description="Simulated expected loss within 3 standard errors of the analytic value.",
+)
+def expected_loss_matches_analytic(
+    context: AssetCheckExecutionContext, lake: LakeResource
+) -> AssetCheckResult:
+    """Compare simulated and analytic expected losses."""
+    from pipeline.domain.loan_loss import expected_loss_within_se
+
+    rows = read_summary(lake, context.partition_key).iter_rows(named=True)
+    return _result(
+        context,
+        [
+            {
+                "scenario": r["scenario"],
+                "simulated": r["expected_loss"],
+                "analytic": r["analytic_expected_loss"],
+                "failure": expected_loss_within_se(
+                    _summary_dict(r), r["analytic_expected_loss"], 3.0
+                ),
+            }
+            for r in rows
+        ],
+    )
+
+
+@asset_check(
+    asset=keys.LOAN_LOSS_DISTRIBUTION,
+    name=keys.CHECK_VASICEK,
+    partitions_def=valuation_date_partitions,
+    description=(
+        "A homogeneous reference book at each scenario's average stressed PD and correlation "
+        "reproduces the Vasicek large-portfolio quantiles (P10, P50, P90, P99)."
+    ),
+)
+def quantiles_match_vasicek_reference(
+    context: AssetCheckExecutionContext, lake: LakeResource
+) -> AssetCheckResult:
+    """Run the reference-portfolio comparison for every scenario."""
+    from pipeline.domain.loan_loss import reference_portfolio_check, vasicek_agreement_failure
+
+    summary = read_summary(lake, context.partition_key)
+    loans = lake.read("curated", "loan_book", {"valuation_date": context.partition_key})
+    mean_pd = float(loans["pd"].mean()) if loans.height else float("nan")
+    verdicts = []
+    for r in summary.iter_rows(named=True):
+        pd_ref = min(mean_pd * r["pd_multiplier"], 1.0)
+        check = reference_portfolio_check(
+            pd_ref,
+            r["asset_correlation"],
+            n_loans=REFERENCE_LOANS,
+            n_sims=REFERENCE_SIMS,
+            seed=int(r["seed"]),
+        )
+        verdicts.append(
+            {
+                "scenario": r["scenario"],
+                "reference_pd": pd_ref,
+                "rho": r["asset_correlation"],
+                "failure": vasicek_agreement_failure(check),
+            }
+        )
+    return _result(context, verdicts)
+
+
+loan_loss_checks = [
+    mc_error_within_bound,
+    expected_loss_matches_analytic,
+    quantiles_match_vasicek_reference,
+]
