@@ -46,11 +46,24 @@ def demo(settings: Settings) -> None:
 
 
 def dev(settings: Settings, *, dagster_port: int, mlflow_port: int) -> int:
-    """Run ``dagster dev`` and the MLflow UI on the same embedded stores."""
+    """Run ``dagster dev`` and the MLflow UI on the same embedded stores.
+
+    Each UI runs in its own session with default signal handling, so a terminal
+    Ctrl-C or a ``SIGTERM`` to this process (a service manager, a test) reaches
+    each exactly once, as ``SIGINT``: ``dagster dev`` then stops its webserver,
+    daemon and code server cleanly. Whatever is still alive after 20 s is killed
+    with its whole process group, so no server outlives the command.
+    """
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     ensure_dagster_home(settings)
     os.environ["MLFLOW_UI_URL"] = f"http://127.0.0.1:{mlflow_port}"
     bin_dir = os.path.dirname(sys.executable)
+    repo_workspace = os.path.join(os.path.dirname(os.path.dirname(__file__)), "workspace.yaml")
+    code_location = (
+        ["-w", repo_workspace]
+        if os.path.exists(repo_workspace)
+        else ["-m", "pipeline.definitions"]  # installed as a package, no checkout
+    )
     mlflow_cmd = [
         os.path.join(bin_dir, "mlflow"),
         "ui",
@@ -66,33 +79,54 @@ def dev(settings: Settings, *, dagster_port: int, mlflow_port: int) -> int:
     dagster_cmd = [
         os.path.join(bin_dir, "dagster"),
         "dev",
-        "-w",
-        "workspace.yaml",
+        *code_location,
         "-h",
         "127.0.0.1",
         "-p",
         str(dagster_port),
     ]
-    procs = [subprocess.Popen(mlflow_cmd), subprocess.Popen(dagster_cmd)]  # noqa: S603
-    print(
-        f"Dagster UI: http://127.0.0.1:{dagster_port}\n"
-        f"MLflow UI:  http://127.0.0.1:{mlflow_port}\n(Ctrl-C stops both)"
-    )
+
+    def default_signals() -> None:  # runs in the child between fork and exec
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous_term = signal.signal(signal.SIGTERM, stop)
+    procs: list[subprocess.Popen] = []
     try:
+        for cmd in (mlflow_cmd, dagster_cmd):
+            procs.append(
+                subprocess.Popen(cmd, start_new_session=True, preexec_fn=default_signals)  # noqa: S603
+            )
+        print(
+            f"Dagster UI: http://127.0.0.1:{dagster_port}\n"
+            f"MLflow UI:  http://127.0.0.1:{mlflow_port}\n(Ctrl-C stops both)",
+            flush=True,
+        )
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the shutdown once started
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 20
         for proc in procs:
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
-    return max((p.returncode or 0) for p in procs)
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # leftovers of its session, if any
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        signal.signal(signal.SIGTERM, previous_term)
+    return max((p.returncode or 0) for p in procs) if procs else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

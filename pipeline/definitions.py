@@ -2,6 +2,7 @@
 
 from dagster import Definitions
 
+from pipeline import automation
 from pipeline.assets.credibility import credibility_assets
 from pipeline.assets.fx_anomaly import fx_assets
 from pipeline.assets.ingest import bronze_assets, curated_assets
@@ -26,6 +27,9 @@ def build_definitions(settings=None) -> Definitions:
             *loan_loss_assets,
         ],
         asset_checks=[*contract_checks, *credibility_checks, *fx_checks, *loan_loss_checks],
+        jobs=automation.jobs,
+        schedules=automation.schedules,
+        sensors=automation.sensors,
         resources=build_resources(settings),
     )
 

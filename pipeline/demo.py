@@ -16,6 +16,9 @@ from pipeline.partitions import symbol_date_key, symbol_partitions
 from pipeline.settings import Settings
 
 
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
 def landing_partitions(settings: Settings, source: str) -> list[str]:
     """Partition keys for which ``source`` has landing files."""
     folder = settings.landing_dir / source
@@ -55,9 +58,38 @@ def materialize_partitions(
                 instance=instance,
                 raise_on_error=raise_on_error,
                 tags={"pipeline/launched_by": "demo"},
+                run_config=QUIET,
             )
         )
     return results
+
+
+def materialize_range(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    asset_keys: Sequence[dg.AssetKey],
+    start: str | dg.MultiPartitionKey,
+    end: str | dg.MultiPartitionKey,
+    *,
+    raise_on_error: bool = True,
+) -> dg.ExecuteInProcessResult:
+    """Materialise a partition range in one run, as a single-run backfill does.
+
+    For symbol × date partitions the range is the box between the two corners.
+    """
+    return dg.materialize(
+        [*defs.assets, *(defs.asset_checks or [])],
+        selection=dg.AssetSelection.assets(*asset_keys),
+        resources=defs.resources,
+        instance=instance,
+        raise_on_error=raise_on_error,
+        run_config=QUIET,
+        tags={
+            "dagster/asset_partition_range_start": str(start),
+            "dagster/asset_partition_range_end": str(end),
+            "pipeline/launched_by": "demo",
+        },
+    )
 
 
 def run_demo(settings: Settings, instance: dg.DagsterInstance | None = None) -> list[str]:
@@ -69,30 +101,47 @@ def run_demo(settings: Settings, instance: dg.DagsterInstance | None = None) -> 
     summary: list[str] = []
 
     symbols = landing_symbols(settings)
-    instance.add_dynamic_partitions(symbol_partitions.name, symbols)
-    summary.append(f"symbols registered: {', '.join(symbols)}")
+    known = set(instance.get_dynamic_partitions(symbol_partitions.name))
+    instance.add_dynamic_partitions(symbol_partitions.name, [s for s in symbols if s not in known])
+    symbols = list(instance.get_dynamic_partitions(symbol_partitions.name))
+    summary.append(f"symbols registered: {', '.join(sorted(symbols))}")
 
-    for source, curated_key in (
-        ("claims", keys.CLAIMS_BY_DISTRICT),
-        ("loan_book", keys.LOAN_BOOK),
-        ("loan_scenarios", keys.LOAN_SCENARIOS),
+    for source, bronze_key, curated_key in (
+        ("claims", keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT),
+        ("loan_book", keys.BRONZE_LOAN_BOOK, keys.LOAN_BOOK),
+        ("loan_scenarios", keys.BRONZE_LOAN_SCENARIOS, keys.LOAN_SCENARIOS),
     ):
         partitions = landing_partitions(settings, source)
-        bronze_key = {
-            "claims": keys.BRONZE_CLAIMS,
-            "loan_book": keys.BRONZE_LOAN_BOOK,
-            "loan_scenarios": keys.BRONZE_LOAN_SCENARIOS,
-        }[source]
         materialize_partitions(defs, instance, [bronze_key, curated_key], partitions)
-        summary.append(f"{curated_key.to_user_string()}: {len(partitions)} partition(s)")
+        summary.append(f"{curated_key.to_user_string()}: {', '.join(partitions)}")
 
     dates = landing_partitions(settings, "fx_ticks")
     materialize_partitions(defs, instance, [keys.BRONZE_FX_TICKS], dates)
-    materialize_partitions(
+    first, last = symbol_date_key(symbols[0], dates[0]), symbol_date_key(symbols[-1], dates[-1])
+    materialize_range(defs, instance, [keys.FX_SPREADS], first, last)
+    summary.append(f"curated/fx_spreads: {len(symbols)} symbols x {len(dates)} dates (one run)")
+
+    for month in landing_partitions(settings, "claims"):
+        materialize_partitions(
+            defs, instance, [keys.CREDIBILITY_POSTERIOR, keys.CREDIBILITY_TABLE], [month]
+        )
+    summary.append("gold/credibility_posterior + credibility_table: every claims month")
+
+    materialize_range(
+        defs, instance, [keys.FX_CHALLENGER_MODEL, keys.FX_CHAMPION_MODEL], symbols[0], symbols[-1]
+    )
+    summary.append(f"models/fx_challenger_model + fx_champion_model: {len(symbols)} symbols")
+    scored = dates[-3:]
+    materialize_range(
         defs,
         instance,
-        [keys.FX_SPREADS],
-        [symbol_date_key(s, d) for d in dates for s in symbols],
+        [keys.FX_ANOMALY_SCORES, keys.FX_MODEL_MONITOR],
+        symbol_date_key(symbols[0], scored[0]),
+        symbol_date_key(symbols[-1], scored[-1]),
     )
-    summary.append(f"curated/fx_spreads: {len(symbols)} symbols x {len(dates)} dates")
+    summary.append(f"gold/fx_anomaly_scores + fx_model_monitor: {scored[0]}..{scored[-1]}")
+
+    valuation_dates = landing_partitions(settings, "loan_book")
+    materialize_partitions(defs, instance, [keys.LOAN_LOSS_DISTRIBUTION], valuation_dates)
+    summary.append(f"gold/loan_loss_distribution: {', '.join(valuation_dates)}")
     return summary

@@ -8,6 +8,7 @@ libraries (or by ``dagster.EnvVar`` in resources) from their standard variables.
 """
 
 import functools
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -117,5 +118,8 @@ def ensure_dagster_home(settings: Settings) -> Path:
     settings.dagster_home.mkdir(parents=True, exist_ok=True)
     config = settings.dagster_home / "dagster.yaml"
     if not config.exists():
-        config.write_text(DAGSTER_YAML.format(base_dir=settings.dagster_home / "storage"))
+        # JSON string syntax is valid YAML: a quoted path survives spaces and ``#``
+        # (which would otherwise start a YAML comment and truncate the path)
+        base_dir = json.dumps(str(settings.dagster_home / "storage"))
+        config.write_text(DAGSTER_YAML.format(base_dir=base_dir))
     return settings.dagster_home

@@ -79,6 +79,18 @@ def read_claims_window(lake: LakeResource, month: str) -> pl.DataFrame:
     return frame.sort("month", "district")
 
 
+def district_periods(window: pl.DataFrame) -> pl.DataFrame | None:
+    """Per-month district frequencies for Bühlmann–Straub, or None with a single month.
+
+    With one month the within-district variance cannot be estimated from the data;
+    :func:`pipeline.domain.credibility.credibility_estimates` then takes it from the
+    Poisson assumption instead.
+    """
+    if window["month"].n_unique() < 2:
+        return None
+    return window.select("district", pl.col("month").alias("period"), "exposure", "claim_count")
+
+
 def claims_rule_failures(lake: LakeResource, month: str) -> list[str]:
     """The curated contract recomputed on the stored month (guard for later runs)."""
     stored = lake.read("curated", "claims_by_district", {"month": month})
@@ -139,7 +151,7 @@ def credibility_posterior(
     attrs = dict(idata.posterior.attrs)
     sigma_mean = float(idata.posterior["sigma_district"].mean())
     grand_mean_rate = float(stats["claim_count"].sum() / stats["exposure"].sum())
-    periods = window.select("district", pl.col("month").alias("period"), "exposure", "claim_count")
+    periods = district_periods(window)
     estimates = credibility.credibility_estimates(idata, stats, periods)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,7 +274,7 @@ def credibility_table(
     )
     window = read_claims_window(lake, month)
     stats = credibility.aggregate_district_stats(window.select(credibility.DISTRICT_COLUMNS))
-    periods = window.select("district", pl.col("month").alias("period"), "exposure", "claim_count")
+    periods = district_periods(window)
     with tempfile.TemporaryDirectory() as tmp:
         nc_path = Path(tmp) / "posterior.nc"
         nc_path.write_bytes(lake.read_bytes(posterior_uri(lake, month)))

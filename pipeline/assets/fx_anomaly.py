@@ -515,10 +515,49 @@ def fx_model_monitor(
     lake: LakeResource,
     tracking: TrackingResource,
 ) -> MaterializeResult:
-    """Measure the serving model on one day and revert it when it regressed."""
+    """Measure the serving model on each requested day; revert it when it regressed."""
+    rows = [
+        monitor_partition(context, config, lake, tracking, *split_symbol_date(key))
+        for key in sorted(context.partition_keys, key=lambda k: split_symbol_date(k)[::-1])
+    ]
+    table = pl.DataFrame(rows)
+    regressions = table.filter(pl.col("failures") != "")
+    metadata: dict = {
+        "partitions_monitored": table.height,
+        "regressions": regressions.height,
+        "monitor": MetadataValue.md(
+            markdown_table(
+                table.select("symbol", "date", "model_version", "anomaly_rate", "psi", "action"),
+                max_rows=40,
+            )
+        ),
+    }
+    if table.height == 1:
+        row = rows[0]
+        metadata.update(
+            {
+                k: row[k]
+                for k in ("model_version", "anomaly_rate", "promotion_anomaly_rate", "psi", "ks")
+            }
+        )
+        metadata["regression"] = MetadataValue.md(
+            "\n".join(f"- {f}" for f in row["failures"].split("\n") if f) or "_none_"
+        )
+        metadata["action"] = row["action"]
+    return MaterializeResult(metadata=metadata)
+
+
+def monitor_partition(
+    context: AssetExecutionContext,
+    config: MonitorConfig,
+    lake: LakeResource,
+    tracking: TrackingResource,
+    symbol: str,
+    date: str,
+) -> dict:
+    """KPI and drift of one (symbol, date), the revert if needed, and the stored row."""
     from pipeline.domain import fx_anomaly
 
-    symbol, date = split_symbol_date(context.partition_key)
     scores = lake.read("gold", "fx_anomaly_scores", {"symbol": symbol, "date": date})
     if scores.height == 0:
         raise Failure(f"fx_anomaly_scores {symbol} {date}: nothing scored to monitor")
@@ -549,36 +588,24 @@ def fx_model_monitor(
             reason="; ".join(failures),
             enabled=config.revert,
         )
-    row = pl.DataFrame(
-        [
-            {
-                "symbol": symbol,
-                "date": date,
-                "model_version": scored_version,
-                "anomaly_rate": rate,
-                "promotion_anomaly_rate": promotion_rate,
-                "psi": psi,
-                "ks": ks,
-                "max_rate_ratio": config.max_rate_ratio,
-                "max_psi": config.max_psi,
-                "failures": "\n".join(failures),
-                "action": action,
-                "dagster_run_id": context.run_id,
-            }
-        ]
+    row = {
+        "symbol": symbol,
+        "date": date,
+        "model_version": scored_version,
+        "anomaly_rate": rate,
+        "promotion_anomaly_rate": promotion_rate,
+        "psi": psi,
+        "ks": ks,
+        "max_rate_ratio": config.max_rate_ratio,
+        "max_psi": config.max_psi,
+        "failures": "\n".join(failures),
+        "action": action,
+        "dagster_run_id": context.run_id,
+    }
+    lake.overwrite_partition(
+        "gold", "fx_model_monitor", pl.DataFrame([row]), {"symbol": symbol, "date": date}
     )
-    lake.overwrite_partition("gold", "fx_model_monitor", row, {"symbol": symbol, "date": date})
-    return MaterializeResult(
-        metadata={
-            "model_version": scored_version,
-            "anomaly_rate": rate,
-            "promotion_anomaly_rate": promotion_rate,
-            "psi": psi,
-            "ks": ks,
-            "regression": MetadataValue.md("\n".join(f"- {f}" for f in failures) or "_none_"),
-            "action": action,
-        }
-    )
+    return row
 
 
 def revert_champion(

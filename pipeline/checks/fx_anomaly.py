@@ -84,25 +84,45 @@ def challenger_beats_champion(
 def champion_kpi_within_bounds(
     context: AssetCheckExecutionContext, lake: LakeResource
 ) -> AssetCheckResult:
-    """Show the monitor's verdict for the partition."""
-    symbol, date = split_symbol_date(context.partition_key)
-    row = lake.read("gold", "fx_model_monitor", {"symbol": symbol, "date": date})
-    if row.height == 0:
-        return AssetCheckResult(passed=False, description=f"{symbol} {date}: not monitored")
-    record = row.row(0, named=True)
-    failures = [f for f in record["failures"].split("\n") if f]
+    """Show the monitor's verdict for every partition of the run."""
+    rows, failed = [], []
+    for key in context.partition_keys:
+        symbol, date = split_symbol_date(key)
+        stored = lake.read("gold", "fx_model_monitor", {"symbol": symbol, "date": date})
+        if stored.height == 0:
+            failed.append(f"{symbol} {date}: not monitored")
+            continue
+        record = stored.row(0, named=True)
+        rows.append(record)
+        failed += [f"{symbol} {date}: {f}" for f in record["failures"].split("\n") if f]
+    metadata: dict = {"partitions_checked": len(context.partition_keys)}
+    if len(rows) == 1:
+        metadata.update(
+            {
+                k: rows[0][k]
+                for k in (
+                    "anomaly_rate",
+                    "promotion_anomaly_rate",
+                    "psi",
+                    "ks",
+                    "action",
+                    "model_version",
+                )
+            }
+        )
+    elif rows:
+        metadata["monitor"] = MetadataValue.md(
+            markdown_table(
+                pl.DataFrame(rows).select("symbol", "date", "anomaly_rate", "psi", "action")
+            )
+        )
+    actions = sorted({r["action"] for r in rows if r["action"] != "none"})
     return AssetCheckResult(
-        passed=not failures,
+        passed=not failed,
         severity=AssetCheckSeverity.ERROR,
-        description=("; ".join(failures) or "within bounds") + f" (action: {record['action']})",
-        metadata={
-            "anomaly_rate": record["anomaly_rate"],
-            "promotion_anomaly_rate": record["promotion_anomaly_rate"],
-            "psi": record["psi"],
-            "ks": record["ks"],
-            "action": record["action"],
-            "model_version": record["model_version"],
-        },
+        description=("; ".join(failed) or "within bounds")[:450]
+        + (f" (actions: {', '.join(actions)})" if actions else ""),
+        metadata=metadata,
     )
 
 

@@ -50,8 +50,23 @@ def check_record_failures(
             detail = f" ({evaluation.description})" if evaluation and evaluation.description else ""
             failures.append(f"{label} failed{where} in run {record.run_id}{detail}")
         elif record.status == AssetCheckExecutionRecordStatus.PLANNED:
-            failures.append(f"{label} did not complete{where} in run {record.run_id}")
+            # A run over a partition range (single-run backfill) plans one evaluation per
+            # partition but records the result without a partition: use that result.
+            outcome = _range_run_outcome(storage, check_key, record.run_id)
+            if outcome is None:
+                failures.append(f"{label} did not complete{where} in run {record.run_id}")
+            elif outcome == AssetCheckExecutionRecordStatus.FAILED:
+                failures.append(f"{label} failed{where} in range run {record.run_id}")
     return failures
+
+
+def _range_run_outcome(storage, check_key: AssetCheckKey, run_id: str):
+    """Status of the unpartitioned evaluation a range run recorded, if any."""
+    for record in storage.get_asset_check_execution_history(check_key, limit=20):
+        if record.run_id == run_id and record.partition is None:
+            if record.status != AssetCheckExecutionRecordStatus.PLANNED:
+                return record.status
+    return None
 
 
 def require_gate(

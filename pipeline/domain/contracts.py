@@ -104,10 +104,42 @@ def _finite(col: str) -> pl.Expr:
     return pl.col(col).is_finite()
 
 
+def _not_nan(*cols: str) -> pl.Expr:
+    """True where none of ``cols`` is NaN.
+
+    polars orders NaN above every number, so ``NaN > ask`` or ``pd > 1`` is true;
+    range rules are ANDed with this so a NaN row is quarantined for being NaN,
+    not also for a comparison it did not fail.
+    """
+    return pl.all_horizontal([~pl.col(c).is_nan() for c in cols])
+
+
+_NAIVE_DATETIME_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d")
+_OFFSET_DATETIME_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
+
+
+def _parse_utc_datetime(raw: pl.Expr) -> pl.Expr:
+    """Parse ISO-8601 text to naive UTC microseconds, row by row.
+
+    Explicit formats instead of polars' inference: inference picks one format
+    from the first parseable value, so a file whose first tick carries ``Z`` or
+    ``+02:00`` would turn the whole column tz-aware (breaking the table schema)
+    and null every naive row. Offsets are converted to UTC, then dropped.
+    """
+    naive = [raw.str.to_datetime(f, time_unit="us", strict=False) for f in _NAIVE_DATETIME_FORMATS]
+    offset = [
+        raw.str.to_datetime(f, time_unit="us", time_zone="UTC", strict=False).dt.replace_time_zone(
+            None
+        )
+        for f in _OFFSET_DATETIME_FORMATS
+    ]
+    return pl.coalesce([*naive, *offset])
+
+
 def _cast(col: str, dtype: pl.DataType) -> pl.Expr:
     raw = pl.col(col).str.strip_chars()
     if dtype == pl.Datetime("us"):
-        return raw.str.to_datetime(time_unit="us", strict=False).alias(col)
+        return _parse_utc_datetime(raw).alias(col)
     if dtype == pl.Date:
         return raw.str.to_date(strict=False).alias(col)
     return raw.cast(dtype, strict=False).alias(col)
@@ -328,7 +360,10 @@ def fx_ticks_contract(date: str) -> Contract:
                 lambda: ~(_finite("bid") & _finite("ask")),
             ),
             RowRule("bid or ask <= 0", lambda: (pl.col("bid") <= 0) | (pl.col("ask") <= 0)),
-            RowRule("bid > ask", lambda: pl.col("bid") > pl.col("ask")),
+            RowRule(
+                "bid > ask",
+                lambda: (pl.col("bid") > pl.col("ask")) & _not_nan("bid", "ask"),
+            ),
             RowRule(
                 f"ts is not on the partition date {date}",
                 lambda: pl.col("ts").dt.date().cast(pl.String) != date,
@@ -364,8 +399,14 @@ def loan_book_contract(valuation_date: str) -> Contract:
                 lambda: ~(_finite("ead") & _finite("pd") & _finite("lgd") & _finite("rate")),
             ),
             RowRule("ead < 0", lambda: pl.col("ead") < 0),
-            RowRule("pd outside [0, 1]", lambda: (pl.col("pd") < 0) | (pl.col("pd") > 1)),
-            RowRule("lgd outside [0, 1]", lambda: (pl.col("lgd") < 0) | (pl.col("lgd") > 1)),
+            RowRule(
+                "pd outside [0, 1]",
+                lambda: ((pl.col("pd") < 0) | (pl.col("pd") > 1)) & _not_nan("pd"),
+            ),
+            RowRule(
+                "lgd outside [0, 1]",
+                lambda: ((pl.col("lgd") < 0) | (pl.col("lgd") > 1)) & _not_nan("lgd"),
+            ),
             RowRule(
                 f"segment not one of {', '.join(LOAN_SEGMENTS)}",
                 lambda: ~pl.col("segment").is_in(LOAN_SEGMENTS),
@@ -393,7 +434,10 @@ def loan_scenarios_contract(valuation_date: str) -> Contract:
             RowRule("pd_multiplier < 0", lambda: pl.col("pd_multiplier") < 0),
             RowRule(
                 "asset_correlation outside [0, 1)",
-                lambda: (pl.col("asset_correlation") < 0) | (pl.col("asset_correlation") >= 1),
+                lambda: (
+                    ((pl.col("asset_correlation") < 0) | (pl.col("asset_correlation") >= 1))
+                    & _not_nan("asset_correlation")
+                ),
             ),
             RowRule(
                 "scenario is not [a-z0-9_]{1,40}",

@@ -210,11 +210,17 @@ def write_demo_landing(
     fx_dates: tuple[str, ...] = FX_DATES,
     claims_months: tuple[str, ...] = CLAIMS_MONTHS,
     valuation_dates: tuple[str, ...] = VALUATION_DATES,
+    inject_defects: bool = True,
 ) -> list[Path]:
     """Write every demo drop and its truth under ``landing_dir``.
 
     Files are written to a temporary name and renamed, so a sensor never sees a
     half-written drop. Returns the data files written (truth files excluded).
+
+    With ``inject_defects`` the first claims month and the first FX day carry the
+    defects real drops have (negative and unparseable exposure, a re-sent policy
+    row, crossed quotes), so the quarantine has something to show; the list is
+    saved as ``_truth/injected_defects.json``.
     """
     written: list[Path] = []
     truth_dir = landing_dir / "_truth"
@@ -225,13 +231,20 @@ def write_demo_landing(
         json.dumps({"mu": truth.mu, "sigma": truth.sigma, "seed": seed}, indent=2)
     )
     truth.district_rates.write_csv(truth_dir / "claims_district_rates.csv")
-    for month in claims_months:
+    defects: list[dict] = []
+    for i, month in enumerate(claims_months):
         frame = generate_claims(month, truth, n_policies=n_policies, seed=seed)
+        if inject_defects and i == 0:
+            frame, found = _claims_defects(frame)
+            defects += [{"file": f"claims/claims_{month}.csv", **d} for d in found]
         written.append(_atomic_write(frame, landing_dir / "claims" / f"claims_{month}.csv"))
 
     labels = []
-    for date in fx_dates:
+    for i, date in enumerate(fx_dates):
         ticks, day_labels = generate_fx_ticks(date, ticks_per_symbol=ticks_per_symbol, seed=seed)
+        if inject_defects and i == 0:
+            ticks, found = _crossed_quotes(ticks, day_labels)
+            defects += [{"file": f"fx_ticks/fx_ticks_{date}.parquet", **d} for d in found]
         labels.append(day_labels)
         written.append(_atomic_write(ticks, landing_dir / "fx_ticks" / f"fx_ticks_{date}.parquet"))
     if labels:
@@ -248,7 +261,40 @@ def write_demo_landing(
                 landing_dir / "loan_scenarios" / f"loan_scenarios_{valuation_date}.csv",
             )
         )
+    (truth_dir / "injected_defects.json").write_text(json.dumps(defects, indent=2))
     return written
+
+
+def _claims_defects(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[dict]]:
+    """Negative and unparseable exposure, and one policy delivered twice."""
+    as_text = frame.with_columns(pl.col("exposure").cast(pl.String))
+    exposure = as_text["exposure"].to_list()
+    exposure[10], exposure[20], exposure[30] = "-0.5", "-1.25", "n/a"
+    as_text = as_text.with_columns(pl.Series("exposure", exposure))
+    resent = as_text.slice(40, 1)
+    out = pl.concat([as_text, resent])
+    return out, [
+        {"row": 11, "defect": "negative exposure"},
+        {"row": 21, "defect": "negative exposure"},
+        {"row": 31, "defect": "unparseable exposure"},
+        {"row": out.height, "defect": "duplicate of row 41"},
+    ]
+
+
+def _crossed_quotes(ticks: pl.DataFrame, labels: pl.DataFrame) -> tuple[pl.DataFrame, list[dict]]:
+    """Three crossed quotes (bid above ask) on normal ticks of the first symbol."""
+    first = ticks["symbol"][0]
+    anomalous = set(labels.filter(pl.col("symbol") == first)["ts"].to_list())
+    rows = [
+        i
+        for i, (sym, ts) in enumerate(zip(ticks["symbol"], ticks["ts"], strict=True))
+        if sym == first and ts not in anomalous
+    ][100:103]
+    bid, ask = ticks["bid"].to_list(), ticks["ask"].to_list()
+    for i in rows:
+        bid[i], ask[i] = ask[i], bid[i]
+    out = ticks.with_columns(pl.Series("bid", bid), pl.Series("ask", ask))
+    return out, [{"row": i + 1, "defect": "bid > ask"} for i in rows]
 
 
 def _atomic_write(frame: pl.DataFrame, path: Path) -> Path:

@@ -76,12 +76,7 @@ def read_as_text(path: Path) -> pl.DataFrame:
         elif path.suffix == ".parquet":
             frame = pl.read_parquet(path)
             frame = frame.with_columns(
-                [
-                    pl.col(c).dt.strftime("%Y-%m-%dT%H:%M:%S%.6f")
-                    if isinstance(t, pl.Datetime)
-                    else pl.col(c).cast(pl.String)
-                    for c, t in frame.schema.items()
-                ]
+                [_parquet_column_as_text(c, t) for c, t in frame.schema.items()]
             )
         else:
             raise LandingFileError(f"{path}: unsupported file type {path.suffix!r}")
@@ -92,3 +87,18 @@ def read_as_text(path: Path) -> pl.DataFrame:
     if frame.width == 0:
         raise LandingFileError(f"{path}: no columns")
     return frame
+
+
+def _parquet_column_as_text(col: str, dtype: pl.DataType) -> pl.Expr:
+    """Text form of one typed Parquet column.
+
+    Timestamps are written as naive ISO-8601 UTC: a tz-aware column is converted
+    to UTC first, otherwise ``strftime`` would print local wall-clock time and a
+    tick at 01:30 Paris time would land on the wrong UTC date.
+    """
+    if isinstance(dtype, pl.Datetime):
+        expr = pl.col(col)
+        if dtype.time_zone is not None:
+            expr = expr.dt.convert_time_zone("UTC")
+        return expr.dt.strftime("%Y-%m-%dT%H:%M:%S%.6f")
+    return pl.col(col).cast(pl.String)

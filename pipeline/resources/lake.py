@@ -19,6 +19,7 @@ from pydantic import Field
 LAYERS = ("bronze", "curated", "quarantine", "gold")
 _TABLE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _PREDICATE_VALUE = re.compile(r"^[A-Za-z0-9_.:\- |]{1,64}$")
+_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 class LakeError(ValueError):
@@ -121,7 +122,11 @@ class LakeResource(ConfigurableResource):
         if not partition:
             raise LakeError(f"{layer}/{table}: overwrite_partition needs partition values")
         for col, value in partition.items():
-            if not _PREDICATE_VALUE.match(value):
+            # the column name and value are pasted into the predicate and become a
+            # folder name ``col=value``: neither may carry quotes, operators or ``..``
+            if not _COLUMN.match(col):
+                raise LakeError(f"{layer}/{table}: partition column {col!r} is not safe")
+            if not _PREDICATE_VALUE.match(value) or ".." in value:
                 raise LakeError(f"{layer}/{table}: partition value {value!r} is not safe")
             if col not in frame.columns:
                 raise LakeError(f"{layer}/{table}: frame lacks partition column {col!r}")

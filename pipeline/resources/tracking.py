@@ -15,6 +15,7 @@ from typing import Any
 from dagster import ConfigurableResource
 
 _SAFE_SYMBOL = re.compile(r"^[A-Z0-9]{3,12}$")
+_UC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 DAGSTER_RUN_TAG = "dagster.run_id"
 DAGSTER_ASSET_TAG = "dagster.asset_key"
@@ -118,6 +119,11 @@ class TrackingResource(ConfigurableResource):
             raise TrackingError(f"symbol {symbol!r} is not a normalised partition key")
         base = f"fx_spread_{symbol.lower()}"
         if self.uc_catalog and self.uc_schema:
+            # the resource can be built without Settings (tests, notebooks), so the
+            # catalog and schema are validated again before they reach the registry
+            for label, value in (("catalog", self.uc_catalog), ("schema", self.uc_schema)):
+                if not _UC_NAME.match(value):
+                    raise TrackingError(f"Unity Catalog {label} {value!r} is not an identifier")
             return f"{self.uc_catalog}.{self.uc_schema}.{base}"
         return base
 

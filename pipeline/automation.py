@@ -1,0 +1,555 @@
+"""Sensors, schedules, automation conditions, retry policies and pools.
+
+How work is triggered, in one place:
+
+* **Landing sensors** (one per source) watch ``$PIPELINE_HOME/landing/<source>``.
+  A file is *new or changed* when its ``(mtime_ns, size)`` differs from what the
+  sensor's cursor remembers, and a run is requested only for the partition named
+  in the file name. Claims and loan files share a partitions definition with
+  their curated table, so one run ingests bronze and publishes curated, with the
+  checks in between. FX tick files register their symbols as dynamic partitions
+  and request the bronze day only: ``curated/fx_spreads`` is partitioned by
+  symbol × date, and Dagster cannot put two partitions definitions in one run.
+* **fx_spreads_from_bronze** follows the bronze FX day: once a bronze partition
+  has been materialised *and its blocking checks passed in that run*, it requests
+  each ``(symbol, date)`` partition of ``curated/fx_spreads`` present in that day.
+  Requesting both from the landing sensor would race (the curated run can start
+  before bronze is written) and would bypass the bronze gate.
+* **automation** is the declarative-automation sensor: it evaluates every asset's
+  ``automation_condition`` (e.g. :func:`gated_eager` on model assets).
+* **Schedules**: the credibility model monthly (for the month that closed), FX
+  scoring and monitoring daily (for yesterday, every registered symbol). Both are
+  built from the targets' partitions, so a schedule tick names its partition.
+
+Sensors and schedules are ``RUNNING`` by default: ``dagster dev`` (``make dev``) picks up
+drops without a click, which is also what the end-to-end test relies on. They
+skip partitions that were already ingested after the file last changed, so
+starting the UI after ``make demo`` does not redo the demo's work.
+"""
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    AssetSelection,
+    AutomationCondition,
+    AutomationConditionSensorDefinition,
+    Backoff,
+    DagsterInstance,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    EventLogRecord,
+    Failure,
+    Jitter,
+    PartitionsDefinition,
+    RetryPolicy,
+    RunRequest,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    build_schedule_from_partitioned_job,
+    define_asset_job,
+    sensor,
+)
+from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+from pipeline import keys
+from pipeline.assets.ingest import BRONZE_PARTITION_COLUMN, SOURCES
+from pipeline.domain.contracts import try_normalise_symbol
+from pipeline.domain.errors import DomainError
+from pipeline.domain.landing import partition_key_of
+from pipeline.partitions import symbol_date_key, symbol_partitions
+from pipeline.resources.lake import LakeResource
+from pipeline.resources.landing import LandingResource
+from pipeline.settings import SettingsError
+
+# --- knobs ---------------------------------------------------------------------------
+
+SENSOR_INTERVAL_ENV = "PIPELINE_SENSOR_INTERVAL_S"
+DEFAULT_SENSOR_INTERVAL_S = 30
+
+MODEL_POOL = "model_training"
+"""Pool of heavy model assets (``@asset(pool=MODEL_POOL)``).
+
+``dagster.yaml`` (written by :func:`pipeline.settings.ensure_dagster_home`) sets
+``concurrency.pools.default_limit: 1``, so two samplers never fight for a
+laptop's cores; raise it with ``dagster instance concurrency set model_training N``.
+"""
+
+model_retry_policy = RetryPolicy(
+    max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+)
+"""Retries for transient failures of model assets (MLflow or storage unreachable).
+
+Delays are ``(2**n - 1) * 5 s ± 5 s``: about 0-10 s, 10-20 s and 30-40 s, so a
+restarting tracking server or a throttled object store gets a minute to recover.
+Dagster retries *every* exception under a policy; deterministic failures must not
+be retried, which is why gates raise ``Failure(allow_retries=False)`` and model
+bodies wrap domain code in :func:`domain_errors_are_final`.
+"""
+
+
+def sensor_interval_seconds(environ: Mapping[str, str] | None = None) -> int:
+    """Minimum seconds between two evaluations of each sensor.
+
+    ``PIPELINE_SENSOR_INTERVAL_S`` (default 30) lets tests and demos react faster
+    without changing code.
+
+    Raises
+    ------
+    SettingsError
+        When the variable is not a whole number of seconds between 1 and 86400.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(SENSOR_INTERVAL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SENSOR_INTERVAL_S
+    if not raw.isdigit() or not 1 <= int(raw) <= 86_400:
+        raise SettingsError(f"{SENSOR_INTERVAL_ENV}={raw!r} is not a whole number in [1, 86400]")
+    return int(raw)
+
+
+# --- automation conditions and failure policy ----------------------------------------
+
+
+def gated_eager() -> AutomationCondition:
+    """Eager materialisation that never requests a partition behind a failed gate.
+
+    ``eager()`` fires when an upstream partition updates; the extra term holds the
+    request until every *blocking* check on every upstream asset passed for the
+    mapped partition (or is requested in the same tick, in which case the run
+    itself stops at the failing check). Without it, the daemon would launch a
+    run only for the asset's own guard to refuse it.
+    """
+    return (
+        AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
+    ).with_label("gated_eager")
+
+
+@contextmanager
+def domain_errors_are_final() -> Iterator[None]:
+    """Turn a :class:`~pipeline.domain.errors.DomainError` into a non-retried failure.
+
+    A domain error (a contract breach, a diverged sampler, an invalid partition)
+    fails the same way on every attempt; retrying it under
+    :data:`model_retry_policy` only delays the message. Anything else (network,
+    storage) propagates unchanged and is retried.
+
+    Raises
+    ------
+    Failure
+        With ``allow_retries=False`` and the domain error's message.
+    """
+    try:
+        yield
+    except DomainError as exc:
+        raise Failure(
+            description=f"{type(exc).__name__}: {exc}",
+            allow_retries=False,
+        ) from exc
+
+
+# --- landing sensors -----------------------------------------------------------------
+
+FileSignature = tuple[int, int]
+
+
+class SensorCursorError(ValueError):
+    """A sensor cursor cannot be decoded (written by an incompatible version)."""
+
+
+def decode_file_cursor(cursor: str | None) -> dict[str, FileSignature]:
+    """Decode a landing cursor: file name -> ``(mtime_ns, size)``.
+
+    Raises
+    ------
+    SensorCursorError
+        When the cursor is not the JSON object this module writes.
+    """
+    if not cursor:
+        return {}
+    try:
+        raw = json.loads(cursor)
+        return {str(name): (int(sig[0]), int(sig[1])) for name, sig in raw.items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise SensorCursorError(
+            f"landing sensor cursor {cursor[:200]!r} is not a JSON object of "
+            f"file name -> [mtime_ns, size]; reset the cursor in the UI"
+        ) from exc
+
+
+def encode_file_cursor(files: Mapping[str, FileSignature]) -> str:
+    """Encode a landing cursor deterministically (sorted keys, no spaces)."""
+    return json.dumps(
+        {name: list(sig) for name, sig in sorted(files.items())}, separators=(",", ":")
+    )
+
+
+def scan_landing(folder: Path, source: str) -> dict[str, FileSignature]:
+    """Signatures of the delivered files of ``source`` in ``folder``.
+
+    Only names that :func:`~pipeline.domain.landing.partition_key_of` maps to
+    ``source`` count, so temporary ``.name.tmp`` files of a drop in progress and
+    stray files are never ingested.
+    """
+    if not folder.is_dir():
+        return {}
+    found: dict[str, FileSignature] = {}
+    for path in folder.iterdir():
+        parsed = partition_key_of(path)
+        if parsed is None or parsed[0] != source or not path.is_file():
+            continue
+        stat = path.stat()
+        found[path.name] = (stat.st_mtime_ns, stat.st_size)
+    return found
+
+
+def landing_run_key(source: str, partition_key: str, files: Mapping[str, FileSignature]) -> str:
+    """Run key of one ingestion: the source, partition and every changed file's signature.
+
+    The same delivery always yields the same key, so Dagster itself drops a
+    duplicate request even if a cursor is lost or reset.
+    """
+    parts = [f"{name}@{mtime}:{size}" for name, (mtime, size) in sorted(files.items())]
+    return f"{source}:{partition_key}:" + "+".join(parts)
+
+
+def read_landing_symbols(path: Path) -> list[str]:
+    """Distinct raw ``symbol`` values of one FX tick file (only that column is read)."""
+    import polars as pl
+
+    if path.suffix == ".parquet":
+        column = pl.read_parquet(path, columns=["symbol"])["symbol"]
+    else:
+        column = pl.read_csv(path, columns=["symbol"], infer_schema=False)["symbol"]
+    return sorted({str(v) for v in column.drop_nulls().unique().to_list()})
+
+
+def normalise_symbols(raw: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split raw symbols into ``(valid partition keys, invalid raw values)``."""
+    valid, invalid = set(), set()
+    for value in raw:
+        symbol = try_normalise_symbol(value)
+        if symbol is None:
+            invalid.add(value)
+        else:
+            valid.add(symbol)
+    return sorted(valid), sorted(invalid)
+
+
+def latest_materialization(
+    instance: DagsterInstance, asset_key: AssetKey, partition_key: str
+) -> EventLogRecord | None:
+    """The newest materialisation record of one asset partition, if any."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition_key]), limit=1
+    ).records
+    return records[0] if records else None
+
+
+@dataclass(frozen=True)
+class LandingTarget:
+    """What a landing sensor requests for one source."""
+
+    source: str
+    bronze: AssetKey
+    curated: AssetKey | None  # None when curated has another partitions definition
+    partitions_def: PartitionsDefinition
+
+    @property
+    def assets(self) -> list[AssetKey]:
+        """Assets materialised by one run of this source."""
+        return [self.bronze] if self.curated is None else [self.bronze, self.curated]
+
+
+LANDING_TARGETS = {
+    "claims": LandingTarget(
+        "claims", keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT, SOURCES["claims"].partitions_def
+    ),
+    "fx_ticks": LandingTarget(
+        "fx_ticks", keys.BRONZE_FX_TICKS, None, SOURCES["fx_ticks"].partitions_def
+    ),
+    "loan_book": LandingTarget(
+        "loan_book", keys.BRONZE_LOAN_BOOK, keys.LOAN_BOOK, SOURCES["loan_book"].partitions_def
+    ),
+    "loan_scenarios": LandingTarget(
+        "loan_scenarios",
+        keys.BRONZE_LOAN_SCENARIOS,
+        keys.LOAN_SCENARIOS,
+        SOURCES["loan_scenarios"].partitions_def,
+    ),
+}
+
+
+def evaluate_landing(
+    context: SensorEvaluationContext, landing_root: Path, target: LandingTarget
+) -> SensorResult:
+    """One evaluation of a landing sensor (see :func:`build_landing_sensor`)."""
+    seen = decode_file_cursor(context.cursor)
+    current = scan_landing(landing_root / target.source, target.source)
+    changed = {name: sig for name, sig in current.items() if seen.get(name) != sig}
+    next_cursor = dict(current)
+
+    by_partition: dict[str, dict[str, FileSignature]] = {}
+    for name, sig in sorted(changed.items()):
+        parsed = partition_key_of(Path(name))
+        partition_key = parsed[1] if parsed else ""
+        if not target.partitions_def.has_partition_key(partition_key):
+            # Not remembered: once the partition exists (a future date), it is picked up.
+            context.log.warning(
+                f"{target.source}: {name} names partition {partition_key!r}, which is not a "
+                f"partition of {target.bronze.to_user_string()}; not ingested yet"
+            )
+            next_cursor.pop(name)
+            continue
+        by_partition.setdefault(partition_key, {})[name] = sig
+
+    run_requests: list[RunRequest] = []
+    raw_symbols: set[str] = set()
+    for partition_key, files in sorted(by_partition.items()):
+        newest_ns = max(mtime for mtime, _ in files.values())
+        ingested = latest_materialization(context.instance, target.bronze, partition_key)
+        if ingested is not None and ingested.timestamp * 1e9 > newest_ns:
+            context.log.info(
+                f"{target.source} {partition_key}: already ingested by run {ingested.run_id} "
+                f"after {', '.join(sorted(files))} last changed"
+            )
+            continue
+        if target.source == "fx_ticks":
+            for name in files:
+                raw_symbols.update(read_landing_symbols(landing_root / target.source / name))
+        run_requests.append(
+            RunRequest(
+                run_key=landing_run_key(target.source, partition_key, files),
+                asset_selection=target.assets,
+                partition_key=partition_key,
+                tags={"pipeline/trigger": f"landing:{target.source}"},
+            )
+        )
+
+    partition_requests = []
+    if raw_symbols:
+        valid, invalid = normalise_symbols(raw_symbols)
+        if invalid:
+            context.log.warning(
+                f"fx_ticks: symbols {invalid} do not normalise to [A-Z0-9]{{3,12}}; not "
+                f"registered (their rows are quarantined when the day is curated)"
+            )
+        known = set(context.instance.get_dynamic_partitions(symbol_partitions.name))
+        new = [s for s in valid if s not in known]
+        if new:
+            context.log.info(f"fx_ticks: registering new symbols {new}")
+            partition_requests.append(symbol_partitions.build_add_request(new))
+
+    cursor = encode_file_cursor(next_cursor)
+    if not run_requests and not partition_requests:
+        return SensorResult(
+            skip_reason=SkipReason(f"no new or changed {target.source} files to ingest"),
+            cursor=cursor,
+        )
+    return SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=partition_requests,
+        cursor=cursor,
+    )
+
+
+def build_landing_sensor(target: LandingTarget) -> SensorDefinition:
+    """A cursor-based sensor over one landing folder.
+
+    Each new or changed file requests one run of its partition, keyed by
+    :func:`landing_run_key`. Re-evaluating with the same cursor requests nothing.
+    """
+
+    @sensor(
+        name=f"{target.source}_landing",
+        target=AssetSelection.assets(*target.assets),
+        minimum_interval_seconds=sensor_interval_seconds(),
+        default_status=DefaultSensorStatus.RUNNING,
+        description=(
+            f"Ingests new or changed files under landing/{target.source}: "
+            + ", ".join(k.to_user_string() for k in target.assets)
+            + " for the partition named in the file name."
+        ),
+    )
+    def landing_sensor(context: SensorEvaluationContext, landing: LandingResource) -> SensorResult:
+        return evaluate_landing(context, landing.root, target)
+
+    return landing_sensor
+
+
+landing_sensors = [build_landing_sensor(target) for target in LANDING_TARGETS.values()]
+
+
+# --- fx_spreads follows bronze FX days ----------------------------------------------
+
+BRONZE_FX_GATE = (keys.CHECK_FILE_SCHEMA,)
+
+
+def bronze_gate_status(
+    instance: DagsterInstance, record: EventLogRecord, check_names: Iterable[str]
+) -> tuple[str, str]:
+    """Whether the blocking checks passed on the run that wrote ``record``.
+
+    Returns
+    -------
+    tuple of (status, reason)
+        ``status`` is ``"passed"``, ``"failed"`` or ``"pending"`` (the run is still
+        going and a check has not been evaluated yet).
+    """
+    partition_key = record.partition_key
+    check_keys = [keys.check_key(keys.BRONZE_FX_TICKS, name) for name in check_names]
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        check_keys, partition_filter=PartitionKeyFilter(key=partition_key)
+    )
+    run = instance.get_run_by_id(record.run_id)
+    run_finished = run is None or run.is_finished
+    for check_key in check_keys:
+        evaluation = latest.get(check_key)
+        label = f"{check_key.name} on {partition_key}"
+        if evaluation is None or evaluation.run_id != record.run_id:
+            if not run_finished:
+                return "pending", f"{label} not evaluated yet in run {record.run_id}"
+            return "failed", f"{label} was not evaluated in run {record.run_id}"
+        if evaluation.status == AssetCheckExecutionRecordStatus.PLANNED:
+            if not run_finished:
+                return "pending", f"{label} is running in run {record.run_id}"
+            return "failed", f"{label} did not complete in run {record.run_id}"
+        if evaluation.status != AssetCheckExecutionRecordStatus.SUCCEEDED:
+            return "failed", f"{label} failed in run {record.run_id}"
+    return "passed", "all blocking checks passed"
+
+
+def evaluate_fx_spreads(context: SensorEvaluationContext, lake: LakeResource) -> SensorResult:
+    """One evaluation of :data:`fx_spreads_sensor`."""
+    after = int(context.cursor) if context.cursor else None
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=keys.BRONZE_FX_TICKS, after_storage_id=after),
+        limit=100,
+        ascending=True,
+    ).records
+    cursor = after
+    latest_by_date: dict[str, EventLogRecord] = {}
+    for record in records:
+        status, reason = bronze_gate_status(context.instance, record, BRONZE_FX_GATE)
+        if status == "pending":
+            context.log.info(f"bronze fx_ticks {record.partition_key}: waiting, {reason}")
+            break  # keep the cursor before this record and look again next tick
+        cursor = record.storage_id
+        if status == "failed":
+            context.log.warning(f"bronze fx_ticks {record.partition_key}: gate closed, {reason}")
+            latest_by_date.pop(str(record.partition_key), None)
+            continue
+        latest_by_date[str(record.partition_key)] = record
+
+    run_requests: list[RunRequest] = []
+    all_symbols: set[str] = set()
+    for date, record in sorted(latest_by_date.items()):
+        raw = lake.read("bronze", "fx_ticks", {BRONZE_PARTITION_COLUMN: date}, columns=["symbol"])
+        symbols, invalid = normalise_symbols(
+            [] if raw.height == 0 else raw["symbol"].drop_nulls().unique().to_list()
+        )
+        if invalid:
+            context.log.warning(f"fx_ticks {date}: invalid symbols {invalid} are quarantined")
+        for symbol in symbols:
+            partition_key = symbol_date_key(symbol, date)
+            curated = latest_materialization(context.instance, keys.FX_SPREADS, str(partition_key))
+            if curated is not None and curated.storage_id > record.storage_id:
+                continue  # already curated from this bronze version (e.g. by a backfill)
+            all_symbols.add(symbol)
+            run_requests.append(
+                RunRequest(
+                    run_key=f"fx_spreads:{partition_key}:bronze@{record.storage_id}",
+                    asset_selection=[keys.FX_SPREADS],
+                    partition_key=partition_key,
+                    tags={"pipeline/trigger": "bronze:fx_ticks"},
+                )
+            )
+    known = set(context.instance.get_dynamic_partitions(symbol_partitions.name))
+    new = sorted(all_symbols - known)
+    new_cursor = None if cursor is None else str(cursor)
+    if not run_requests:
+        return SensorResult(
+            skip_reason=SkipReason("no newly ingested FX day with passing checks"),
+            cursor=new_cursor,
+        )
+    return SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[symbol_partitions.build_add_request(new)] if new else [],
+        cursor=new_cursor,
+    )
+
+
+@sensor(
+    name="fx_spreads_from_bronze",
+    target=AssetSelection.assets(keys.FX_SPREADS),
+    minimum_interval_seconds=sensor_interval_seconds(),
+    default_status=DefaultSensorStatus.RUNNING,
+    description=(
+        "Curates each (symbol, date) of a bronze FX day once that day is ingested and "
+        "its blocking checks passed; skips partitions already curated from that version."
+    ),
+)
+def fx_spreads_sensor(context: SensorEvaluationContext, lake: LakeResource) -> SensorResult:
+    """Request ``curated/fx_spreads`` partitions for newly ingested bronze FX days."""
+    return evaluate_fx_spreads(context, lake)
+
+
+automation_sensor = AutomationConditionSensorDefinition(
+    "automation",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=sensor_interval_seconds(),
+    description="Evaluates every asset's automation condition (e.g. gated_eager on models).",
+)
+
+sensors = [*landing_sensors, fx_spreads_sensor, automation_sensor]
+
+
+# --- schedules -----------------------------------------------------------------------
+
+credibility_job = define_asset_job(
+    "credibility_monthly",
+    selection=AssetSelection.assets(keys.CREDIBILITY_POSTERIOR, keys.CREDIBILITY_TABLE),
+    description="Fit the credibility posterior of one month and publish its table.",
+)
+credibility_schedule = build_schedule_from_partitioned_job(
+    credibility_job,
+    name="credibility_monthly_schedule",
+    day_of_month=5,
+    hour_of_day=6,
+    minute_of_hour=0,
+    default_status=DefaultScheduleStatus.RUNNING,
+    description=(
+        "On the 5th at 06:00 UTC, refits the month that just closed: late claims "
+        "deliveries of the first days are in, and the landing sensor has curated them."
+    ),
+)
+
+fx_daily_job = define_asset_job(
+    "fx_scoring_daily",
+    selection=AssetSelection.assets(keys.FX_ANOMALY_SCORES, keys.FX_MODEL_MONITOR),
+    description="Score one (symbol, date) with its champion, then monitor KPI and drift.",
+)
+fx_daily_schedule = build_schedule_from_partitioned_job(
+    fx_daily_job,
+    name="fx_scoring_daily_schedule",
+    hour_of_day=6,
+    minute_of_hour=0,
+    default_status=DefaultScheduleStatus.RUNNING,
+    description=(
+        "At 06:00 UTC, scores yesterday's ticks of every registered symbol and runs the "
+        "champion monitor on them (one run per symbol)."
+    ),
+)
+
+jobs = [credibility_job, fx_daily_job]
+schedules = [credibility_schedule, fx_daily_schedule]
