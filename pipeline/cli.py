@@ -140,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev_parser.add_argument("--dagster-port", type=int, default=3000)
     dev_parser.add_argument("--mlflow-port", type=int, default=5000)
     sub.add_parser("reset", help="delete PIPELINE_HOME (lake, landing, MLflow, Dagster state)")
+    graph = sub.add_parser("graph", help="print the asset graph as Mermaid")
+    graph.add_argument("--update-readme", metavar="PATH", help="rewrite the graph block of PATH")
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.command == "seed-landing":
@@ -148,6 +150,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo(settings)
     elif args.command == "dev":
         return dev(settings, dagster_port=args.dagster_port, mlflow_port=args.mlflow_port)
+    elif args.command == "graph":
+        from pathlib import Path
+
+        from pipeline.definitions import defs
+        from pipeline.graph_doc import asset_graph_mermaid, readme_with_graph
+
+        mermaid = asset_graph_mermaid(defs)
+        if args.update_readme:
+            path = Path(args.update_readme)
+            path.write_text(readme_with_graph(path.read_text(), mermaid))
+        else:
+            print(mermaid)
     elif args.command == "reset":
         shutil.rmtree(settings.home, ignore_errors=True)
         print(f"removed {settings.home}")

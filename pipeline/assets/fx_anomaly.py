@@ -508,6 +508,7 @@ def reference_spreads(tracking: TrackingResource, run_id: str) -> np.ndarray:
         "`previous_champion` and records the event."
     ),
     metadata={"partition_expr": {"date": "date", "symbol": "symbol"}},
+    backfill_policy=BackfillPolicy.single_run(),
 )
 def fx_model_monitor(
     context: AssetExecutionContext,
