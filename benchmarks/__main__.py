@@ -27,9 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         module = importlib.import_module(f"benchmarks.{name}")
         code = module.main(["--quick"] if args.quick else [])
-        print(
-            f"=== {name}: {'PASS' if code == 0 else 'FAIL'} in {time.perf_counter() - started:.0f} s"
-        )
+        verdict = "PASS" if code == 0 else "FAIL"
+        print(f"=== {name}: {verdict} in {time.perf_counter() - started:.0f} s")
         if code:
             failed.append(name)
     if failed:
