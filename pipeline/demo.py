@@ -11,7 +11,7 @@ import dagster as dg
 
 from pipeline import keys
 from pipeline.domain.contracts import try_normalise_symbol
-from pipeline.domain.landing import partition_key_of
+from pipeline.domain.landing import partition_key_of, read_as_text
 from pipeline.partitions import symbol_date_key, symbol_partitions
 from pipeline.settings import Settings
 
@@ -27,13 +27,15 @@ def landing_partitions(settings: Settings, source: str) -> list[str]:
 
 
 def landing_symbols(settings: Settings) -> list[str]:
-    """Normalised symbols present in the delivered FX tick files."""
-    import polars as pl
-
+    """Normalised symbols present in the delivered FX tick files (CSV or Parquet)."""
     symbols: set[str] = set()
-    for path in sorted((settings.landing_dir / "fx_ticks").glob("fx_ticks_*.parquet")):
-        raw = pl.read_parquet(path, columns=["symbol"])["symbol"].unique().to_list()
-        symbols.update(s for s in map(try_normalise_symbol, raw) if s)
+    folder = settings.landing_dir / "fx_ticks"
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if partition_key_of(path) is None:
+            continue
+        raw = read_as_text(path)
+        if "symbol" in raw.columns:
+            symbols.update(s for s in map(try_normalise_symbol, raw["symbol"].unique()) if s)
     return sorted(symbols)
 
 

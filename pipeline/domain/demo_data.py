@@ -124,11 +124,11 @@ def generate_fx_ticks(
         anomalous = np.zeros(n, dtype=bool)
         kinds = np.array([""] * n, dtype=object)
         for _ in range(3):  # bursts of 5-20 ticks
-            start = int(rng.integers(0, n - 25))
             length = int(rng.integers(5, 21))
+            start = int(rng.integers(0, max(n - length, 1)))
             anomalous[start : start + length] = True
             kinds[start : start + length] = "burst"
-        spikes = rng.choice(n, size=5, replace=False)
+        spikes = rng.choice(n, size=min(5, n), replace=False)
         anomalous[spikes] = True
         kinds[spikes] = np.where(kinds[spikes] == "", "spike", kinds[spikes])
         spread = np.where(anomalous, spread * rng.uniform(4.0, 15.0, n), spread)

@@ -1,0 +1,138 @@
+"""Demo drops: seeded, shaped like real deliveries, and faithful to their stated truth."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.domain import contracts
+from pipeline.domain.demo_data import (
+    FX_SYMBOLS,
+    SCENARIOS,
+    SEGMENT_PROFILES,
+    claims_truth,
+    generate_claims,
+    generate_fx_ticks,
+    generate_loan_book,
+    generate_loan_scenarios,
+    write_demo_landing,
+)
+from pipeline.domain.landing import partition_key_of, read_as_text
+
+
+def test_generators_are_deterministic_for_a_seed_and_differ_across_seeds() -> None:
+    truth = claims_truth()
+    a = generate_claims("2026-07", truth, n_policies=500)
+    assert a.equals(generate_claims("2026-07", truth, n_policies=500))
+    assert not a.equals(generate_claims("2026-07", truth, n_policies=500, seed=1))
+    assert not a.equals(generate_claims("2026-08", truth, n_policies=500))
+    ticks, _ = generate_fx_ticks("2026-09-01", ticks_per_symbol=50)
+    assert ticks.equals(generate_fx_ticks("2026-09-01", ticks_per_symbol=50)[0])
+    assert generate_loan_book("2026-09-30", n_loans=50).equals(
+        generate_loan_book("2026-09-30", n_loans=50)
+    )
+
+
+def test_claim_counts_match_the_generating_poisson_rates() -> None:
+    """Total claims against the expected total sum(exposure * rate_d): a Poisson total,
+    so a correct generator lies within 4 standard deviations (sqrt of the mean)."""
+    truth = claims_truth(n_districts=50)
+    policies = generate_claims("2026-07", truth, n_policies=20_000)
+    expected = (
+        policies.join(truth.district_rates, on="district")
+        .select((pl.col("exposure") * pl.col("rate")).sum())
+        .item()
+    )
+    observed = int(policies["claim_count"].sum())
+    assert abs(observed - expected) < 4 * math.sqrt(expected), (observed, expected)
+    # the district rates are lognormal with the stated mu and sigma
+    z = truth.district_rates["z"].to_numpy()
+    np.testing.assert_allclose(
+        truth.district_rates["rate"].to_numpy(), np.exp(truth.mu + truth.sigma * z), rtol=1e-12
+    )
+
+
+def test_claims_satisfy_their_own_contract() -> None:
+    policies = generate_claims("2026-07", claims_truth(), n_policies=2_000)
+    assert policies["policy_id"].n_unique() == policies.height
+    assert policies["exposure"].min() >= 0.05
+    assert policies["exposure"].max() <= 1.0
+    assert (policies["valuation_month"] == "2026-07").all()
+    typed = policies.with_columns(pl.col("claim_count").cast(pl.Int64))
+    assert contracts.rule_violations(typed, contracts.claims_contract("2026-07")) == {}
+
+
+def test_fx_ticks_are_valid_quotes_within_the_day_and_anomalies_are_wide() -> None:
+    ticks, labels = generate_fx_ticks("2026-09-01", ticks_per_symbol=400)
+    assert ticks.height == 400 * len(FX_SYMBOLS)
+    assert set(ticks["symbol"]) == set(FX_SYMBOLS)
+    assert (ticks["bid"] < ticks["ask"]).all()
+    assert ticks["ts"].dt.date().cast(pl.String).unique().to_list() == ["2026-09-01"]
+    assert ticks.group_by("symbol").agg(pl.col("ts").is_sorted().alias("s"))["s"].all()
+    # every label points at a tick, and the labelled ticks are the wide ones
+    flagged = ticks.join(labels, on=["symbol", "ts"], how="left").with_columns(
+        (pl.col("ask") - pl.col("bid")).alias("spread"), pl.col("kind").is_not_null().alias("a")
+    )
+    assert flagged["a"].sum() == labels.height
+    assert set(labels["kind"]) <= {"burst", "spike"}
+    ratio = (
+        flagged.group_by("symbol")
+        .agg(
+            pl.col("spread").filter(pl.col("a")).median()
+            / pl.col("spread").filter(~pl.col("a")).median()
+        )
+        .get_column("spread")
+    )
+    assert ratio.min() > 3.0, ratio.to_list()
+
+
+def test_loan_book_respects_segment_profiles() -> None:
+    book = generate_loan_book("2026-09-30", n_loans=4_000)
+    assert book["loan_id"].n_unique() == book.height
+    assert book["pd"].min() >= 1e-4
+    assert book["pd"].max() <= 0.5
+    for segment, (share, _, _, lgd_lo, lgd_hi, _) in SEGMENT_PROFILES.items():
+        rows = book.filter(pl.col("segment") == segment)
+        # binomial share: 4 standard deviations of a proportion over 4000 loans
+        assert abs(rows.height / book.height - share) < 4 * math.sqrt(share * (1 - share) / 4000)
+        assert rows["lgd"].min() >= lgd_lo - 1e-4
+        assert rows["lgd"].max() <= lgd_hi + 1e-4
+    scenarios = generate_loan_scenarios()
+    assert scenarios.rows() == list(SCENARIOS)
+
+
+def test_write_demo_landing_writes_named_drops_and_truth(tmp_path: Path) -> None:
+    written = write_demo_landing(
+        tmp_path,
+        n_policies=200,
+        ticks_per_symbol=30,
+        fx_dates=("2026-09-01", "2026-09-02"),
+        claims_months=("2026-07",),
+        inject_defects=False,
+    )
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in written)
+    assert names == [
+        "claims/claims_2026-07.csv",
+        "fx_ticks/fx_ticks_2026-09-01.parquet",
+        "fx_ticks/fx_ticks_2026-09-02.parquet",
+        "loan_book/loan_book_2026-09-30.parquet",
+        "loan_scenarios/loan_scenarios_2026-09-30.csv",
+    ]
+    assert all(partition_key_of(p) is not None for p in written)
+    assert not list(tmp_path.rglob("*.tmp")), "temporary files must be renamed away"
+    assert json.loads((tmp_path / "_truth" / "injected_defects.json").read_text()) == []
+    truth = json.loads((tmp_path / "_truth" / "claims_truth.json").read_text())
+    assert truth["sigma"] == pytest.approx(0.4)
+    labels = pl.read_parquet(tmp_path / "_truth" / "fx_anomaly_labels.parquet")
+    assert labels["ts"].dt.date().cast(pl.String).unique().sort().to_list() == [
+        "2026-09-01",
+        "2026-09-02",
+    ]
+    # what was written is what the generator returned
+    claims = read_as_text(tmp_path / "claims" / "claims_2026-07.csv")
+    expected = generate_claims("2026-07", claims_truth(), n_policies=200)
+    assert claims["policy_id"].to_list() == expected["policy_id"].to_list()
+    assert claims["exposure"].cast(pl.Float64).to_list() == expected["exposure"].to_list()
