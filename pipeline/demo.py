@@ -15,7 +15,6 @@ from pipeline.domain.landing import partition_key_of, read_as_text
 from pipeline.partitions import symbol_date_key, symbol_partitions
 from pipeline.settings import Settings
 
-
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
