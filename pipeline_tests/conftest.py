@@ -34,8 +34,14 @@ class Platform:
     def tracking(self):
         return self.resources["tracking"]
 
-    def materialize(self, asset_keys, partition_key=None, *, raise_on_error=True, tags=None):
-        """Materialise ``asset_keys`` and their checks for one partition, in process."""
+    def materialize(
+        self, asset_keys, partition_key=None, *, raise_on_error=True, tags=None, run_config=None
+    ):
+        """Materialise ``asset_keys`` and their checks for one partition, in process.
+
+        ``run_config`` is passed through, e.g. ``{"ops": {"gold__credibility_posterior":
+        {"config": {...}}}}`` to change the sampler settings of one run.
+        """
         return dg.materialize(
             [*self.defs.assets, *(self.defs.asset_checks or [])],
             selection=dg.AssetSelection.assets(*asset_keys),
@@ -44,6 +50,7 @@ class Platform:
             instance=self.instance,
             raise_on_error=raise_on_error,
             tags=tags,
+            run_config=run_config,
         )
 
 

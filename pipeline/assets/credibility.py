@@ -4,10 +4,13 @@
 window of ``claims_by_district``, stores the ArviZ netCDF under
 ``gold/credibility_posterior/month=<month>/`` beside its diagnostics, and logs
 both to MLflow. ``credibility_table`` writes the estimates only when the
-convergence gate passed for that month, in this run or any earlier one.
+convergence gate passed for that month, in this run or any earlier one, and only
+from a posterior fitted on the claims now stored (a re-delivered month makes the
+posterior stale until it is refitted).
 """
 
 import datetime as dt
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -96,6 +99,40 @@ def claims_rule_failures(lake: LakeResource, month: str) -> list[str]:
     stored = lake.read("curated", "claims_by_district", {"month": month})
     violations = contracts.rule_violations(stored, contracts.claims_by_district_contract(month))
     return [f"claims_by_district {month}: {reason} ({n} rows)" for reason, n in violations.items()]
+
+
+def data_fingerprint(window: pl.DataFrame) -> str:
+    """SHA-256 of the stored ``claims_by_district`` rows a posterior is fitted on.
+
+    Stored beside the posterior so that ``credibility_table`` can tell whether
+    ``claims_by_district`` changed after the fit (a corrected delivery re-curates a
+    month of the window and triggers the eager table before anyone refits). It hashes
+    the rows as stored, not the per-district sums, with exposure rounded to 1e-6
+    policy-years: a parallel group-by adds in no fixed order, so re-curating an
+    identical delivery, or summing the window again, may change the last bit of a sum.
+    """
+    payload = (
+        window.select("month", "district", pl.col("exposure").round(6), "claim_count")
+        .sort("month", "district")
+        .write_csv()
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def stale_posterior_failures(diagnostics: dict, window: pl.DataFrame, month: str) -> list[str]:
+    """Why the stored posterior cannot be paired with the current window (empty if it can)."""
+    if not diagnostics:
+        return []
+    fitted_on = diagnostics.get("data_fingerprint")
+    if fitted_on == data_fingerprint(window):
+        return []
+    months = ", ".join(diagnostics.get("window_months", [])) or "unknown"
+    what = (
+        "the stored posterior does not record the claims it was fitted on"
+        if fitted_on is None
+        else f"claims_by_district changed since the posterior was fitted on months {months}"
+    )
+    return [f"{what}; materialise {keys.CREDIBILITY_POSTERIOR.to_user_string()} for {month} again"]
 
 
 def read_diagnostics(lake: LakeResource, month: str) -> dict:
@@ -206,6 +243,8 @@ def credibility_posterior(
         "n_districts": stats.height,
         "sigma_district_mean": sigma_mean,
         "grand_mean_rate": grand_mean_rate,
+        "window_months": sorted(window["month"].unique().to_list()),
+        "data_fingerprint": data_fingerprint(window),
     }
     lake.write_bytes(
         posterior_uri(lake, month, "diagnostics.json"), json.dumps(diagnostics).encode()
@@ -259,6 +298,8 @@ def credibility_table(
 
     month = context.partition_key
     diagnostics = read_diagnostics(lake, month)
+    window = read_claims_window(lake, month)
+    stats = credibility.aggregate_district_stats(window.select(credibility.DISTRICT_COLUMNS))
     rule_failures = (
         credibility.convergence_failures(diagnostics)
         if diagnostics
@@ -269,11 +310,9 @@ def credibility_table(
         asset_key=keys.CREDIBILITY_POSTERIOR,
         check_names=keys.CONVERGENCE_CHECKS,
         partition_key=month,
-        rule_failures=rule_failures,
+        rule_failures=[*rule_failures, *stale_posterior_failures(diagnostics, window, month)],
         what="the credibility table",
     )
-    window = read_claims_window(lake, month)
-    stats = credibility.aggregate_district_stats(window.select(credibility.DISTRICT_COLUMNS))
     periods = district_periods(window)
     with tempfile.TemporaryDirectory() as tmp:
         nc_path = Path(tmp) / "posterior.nc"

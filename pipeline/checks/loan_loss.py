@@ -9,6 +9,8 @@
   large-portfolio quantiles, validating the simulator under those parameters.
 """
 
+import math
+
 import polars as pl
 from dagster import AssetCheckExecutionContext, AssetCheckResult, MetadataValue, asset_check
 
@@ -20,19 +22,49 @@ from pipeline.resources.lake import LakeResource
 
 REFERENCE_LOANS = 5_000
 REFERENCE_SIMS = 20_000
+MAX_RELATIVE_SE = 0.005
 
 
-def _result(context: AssetCheckExecutionContext, verdicts: list[dict]) -> AssetCheckResult:
+def _result(
+    context: AssetCheckExecutionContext,
+    verdicts: list[dict],
+    *,
+    headline: str | None = None,
+    metadata: dict | None = None,
+) -> AssetCheckResult:
+    """One result over every scenario; ``headline`` leads a failure's description.
+
+    The description is cut to 500 characters for the UI, so whatever a user must
+    act on goes into ``headline`` rather than into a scenario's message that the
+    cut may drop.
+    """
     failed = [v for v in verdicts if v["failure"]]
     if not verdicts:
         return AssetCheckResult(passed=False, description=f"{context.partition_key}: no summary")
     table = pl.DataFrame(verdicts).with_columns(pl.col("failure").fill_null("passed"))
+    details = "; ".join(f"{v['scenario']}: {v['failure']}" for v in failed)
+    if failed and headline:
+        details = f"{headline}; {details}"
     return AssetCheckResult(
         passed=not failed,
-        description="; ".join(f"{v['scenario']}: {v['failure']}" for v in failed)[:500]
-        or "all scenarios passed",
-        metadata={"scenarios": MetadataValue.md(markdown_table(table)), "failed": len(failed)},
+        description=details[:500] or "all scenarios passed",
+        metadata={
+            "scenarios": MetadataValue.md(markdown_table(table)),
+            "failed": len(failed),
+            **(metadata or {}),
+        },
     )
+
+
+def _n_sims_needed(row: dict) -> int | None:
+    """Simulations for the expected loss's relative SE to meet the bound (SE ~ 1/sqrt(n)).
+
+    ``None`` when the expected loss is 0 or exact, where the ratio says nothing.
+    """
+    value, se = abs(row["expected_loss"]), row["se_expected_loss"]
+    if not value or not se:
+        return None
+    return max(int(row["n_sims"]), math.ceil(row["n_sims"] * (se / value / MAX_RELATIVE_SE) ** 2))
 
 
 def _summary_dict(row: dict) -> dict:
@@ -55,19 +87,29 @@ def mc_error_within_bound(
     """Apply the Monte Carlo error bound to the stored summaries."""
     from pipeline.domain.loan_loss import mc_error_failure
 
-    rows = read_summary(lake, context.partition_key).iter_rows(named=True)
+    rows = list(read_summary(lake, context.partition_key).iter_rows(named=True))
+    verdicts = [
+        {
+            "scenario": r["scenario"],
+            "relative_se": r["se_expected_loss"] / r["expected_loss"]
+            if r["expected_loss"]
+            else 0.0,
+            "failure": mc_error_failure(_summary_dict(r), max_relative_se=MAX_RELATIVE_SE),
+        }
+        for r in rows
+    ]
+    # every scenario must meet the bound, so the number to act on is the largest one
+    needed = [n for r in rows if (n := _n_sims_needed(r)) is not None]
+    n_sims = max((int(r["n_sims"]) for r in rows), default=0)
+    n_needed = max(needed, default=n_sims)
     return _result(
         context,
-        [
-            {
-                "scenario": r["scenario"],
-                "relative_se": r["se_expected_loss"] / r["expected_loss"]
-                if r["expected_loss"]
-                else 0.0,
-                "failure": mc_error_failure(_summary_dict(r)),
-            }
-            for r in rows
-        ],
+        verdicts,
+        headline=f"raise n_sims from {n_sims:,} to at least {n_needed:,} "
+        "(the most any scenario needs)"
+        if n_needed > n_sims
+        else None,
+        metadata={"n_sims": n_sims, "n_sims_needed": n_needed},
     )
 
 
