@@ -74,6 +74,7 @@ class CredibilityConfigError(DomainError):
 # --------------------------------------------------------------------------------------
 
 DISTRICT_COLUMNS = ("district", "exposure", "claim_count")
+EXPOSURE_SCALE = 1e9  # exposures are summed as integer nano-policy-years (exact, order-free)
 MODEL_VARIABLES = ("alpha", "sigma_district", "rate_district")
 SAMPLERS = ("nutpie", "pymc")
 PARAMETERIZATIONS = ("centered", "non_centered")
@@ -221,7 +222,15 @@ def aggregate_district_stats(district_stats: pl.DataFrame) -> pl.DataFrame:
         district_stats.lazy()
         .group_by("district")
         .agg(
-            pl.col("exposure").cast(pl.Float64).sum(),
+            # A parallel group-by adds floats in a thread-dependent order, so a float total
+            # can differ in its last bit between two calls on the same rows, and so would
+            # the posterior for a fixed seed. Integer nano-policy-years add exactly, in any
+            # order.
+            (pl.col("exposure").cast(pl.Float64) * EXPOSURE_SCALE)
+            .round()
+            .cast(pl.Int64, strict=False)  # NaN/inf become null; the rules below reject them
+            .sum()
+            .alias("exposure_nano"),
             pl.col("claim_count").cast(pl.Float64).sum(),
             *(c.fill_null(True).any().alias(f"_rule{i}") for i, (c, _, _) in enumerate(rules)),
         )
@@ -231,7 +240,7 @@ def aggregate_district_stats(district_stats: pl.DataFrame) -> pl.DataFrame:
     _raise_first_bad(district_stats, frame_name, rules, flags)
     stats = grouped.select(
         pl.col("district").cast(pl.String),
-        pl.col("exposure"),
+        (pl.col("exposure_nano") / EXPOSURE_SCALE).alias("exposure"),
         pl.col("claim_count").round().cast(pl.Int64),
     ).sort("district")
     zero = stats.filter(pl.col("exposure") <= 0)
