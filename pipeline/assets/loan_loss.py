@@ -6,7 +6,9 @@ users read is the distribution, not rows: one summary row per scenario in
 ``gold/loan_loss_summary`` (with the Delta versions of the inputs, the seed and
 ``n_sims``), and the loss samples in one compressed ``.npz`` per valuation date.
 With ``COMPUTE=spark`` chunks of simulations run as Spark tasks through the same
-domain function, so results are identical for the same seed.
+domain function, so results are identical for the same seed. With
+``COMPUTE=databricks`` each scenario is one Databricks run of
+:mod:`pipeline.jobs.loan_loss_job` through Dagster Pipes, again over the same chunks.
 """
 
 import datetime as dt
@@ -60,11 +62,26 @@ class LoanLossConfig(Config):
     chunk_size: int = Field(default=16_384, description="simulations per chunk / Spark task")
 
 
-def samples_uri(lake: LakeResource, valuation_date: str) -> str:
-    """Where the loss samples of a valuation date are stored."""
+def samples_uri(lake: LakeResource, valuation_date: str, run_id: str) -> str:
+    """Where one run's loss samples of a valuation date are stored.
+
+    Each run writes its own file and the summary row (one atomic Delta commit)
+    names it in ``samples_uri``, so the summary is the commit point: a run that
+    fails after writing its samples leaves the previous summary and samples
+    consistent. Read samples through :func:`committed_samples_uri`.
+    """
     return lake.file_uri(
-        "gold", "loan_loss_distribution", f"valuation_date={valuation_date}", "losses.npz"
+        "gold",
+        "loan_loss_distribution",
+        f"valuation_date={valuation_date}",
+        f"losses_{run_id}.npz",
     )
+
+
+def committed_samples_uri(lake: LakeResource, valuation_date: str) -> str | None:
+    """Samples file named by the stored summary of ``valuation_date`` (None if never written)."""
+    summary = read_summary(lake, valuation_date)
+    return summary["samples_uri"][0] if summary.height else None
 
 
 def input_rule_failures(lake: LakeResource, valuation_date: str) -> list[str]:
@@ -95,6 +112,16 @@ def simulate_scenario(
     """Losses of one scenario, chunked over the configured compute backend."""
     from pipeline.domain import loan_loss
 
+    if compute.backend == "databricks":
+        return databricks_simulate(
+            compute,
+            book,
+            pd_multiplier=pd_multiplier,
+            rho=rho,
+            n_sims=n_sims,
+            seed=seed,
+            chunk_size=chunk_size,
+        )
     ranges = loan_loss.chunk_ranges(n_sims, chunk_size)
 
     def local_chunk(chunk_id: int) -> np.ndarray:
@@ -110,6 +137,66 @@ def simulate_scenario(
 
     parts = compute.map_chunks(local_chunk, range(len(ranges)), spark_fn=spark_chunks)
     return np.concatenate(parts)
+
+
+def databricks_simulate(
+    compute: ComputeResource,
+    book: "object",
+    *,
+    pd_multiplier: float,
+    rho: float,
+    n_sims: int,
+    seed: int,
+    chunk_size: int,
+) -> np.ndarray:
+    """One scenario as one Databricks run of :mod:`pipeline.jobs.loan_loss_job`, via Pipes.
+
+    The book goes to the cluster as a DBFS file and the losses come back as one, checked
+    against the digest the job reports (the job module says why files, not messages). The
+    job runs ``simulate_chunk`` over the same ``chunk_ranges``, so the losses equal the
+    local backend's bit for bit when both sides have the same numpy and scipy: the job
+    reports its versions, and a difference is logged as a warning because random streams
+    and special functions may change between releases.
+    """
+    import scipy
+
+    from pipeline.jobs import loan_loss_job as job
+
+    context = AssetExecutionContext.get()
+    partition = context.partition_key if context.has_partition_key else "unpartitioned"
+    result = compute.run_databricks_job(
+        context,
+        script=Path(job.__file__).name,
+        run_name=(
+            f"{keys.LOAN_LOSS_DISTRIBUTION.to_user_string()} {partition} "
+            f"m={pd_multiplier:g} rho={rho:g}"
+        ),
+        inputs={job.BOOK_FILE: job.encode_book(book.loan_id, book.pd, book.ead, book.lgd)},
+        outputs=(job.LOSSES_FILE,),
+        extras={
+            "pd_multiplier": float(pd_multiplier),
+            "rho": float(rho),
+            "seed": int(seed),
+            "n_sims": int(n_sims),
+            "chunk_size": int(chunk_size),
+        },
+    )
+    remote = result.message.get("versions") or {}
+    local = {"numpy": np.__version__, "scipy": scipy.__version__}
+    differs = {name: (remote.get(name), here) for name, here in local.items()}
+    differs = {name: pair for name, pair in differs.items() if pair[0] != pair[1]}
+    if differs:
+        context.log.warning(
+            f"Databricks run {result.run_id} used "
+            + ", ".join(f"{n} {r} (here {h})" for n, (r, h) in differs.items())
+            + "; losses may differ from COMPUTE=local for the same seed"
+        )
+    context.log.info(
+        f"Databricks run {result.run_id}: {result.message.get('n_sims')} losses on "
+        f"{result.message.get('engine')} in {result.message.get('seconds')} s "
+        f"(domain code from {result.message.get('code_origin')})"
+    )
+    return job.decode_losses(result.outputs[job.LOSSES_FILE], int(n_sims))
 
 
 def spark_simulate(
@@ -218,7 +305,7 @@ def loan_loss_distribution(
         )
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **samples)
-    npz_uri = lake.write_bytes(samples_uri(lake, valuation_date), buffer.getvalue())
+    npz_uri = lake.write_bytes(samples_uri(lake, valuation_date, context.run_id), buffer.getvalue())
 
     with tracking.start_run(
         experiment=EXPERIMENT,
@@ -246,6 +333,7 @@ def loan_loss_distribution(
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
 
     summary_table = pl.DataFrame(rows).with_columns(
+        pl.lit(npz_uri).alias("samples_uri"),
         pl.lit(run_id).alias("mlflow_run_id"),
         pl.lit(dt.datetime.now(dt.UTC).replace(tzinfo=None)).alias("computed_at"),
     )

@@ -21,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import keys
-from pipeline.assets.loan_loss import SUMMARY_COLUMNS, LoanLossConfig, samples_uri
+from pipeline.assets.loan_loss import SUMMARY_COLUMNS, LoanLossConfig, committed_samples_uri
 from pipeline.domain.demo_data import SCENARIOS, write_demo_landing
 from pipeline.domain.loan_loss import summarise_losses
 from pipeline.resources.tracking import DAGSTER_ASSET_TAG, DAGSTER_PARTITION_TAG, DAGSTER_RUN_TAG
@@ -92,7 +92,9 @@ def summary(platform: Platform) -> pl.DataFrame:
 
 
 def samples(platform: Platform) -> dict[str, np.ndarray]:
-    payload = platform.lake.read_bytes(samples_uri(platform.lake, VALUATION))
+    uri = committed_samples_uri(platform.lake, VALUATION)
+    assert uri is not None, "no committed loss samples"
+    payload = platform.lake.read_bytes(uri)
     with np.load(io.BytesIO(payload)) as npz:
         return {name: npz[name] for name in npz.files}
 
@@ -331,4 +333,6 @@ def test_an_empty_loan_book_stops_the_loss_asset_naming_the_partition(
     assert f"curated/loan_book has no rows for {VALUATION}" in message
     assert f"{keys.CHECK_CURATED_CONTRACT} failed for partition {VALUATION}" in message
     assert summary(platform).is_empty()
-    assert not platform.lake.file_exists(samples_uri(platform.lake, VALUATION))
+    assert committed_samples_uri(platform.lake, VALUATION) is None
+    folder = platform.settings.home / "lake" / "gold" / "loan_loss_distribution"
+    assert not list(folder.rglob("*.npz"))
