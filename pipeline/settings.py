@@ -40,6 +40,9 @@ class Settings:
     spark_master: str
     uc_catalog: str | None
     uc_schema: str | None
+    databricks_cluster_id: str | None = None
+    databricks_new_cluster: str | None = None
+    databricks_job_python_file: str | None = None
 
     @property
     def lake_is_local(self) -> bool:
@@ -84,6 +87,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         spark_master=env.get("SPARK_MASTER", "local[2]"),
         uc_catalog=uc_catalog,
         uc_schema=uc_schema,
+        databricks_cluster_id=env.get("DATABRICKS_CLUSTER_ID") or None,
+        databricks_new_cluster=env.get("DATABRICKS_NEW_CLUSTER") or None,
+        databricks_job_python_file=env.get("DATABRICKS_JOB_PYTHON_FILE") or None,
     )
 
 

@@ -18,7 +18,11 @@ def build_resources(settings: Settings) -> dict[str, object]:
     if settings.compute == "databricks":
         compute_kwargs["databricks_host"] = EnvVar("DATABRICKS_HOST")
         compute_kwargs["databricks_token"] = EnvVar("DATABRICKS_TOKEN")
-        compute_kwargs["databricks_cluster_id"] = EnvVar("DATABRICKS_CLUSTER_ID")
+        # Cluster and script locations are not secrets: plain settings. Without a cluster
+        # id each run asks for a new cluster from DATABRICKS_NEW_CLUSTER (JSON spec).
+        compute_kwargs["databricks_cluster_id"] = settings.databricks_cluster_id
+        compute_kwargs["databricks_new_cluster"] = settings.databricks_new_cluster
+        compute_kwargs["databricks_job_python_file"] = settings.databricks_job_python_file
     return {
         "lake": LakeResource(root_uri=settings.lake_uri),
         "landing": LandingResource(path=str(settings.landing_dir)),

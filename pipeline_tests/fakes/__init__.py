@@ -1,0 +1,1 @@
+"""Hand-written fakes of external systems, speaking their real protocols on loopback."""
