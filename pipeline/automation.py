@@ -59,10 +59,10 @@ from dagster import (
     sensor,
 )
 from dagster._core.event_api import PartitionKeyFilter
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from pipeline import keys
 from pipeline.assets.ingest import BRONZE_PARTITION_COLUMN, SOURCES
+from pipeline.checks.gates import check_record_failures
 from pipeline.domain.contracts import try_normalise_symbol
 from pipeline.domain.errors import DomainError
 from pipeline.domain.landing import partition_key_of
@@ -75,6 +75,14 @@ from pipeline.settings import SettingsError
 
 SENSOR_INTERVAL_ENV = "PIPELINE_SENSOR_INTERVAL_S"
 DEFAULT_SENSOR_INTERVAL_S = 30
+
+INGEST_RUN_CONFIG = {"execution": {"config": {"in_process": {}}}}
+"""Run config of sensor-launched ingestion runs: every step in the run's own process.
+
+An ingestion step is a few seconds of polars; the default multiprocess executor
+would start a fresh Python (and import the code location) for the asset and for
+each of its checks, which costs more than the work. Model runs keep the default.
+"""
 
 MODEL_POOL = "model_training"
 """Pool of heavy model assets (``@asset(pool=MODEL_POOL)``).
@@ -98,10 +106,11 @@ bodies wrap domain code in :func:`domain_errors_are_final`.
 
 
 def sensor_interval_seconds(environ: Mapping[str, str] | None = None) -> int:
-    """Minimum seconds between two evaluations of each sensor.
+    """Minimum seconds between two evaluations of the landing and fx_spreads sensors.
 
     ``PIPELINE_SENSOR_INTERVAL_S`` (default 30) lets tests and demos react faster
-    without changing code.
+    without changing code. The automation sensor keeps 30 s: it evaluates the
+    whole graph, and model work is not latency-bound.
 
     Raises
     ------
@@ -233,6 +242,24 @@ def read_landing_symbols(path: Path) -> list[str]:
     return sorted({str(v) for v in column.drop_nulls().unique().to_list()})
 
 
+def _symbols_or_log(context: SensorEvaluationContext, path: Path) -> list[str]:
+    """Raw symbols of a tick file; an unreadable file is logged and ingested anyway.
+
+    The bronze run still goes ahead: it fails with the file and the problem in
+    its message, visible in the UI, instead of every sensor tick erroring.
+    """
+    import polars as pl
+
+    try:
+        return read_landing_symbols(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        context.log.warning(
+            f"fx_ticks: cannot read the symbol column of {path.name} "
+            f"({type(exc).__name__}: {exc}); its bronze run will report the problem"
+        )
+        return []
+
+
 def normalise_symbols(raw: Iterable[str]) -> tuple[list[str], list[str]]:
     """Split raw symbols into ``(valid partition keys, invalid raw values)``."""
     valid, invalid = set(), set()
@@ -325,12 +352,13 @@ def evaluate_landing(
             continue
         if target.source == "fx_ticks":
             for name in files:
-                raw_symbols.update(read_landing_symbols(landing_root / target.source / name))
+                raw_symbols.update(_symbols_or_log(context, landing_root / target.source / name))
         run_requests.append(
             RunRequest(
                 run_key=landing_run_key(target.source, partition_key, files),
                 asset_selection=target.assets,
                 partition_key=partition_key,
+                run_config=INGEST_RUN_CONFIG,
                 tags={"pipeline/trigger": f"landing:{target.source}"},
             )
         )
@@ -399,33 +427,38 @@ def bronze_gate_status(
 ) -> tuple[str, str]:
     """Whether the blocking checks passed on the run that wrote ``record``.
 
+    The verdict is read as :func:`pipeline.checks.gates.check_record_failures`
+    reads it for the model guards (including results of partition-range runs),
+    but only once the run that wrote the partition has finished, and only from
+    evaluations made in that run: a pass left by an earlier delivery must not
+    open the gate for a new one.
+
     Returns
     -------
     tuple of (status, reason)
         ``status`` is ``"passed"``, ``"failed"`` or ``"pending"`` (the run is still
-        going and a check has not been evaluated yet).
+        going, so its checks may not have been evaluated yet).
     """
-    partition_key = record.partition_key
+    partition_key = str(record.partition_key)
+    run = instance.get_run_by_id(record.run_id)
+    if run is not None and not run.is_finished:
+        return "pending", f"run {record.run_id} that wrote {partition_key} is {run.status.value}"
+    check_names = tuple(check_names)
     check_keys = [keys.check_key(keys.BRONZE_FX_TICKS, name) for name in check_names]
     latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         check_keys, partition_filter=PartitionKeyFilter(key=partition_key)
     )
-    run = instance.get_run_by_id(record.run_id)
-    run_finished = run is None or run.is_finished
-    for check_key in check_keys:
-        evaluation = latest.get(check_key)
-        label = f"{check_key.name} on {partition_key}"
-        if evaluation is None or evaluation.run_id != record.run_id:
-            if not run_finished:
-                return "pending", f"{label} not evaluated yet in run {record.run_id}"
-            return "failed", f"{label} was not evaluated in run {record.run_id}"
-        if evaluation.status == AssetCheckExecutionRecordStatus.PLANNED:
-            if not run_finished:
-                return "pending", f"{label} is running in run {record.run_id}"
-            return "failed", f"{label} did not complete in run {record.run_id}"
-        if evaluation.status != AssetCheckExecutionRecordStatus.SUCCEEDED:
-            return "failed", f"{label} failed in run {record.run_id}"
-    return "passed", "all blocking checks passed"
+    elsewhere = [
+        k.name for k in check_keys if (r := latest.get(k)) is None or r.run_id != record.run_id
+    ]
+    if elsewhere:
+        return "failed", (
+            f"{', '.join(elsewhere)} not evaluated on {partition_key} in run {record.run_id}"
+        )
+    failures = check_record_failures(instance, keys.BRONZE_FX_TICKS, check_names, partition_key)
+    if failures:
+        return "failed", "; ".join(failures)
+    return "passed", f"{', '.join(check_names)} passed on {partition_key} in run {record.run_id}"
 
 
 def evaluate_fx_spreads(context: SensorEvaluationContext, lake: LakeResource) -> SensorResult:
@@ -470,6 +503,7 @@ def evaluate_fx_spreads(context: SensorEvaluationContext, lake: LakeResource) ->
                     run_key=f"fx_spreads:{partition_key}:bronze@{record.storage_id}",
                     asset_selection=[keys.FX_SPREADS],
                     partition_key=partition_key,
+                    run_config=INGEST_RUN_CONFIG,
                     tags={"pipeline/trigger": "bronze:fx_ticks"},
                 )
             )
@@ -507,7 +541,7 @@ automation_sensor = AutomationConditionSensorDefinition(
     "automation",
     target=AssetSelection.all(),
     default_status=DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=sensor_interval_seconds(),
+    minimum_interval_seconds=DEFAULT_SENSOR_INTERVAL_S,  # whole-graph evaluation: not faster
     description="Evaluates every asset's automation condition (e.g. gated_eager on models).",
 )
 

@@ -51,8 +51,9 @@ def dev(settings: Settings, *, dagster_port: int, mlflow_port: int) -> int:
     Each UI runs in its own session with default signal handling, so a terminal
     Ctrl-C or a ``SIGTERM`` to this process (a service manager, a test) reaches
     each exactly once, as ``SIGINT``: ``dagster dev`` then stops its webserver,
-    daemon and code server cleanly. Whatever is still alive after 20 s is killed
-    with its whole process group, so no server outlives the command.
+    daemon and code server cleanly. Whatever is still alive 10 s later gets
+    ``SIGTERM`` and then ``SIGKILL`` with its whole process group (MLflow's job
+    consumers ignore ``SIGINT``), so no server outlives the command.
     """
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     ensure_dagster_home(settings)
@@ -75,6 +76,8 @@ def dev(settings: Settings, *, dagster_port: int, mlflow_port: int) -> int:
         "127.0.0.1",
         "--port",
         str(mlflow_port),
+        "--workers",  # one user on a laptop: one worker starts, and stops, in seconds
+        "1",
     ]
     dagster_cmd = [
         os.path.join(bin_dir, "dagster"),
@@ -111,19 +114,33 @@ def dev(settings: Settings, *, dagster_port: int, mlflow_port: int) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the shutdown once started
+
+        def running(proc: subprocess.Popen) -> bool:
+            proc.poll()  # reap the leader, so only live members keep its group alive
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+
+        def wait_groups(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while any(running(p) for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.2)
+
         for proc in procs:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 20
+                proc.send_signal(signal.SIGINT)  # dagster dev stops its services in order
+        wait_groups(10)
+        # MLflow's job consumers and dagster's code servers may outlive their parent
+        for signum, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            for proc in [p for p in procs if running(p)]:
+                try:
+                    os.killpg(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+            wait_groups(grace)
         for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # leftovers of its session, if any
-            except ProcessLookupError:
-                pass
             proc.wait()
         signal.signal(signal.SIGTERM, previous_term)
     return max((p.returncode or 0) for p in procs) if procs else 1

@@ -1,0 +1,277 @@
+"""End to end through a real ``dagster dev``: sensors, runs, a backfill, the lake.
+
+The drop is small (one claims month, two FX days of three valid symbols and one
+invalid one) so the whole module runs in a few minutes, yet it crosses every
+boundary: landing files -> landing sensors -> daemon-launched runs -> Delta ->
+``fx_spreads_from_bronze`` -> dynamic partitions -> a GraphQL backfill.
+"""
+
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pytest
+import requests
+
+from pipeline.domain.demo_data import claims_truth, generate_claims
+from pipeline_tests.e2e.conftest import (
+    ARTIFACTS,
+    BIN,
+    CLAIMS_MONTH,
+    EXPECTED_SENSOR_RUNS,
+    EXPECTED_SYMBOLS,
+    FX_DATES,
+    N_POLICIES,
+    SERVER_START_TIMEOUT_S,
+    TICKS_PER_SYMBOL,
+    DagsterDev,
+    Ingested,
+    e2e_environment,
+    free_port,
+    session_members,
+    start_in_own_session,
+    stop_session,
+)
+from pipeline_tests.e2e.graphql import FINISHED_BACKFILL, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+SENSORS = (
+    "claims_landing",
+    "fx_ticks_landing",
+    "loan_book_landing",
+    "loan_scenarios_landing",
+    "fx_spreads_from_bronze",
+    "automation",
+)
+SCHEDULES = ("credibility_monthly_schedule", "fx_scoring_daily_schedule")
+
+
+def _http_ok(url: str) -> bool | None:
+    try:
+        return True if requests.get(url, timeout=5).status_code == 200 else None
+    except requests.RequestException:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_make_dev_serves_dagster_and_mlflow_and_stops_cleanly(tmp_path: Path) -> None:
+    """``pipeline dev`` (what ``make dev`` runs): both UIs answer; SIGTERM stops every process."""
+    dagster_port, mlflow_port = free_port(), free_port()
+    proc = start_in_own_session(
+        [
+            str(BIN / "pipeline"),
+            "dev",
+            "--dagster-port",
+            str(dagster_port),
+            "--mlflow-port",
+            str(mlflow_port),
+        ],
+        e2e_environment(tmp_path / "home"),
+        ARTIFACTS / "pipeline_dev.log",
+    )
+    ui_sessions: list[int] = []
+    try:
+        wait_for(
+            lambda: _http_ok(f"http://127.0.0.1:{dagster_port}/server_info"),
+            timeout=SERVER_START_TIMEOUT_S,
+            what="the Dagster UI of `pipeline dev`",
+        )
+        wait_for(
+            lambda: _http_ok(f"http://127.0.0.1:{mlflow_port}/health"),
+            timeout=60,
+            what="the MLflow UI of `pipeline dev`",
+        )
+        ui_sessions = _children(proc.pid)  # each UI leads its own session
+        assert len(ui_sessions) == 2, ui_sessions
+
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        proc.wait(timeout=60)
+        print(f"`pipeline dev` stopped in {time.monotonic() - started:.1f} s")
+        assert [pid for sid in ui_sessions for pid in session_members(sid)] == []
+        assert _http_ok(f"http://127.0.0.1:{dagster_port}/server_info") is None
+    finally:
+        for sid in ui_sessions:
+            for pid in session_members(sid):
+                subprocess.run(["kill", "-9", str(pid)], check=False)
+        stop_session(proc, grace_s=5)
+
+
+def test_sensors_and_schedules_run_by_default(dagster_dev: DagsterDev) -> None:
+    print(f"dagster dev answered after {dagster_dev.started_in_s:.1f} s")
+    sensors = dagster_dev.client.sensor_statuses()
+    assert {name: sensors.get(name) for name in SENSORS} == dict.fromkeys(SENSORS, "RUNNING")
+    schedules = dagster_dev.client.schedule_statuses()
+    assert {name: schedules.get(name) for name in SCHEDULES} == dict.fromkeys(SCHEDULES, "RUNNING")
+
+
+def test_sensors_ingest_the_drop_exactly_once(dagster_dev: DagsterDev, ingested: Ingested) -> None:
+    print(f"sensor-driven runs finished {ingested.seconds:.1f} s after the drop")
+    # one run per delivered partition: re-evaluations every 3 s requested no duplicates
+    counts = {trigger: len(runs) for trigger, runs in ingested.runs.items()}
+    assert counts == EXPECTED_SENSOR_RUNS
+    assert {r["status"] for runs in ingested.runs.values() for r in runs} == {"SUCCESS"}
+    spreads_partitions = sorted(
+        r["tags"]["dagster/partition"] for r in ingested.runs["bronze:fx_ticks"]
+    )
+    assert spreads_partitions == sorted(f"{d}|{s}" for d in FX_DATES for s in EXPECTED_SYMBOLS)
+
+    lake = Path(dagster_dev.settings.lake_uri)
+    bronze = pl.read_delta(str(lake / "bronze" / "fx_ticks"))
+    per_day = dict(bronze.group_by("_partition_key").len().iter_rows())
+    assert per_day == dict.fromkeys(FX_DATES, ingested.delivered["fx_rows_per_day"])
+
+    quarantined = pl.read_delta(str(lake / "quarantine" / "fx_spreads"))
+    assert quarantined.height == len(FX_DATES) * TICKS_PER_SYMBOL  # the invalid symbol's ticks
+    assert quarantined["reason"].str.contains("symbol does not normalise").all()
+
+    claims = pl.read_delta(str(lake / "curated" / "claims_by_district"))
+    delivered = generate_claims(CLAIMS_MONTH, claims_truth(), n_policies=N_POLICIES)
+    assert claims["n_policies"].sum() == N_POLICIES
+    assert claims["claim_count"].sum() == delivered["claim_count"].sum()
+    assert claims["exposure"].sum() == pytest.approx(delivered["exposure"].sum(), rel=1e-12)
+
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(dagster_dev.settings.dagster_home)) as instance:
+        assert sorted(instance.get_dynamic_partitions("symbol")) == list(EXPECTED_SYMBOLS)
+
+
+def _spreads_summary_polars(uri: str) -> list[tuple]:
+    frame = pl.read_delta(uri)
+    return (
+        frame.group_by("symbol", "date")
+        .agg(
+            pl.len().alias("n"),
+            (pl.col("spread") > 0).all().alias("positive"),
+            (pl.col("bid") < pl.col("ask")).all().alias("uncrossed"),
+            pl.col("spread").sum().round(9).alias("spread_sum"),
+        )
+        .sort("symbol", "date")
+        .rows()
+    )
+
+
+def _spreads_summary_duckdb(uri: str) -> list[tuple]:
+    import duckdb
+    from deltalake import DeltaTable
+
+    # duckdb's delta extension is downloaded at run time; a pyarrow dataset is not
+    dataset = DeltaTable(uri).to_pyarrow_dataset()
+    with duckdb.connect() as con:
+        con.register("fx_spreads", dataset)
+        return con.execute(
+            """
+            select symbol, date, count(*)::bigint, bool_and(spread > 0), bool_and(bid < ask),
+                   round(sum(spread), 9)
+            from fx_spreads group by symbol, date order by symbol, date
+            """
+        ).fetchall()
+
+
+@dataclass
+class Backfill:
+    """A finished GraphQL backfill of ``curated/fx_spreads``."""
+
+    state: dict
+    partitions: list[str]
+    delta_versions: tuple[int, int]
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def fx_backfill(dagster_dev: DagsterDev, ingested: Ingested) -> Backfill:
+    """Backfill three symbols over both days through ``launchPartitionBackfill``."""
+    from deltalake import DeltaTable
+
+    uri = str(Path(dagster_dev.settings.lake_uri) / "curated" / "fx_spreads")
+    version_before = DeltaTable(uri).version()
+    partitions = [f"{d}|{s}" for d in FX_DATES for s in EXPECTED_SYMBOLS]
+    started = time.monotonic()
+    client = dagster_dev.client
+    backfill_id = client.launch_asset_backfill(
+        ["curated", "fx_spreads"], partitions, title="e2e fx_spreads backfill"
+    )
+
+    def finished() -> dict | None:
+        state = client.backfill(backfill_id)
+        return state if state["status"] in FINISHED_BACKFILL else None
+
+    state = wait_for(finished, timeout=240, interval=2.0, what=f"backfill {backfill_id}")
+    seconds = time.monotonic() - started
+    print(f"backfill of {len(partitions)} partitions took {seconds:.1f} s")
+    return Backfill(state, partitions, (version_before, DeltaTable(uri).version()), seconds)
+
+
+def test_backfill_of_three_symbols_over_two_days(
+    dagster_dev: DagsterDev, fx_backfill: Backfill
+) -> None:
+    state, partitions = fx_backfill.state, fx_backfill.partitions
+    errors = {r["runId"]: dagster_dev.client.run_errors(r["runId"]) for r in state["runs"]}
+    assert state["status"] in {"COMPLETED", "COMPLETED_SUCCESS"}, (state, errors)
+    assert state["numPartitions"] == len(partitions)
+    # BackfillPolicy.single_run on symbol x date: one run per day (a range of symbols),
+    # never one run per partition, so each day's ticks are read once
+    assert 1 <= len(state["runs"]) <= len(FX_DATES)
+    assert {r["status"] for r in state["runs"]} == {"SUCCESS"}
+    before, after = fx_backfill.delta_versions
+    assert after - before == len(partitions)  # one partition overwrite = one commit
+
+    uri = str(Path(dagster_dev.settings.lake_uri) / "curated" / "fx_spreads")
+    by_polars = _spreads_summary_polars(uri)
+    by_duckdb = _spreads_summary_duckdb(uri)
+    assert [row[:5] for row in by_polars] == [
+        (s, d, TICKS_PER_SYMBOL, True, True) for s in EXPECTED_SYMBOLS for d in FX_DATES
+    ]
+    assert by_duckdb == [tuple(row) for row in by_polars]
+
+
+def test_gates_stay_open_after_a_range_run_backfill(
+    dagster_dev: DagsterDev, fx_backfill: Backfill
+) -> None:
+    """A range run records its check result once, without a partition (dagster 1.13).
+
+    Every partition's own record stays PLANNED; the model guards must still read
+    the range result as a pass, or every backfill would close the gates.
+    """
+    from dagster import DagsterInstance
+
+    from pipeline import keys
+    from pipeline.checks.gates import check_record_failures
+
+    with DagsterInstance.from_config(str(dagster_dev.settings.dagster_home)) as instance:
+        failures = {
+            pk: check_record_failures(
+                instance,
+                keys.FX_SPREADS,
+                (keys.CHECK_CURATED_CONTRACT, keys.CHECK_RECONCILES),
+                pk,
+            )
+            for pk in fx_backfill.partitions
+        }
+    assert failures == {pk: [] for pk in fx_backfill.partitions}
+
+
+# --- MLflow --------------------------------------------------------------------------
+# This drop trains no model (the FX challenger needs more days than two), so there is
+# no MLflow run to check yet. When the e2e delivers enough days to backfill
+# models/fx_challenger_model, assert here with
+# ``mlflow.MlflowClient(dagster_dev.settings.mlflow_tracking_uri)`` that each symbol's
+# run carries the Dagster run id tag and that the `champion` alias moved only for
+# symbols whose `challenger_beats_champion` check passed.

@@ -1,0 +1,530 @@
+"""Sensors, schedules, automation conditions and failure policy.
+
+Sensor tests follow dagster's ``project_fully_featured`` pattern: a table of
+scenarios, each a landing folder state plus a cursor, asserting the run requests
+and the new cursor of one evaluation with ``build_sensor_context``.
+"""
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from pipeline import automation, keys
+from pipeline.automation import (
+    MODEL_POOL,
+    decode_file_cursor,
+    domain_errors_are_final,
+    encode_file_cursor,
+    gated_eager,
+    model_retry_policy,
+    sensor_interval_seconds,
+)
+from pipeline.domain.demo_data import generate_fx_ticks
+from pipeline.domain.errors import DomainError
+from pipeline.partitions import date_partitions, symbol_date_key
+from pipeline.resources.landing import LandingResource
+from pipeline.settings import SettingsError, ensure_dagster_home, load_settings
+
+T0 = 1_790_000_000_000_000_000  # 2026-09-21T21:33:20Z in ns
+T1 = T0 + 3_600 * 10**9
+ROWS_A = "policy_id,district\nP1,D001\n"
+ROWS_B = "policy_id,district\nP1,D001\nP2,D002\n"
+
+
+def _sensor(name: str) -> dg.SensorDefinition:
+    return next(s for s in automation.sensors if s.name == name)
+
+
+def _write(folder: Path, name: str, content: str, mtime_ns: int) -> None:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def _evaluate(sensor_name: str, landing_root: Path, cursor: str | None, instance=None):
+    instance = instance or dg.DagsterInstance.ephemeral()
+    context = dg.build_sensor_context(
+        cursor=cursor,
+        instance=instance,
+        resources={"landing": LandingResource(path=str(landing_root))},
+    )
+    return _sensor(sensor_name)(context)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One landing-folder state, one cursor, what one evaluation must request."""
+
+    files: dict[str, tuple[str, int]]  # name -> (content, mtime_ns)
+    cursor: dict[str, tuple[int, int]] | None
+    requested: dict[str, list[str]]  # partition -> files in the run key
+    remembered: list[str] = field(default_factory=list)  # file names in the new cursor
+
+
+SIG_A = (T0, len(ROWS_A))
+CLAIMS_SCENARIOS = {
+    "empty folder requests nothing": Scenario({}, None, {}, []),
+    "new file requests its partition": Scenario(
+        {"claims_2026-07.csv": (ROWS_A, T0)},
+        None,
+        {"2026-07": [f"claims_2026-07.csv@{T0}:{len(ROWS_A)}"]},
+        ["claims_2026-07.csv"],
+    ),
+    "same cursor again requests nothing": Scenario(
+        {"claims_2026-07.csv": (ROWS_A, T0)},
+        {"claims_2026-07.csv": SIG_A},
+        {},
+        ["claims_2026-07.csv"],
+    ),
+    "new mtime re-requests": Scenario(
+        {"claims_2026-07.csv": (ROWS_A, T1)},
+        {"claims_2026-07.csv": SIG_A},
+        {"2026-07": [f"claims_2026-07.csv@{T1}:{len(ROWS_A)}"]},
+        ["claims_2026-07.csv"],
+    ),
+    "new size with same mtime re-requests": Scenario(
+        {"claims_2026-07.csv": (ROWS_B, T0)},
+        {"claims_2026-07.csv": SIG_A},
+        {"2026-07": [f"claims_2026-07.csv@{T0}:{len(ROWS_B)}"]},
+        ["claims_2026-07.csv"],
+    ),
+    "temp, stray and foreign files are ignored": Scenario(
+        {
+            ".claims_2026-08.csv.tmp": (ROWS_A, T0),
+            "claims_notes.txt": (ROWS_A, T0),
+            "fx_ticks_2026-09-01.csv": (ROWS_A, T0),
+        },
+        None,
+        {},
+        [],
+    ),
+    "a resend of one partition is one run": Scenario(
+        {"claims_2026-07.csv": (ROWS_A, T0), "claims_2026-07_resend.csv": (ROWS_B, T1)},
+        {"claims_2026-07.csv": SIG_A},
+        {"2026-07": [f"claims_2026-07_resend.csv@{T1}:{len(ROWS_B)}"]},
+        ["claims_2026-07.csv", "claims_2026-07_resend.csv"],
+    ),
+    "two partitions are two runs": Scenario(
+        {"claims_2026-07.csv": (ROWS_A, T0), "claims_2026-08.parquet": (ROWS_B, T0)},
+        None,
+        {
+            "2026-07": [f"claims_2026-07.csv@{T0}:{len(ROWS_A)}"],
+            "2026-08": [f"claims_2026-08.parquet@{T0}:{len(ROWS_B)}"],
+        },
+        ["claims_2026-07.csv", "claims_2026-08.parquet"],
+    ),
+    "a month outside the partitions is not ingested nor remembered": Scenario(
+        {"claims_2025-12.csv": (ROWS_A, T0)}, None, {}, []
+    ),
+    "a deleted file leaves the cursor": Scenario({}, {"claims_2026-07.csv": SIG_A}, {}, []),
+}
+
+
+@pytest.mark.parametrize("scenario", CLAIMS_SCENARIOS.values(), ids=CLAIMS_SCENARIOS.keys())
+def test_claims_landing_sensor(tmp_path: Path, scenario: Scenario) -> None:
+    for name, (content, mtime) in scenario.files.items():
+        _write(tmp_path / "claims", name, content, mtime)
+    cursor = None if scenario.cursor is None else encode_file_cursor(scenario.cursor)
+
+    result = _evaluate("claims_landing", tmp_path, cursor)
+
+    got = {r.partition_key: r.run_key for r in result.run_requests or []}
+    expected = {pk: f"claims:{pk}:" + "+".join(files) for pk, files in scenario.requested.items()}
+    assert got == expected
+    for request in result.run_requests or []:
+        assert request.asset_selection == [keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT]
+        assert request.run_config == automation.INGEST_RUN_CONFIG
+    assert sorted(decode_file_cursor(result.cursor)) == scenario.remembered
+    if not scenario.requested:
+        assert result.skip_reason is not None
+
+
+def test_ingest_runs_execute_in_process() -> None:
+    from pipeline.definitions import defs
+
+    job = defs.resolve_implicit_global_asset_job_def()
+    resolved = dg.validate_run_config(job, automation.INGEST_RUN_CONFIG)
+    assert list(resolved["execution"]["multi_or_in_process_executor"]) == ["in_process"]
+
+
+def test_replaying_the_new_cursor_requests_nothing(tmp_path: Path) -> None:
+    _write(tmp_path / "loan_book", "loan_book_2026-09-30.parquet", ROWS_A, T0)
+    _write(tmp_path / "loan_book", "loan_book_2026-10-31.parquet", ROWS_B, T0)
+    first = _evaluate("loan_book_landing", tmp_path, None)
+    assert sorted(r.partition_key for r in first.run_requests) == ["2026-09-30", "2026-10-31"]
+    assert all(
+        r.asset_selection == [keys.BRONZE_LOAN_BOOK, keys.LOAN_BOOK] for r in first.run_requests
+    )
+
+    again = _evaluate("loan_book_landing", tmp_path, first.cursor)
+    assert not again.run_requests
+    assert again.cursor == first.cursor
+
+    # a lost cursor yields byte-identical run keys, which Dagster de-duplicates
+    replay = _evaluate("loan_book_landing", tmp_path, None)
+    assert [r.run_key for r in replay.run_requests] == [r.run_key for r in first.run_requests]
+
+
+def test_partition_ingested_after_the_file_changed_is_skipped(tmp_path: Path) -> None:
+    old_ns = dt.datetime(2026, 10, 1, tzinfo=dt.UTC).timestamp() * 10**9
+    _write(tmp_path / "claims", "claims_2026-07.csv", ROWS_A, int(old_ns))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key=keys.BRONZE_CLAIMS, partition="2026-07")
+    )
+
+    skipped = _evaluate("claims_landing", tmp_path, None, instance)
+    assert not skipped.run_requests
+    assert list(decode_file_cursor(skipped.cursor)) == ["claims_2026-07.csv"]
+
+    future_ns = int((dt.datetime.now(dt.UTC).timestamp() + 60) * 10**9)
+    os.utime(tmp_path / "claims" / "claims_2026-07.csv", ns=(future_ns, future_ns))
+    redelivered = _evaluate("claims_landing", tmp_path, skipped.cursor, instance)
+    assert [r.partition_key for r in redelivered.run_requests] == ["2026-07"]
+
+
+def test_corrupt_cursor_is_an_error_not_a_rescan(tmp_path: Path) -> None:
+    with pytest.raises(automation.SensorCursorError, match="not a JSON object"):
+        _evaluate("claims_landing", tmp_path, "[1, 2")
+
+
+# --- FX: symbols become dynamic partitions -------------------------------------------
+
+FX_SYMBOLS = {"EUR/USD": (1.08, 0.8), "usd/jpy": (150.0, 1.0), "../etc": (1.0, 1.0)}
+
+
+def _write_fx(landing_root: Path, date: str, symbols=FX_SYMBOLS) -> Path:
+    ticks, _ = generate_fx_ticks(date, ticks_per_symbol=40, symbols=symbols)
+    path = landing_root / "fx_ticks" / f"fx_ticks_{date}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ticks.write_parquet(path)
+    return path
+
+
+def _added_symbols(result: dg.SensorResult) -> list[str]:
+    return [k for r in result.dynamic_partitions_requests for k in r.partition_keys]
+
+
+def test_fx_landing_registers_new_symbols_and_skips_invalid_ones(tmp_path: Path) -> None:
+    _write_fx(tmp_path, "2026-09-01")
+    instance = dg.DagsterInstance.ephemeral()
+
+    result = _evaluate("fx_ticks_landing", tmp_path, None, instance)
+
+    assert _added_symbols(result) == ["EURUSD", "USDJPY"]  # "../etc" is not a partition key
+    assert [(r.partition_key, r.asset_selection) for r in result.run_requests] == [
+        ("2026-09-01", [keys.BRONZE_FX_TICKS])
+    ]
+
+
+def test_fx_landing_adds_only_unknown_symbols(tmp_path: Path) -> None:
+    _write_fx(tmp_path, "2026-09-02")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("symbol", ["EURUSD"])
+
+    result = _evaluate("fx_ticks_landing", tmp_path, None, instance)
+
+    assert _added_symbols(result) == ["USDJPY"]
+    assert len(result.run_requests) == 1
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"PAR1 truncated", b"not,a,tick\n1,2,3\n"], ids=["empty", "corrupt", "csv"]
+)
+def test_unreadable_tick_file_still_requests_its_bronze_run(tmp_path: Path, content: bytes) -> None:
+    folder = tmp_path / "fx_ticks"
+    folder.mkdir()
+    (folder / "fx_ticks_2026-09-03.parquet").write_bytes(content)
+
+    result = _evaluate("fx_ticks_landing", tmp_path, None)
+
+    assert [r.partition_key for r in result.run_requests] == ["2026-09-03"]
+    assert _added_symbols(result) == []
+
+
+def test_fx_spreads_follow_bronze_days_whose_gate_passed(platform) -> None:
+    date = "2026-09-01"
+    _write_fx(platform.settings.landing_dir, date)
+    bronze_run = platform.materialize([keys.BRONZE_FX_TICKS], partition_key=date)
+    assert bronze_run.success
+    context = dg.build_sensor_context(
+        instance=platform.instance, resources={"lake": platform.lake}, cursor=None
+    )
+
+    result = automation.fx_spreads_sensor(context)
+
+    assert sorted(str(r.partition_key) for r in result.run_requests) == [
+        f"{date}|EURUSD",
+        f"{date}|USDJPY",
+    ]
+    assert all(r.asset_selection == [keys.FX_SPREADS] for r in result.run_requests)
+    assert _added_symbols(result) == ["EURUSD", "USDJPY"]
+
+    # the same cursor again: nothing new
+    again = automation.fx_spreads_sensor(
+        dg.build_sensor_context(
+            instance=platform.instance, resources={"lake": platform.lake}, cursor=result.cursor
+        )
+    )
+    assert not again.run_requests
+
+    # a partition curated after this bronze version is not requested again
+    platform.instance.add_dynamic_partitions("symbol", ["EURUSD", "USDJPY"])
+    assert platform.materialize([keys.FX_SPREADS], symbol_date_key("EURUSD", date)).success
+    rescan = automation.fx_spreads_sensor(
+        dg.build_sensor_context(
+            instance=platform.instance, resources={"lake": platform.lake}, cursor=None
+        )
+    )
+    assert [str(r.partition_key) for r in rescan.run_requests] == [f"{date}|USDJPY"]
+
+
+def test_fx_spreads_not_requested_when_bronze_gate_failed(tmp_path: Path) -> None:
+    @dg.asset(key=keys.BRONZE_FX_TICKS, partitions_def=date_partitions)
+    def bronze_stand_in() -> None:
+        return None
+
+    @dg.asset_check(
+        asset=keys.BRONZE_FX_TICKS,
+        name=keys.CHECK_FILE_SCHEMA,
+        partitions_def=date_partitions,
+        blocking=True,
+    )
+    def schema_fails() -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=False, description="missing column ask")
+
+    instance = dg.DagsterInstance.ephemeral()
+    run = dg.materialize(
+        [bronze_stand_in, schema_fails],
+        partition_key="2026-09-01",
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not run.success  # the blocking check failed the run
+    record = instance.fetch_materializations(keys.BRONZE_FX_TICKS, limit=1).records[0]
+
+    from pipeline.resources.lake import LakeResource
+
+    result = automation.fx_spreads_sensor(
+        dg.build_sensor_context(
+            instance=instance,
+            resources={"lake": LakeResource(root_uri=str(tmp_path / "lake"))},
+        )
+    )
+    assert not result.run_requests
+    assert result.cursor == str(record.storage_id)  # handled: not looked at again
+    status, reason = automation.bronze_gate_status(instance, record, automation.BRONZE_FX_GATE)
+    assert status == "failed"
+    assert f"{keys.CHECK_FILE_SCHEMA} failed for partition 2026-09-01" in reason
+    assert "missing column ask" in reason
+
+
+def test_fx_spreads_wait_while_the_bronze_run_is_going(tmp_path: Path) -> None:
+    @dg.asset(key=keys.BRONZE_FX_TICKS, partitions_def=date_partitions)
+    def bronze_stand_in() -> None:
+        return None
+
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([bronze_stand_in], partition_key="2026-09-01", instance=instance).success
+    record = instance.fetch_materializations(keys.BRONZE_FX_TICKS, limit=1).records[0]
+    # the run is reported as still going: its checks may not have run yet
+    instance.report_run_canceling(instance.get_run_by_id(record.run_id))
+
+    from pipeline.resources.lake import LakeResource
+
+    result = automation.fx_spreads_sensor(
+        dg.build_sensor_context(
+            instance=instance,
+            resources={"lake": LakeResource(root_uri=str(tmp_path / "lake"))},
+        )
+    )
+    assert not result.run_requests
+    assert result.cursor is None  # the record is looked at again next tick
+    status, reason = automation.bronze_gate_status(instance, record, automation.BRONZE_FX_GATE)
+    assert status == "pending", reason
+
+
+# --- automation conditions --------------------------------------------------------------
+
+
+def test_gated_eager_waits_for_upstream_blocking_checks() -> None:
+    verdict = {"passed": False}
+
+    @dg.asset
+    def upstream() -> None:
+        return None
+
+    @dg.asset_check(asset=upstream, blocking=True)
+    def upstream_is_valid() -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=verdict["passed"])
+
+    @dg.asset(deps=[upstream], automation_condition=gated_eager())
+    def gated_model() -> None:
+        return None
+
+    @dg.asset(deps=[upstream], automation_condition=dg.AutomationCondition.eager())
+    def ungated_model() -> None:
+        return None
+
+    defs = dg.Definitions(
+        assets=[upstream, gated_model, ungated_model], asset_checks=[upstream_is_valid]
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert tick.total_requested == 0  # upstream never materialised
+
+    failed = dg.materialize([upstream, upstream_is_valid], instance=instance, raise_on_error=False)
+    assert not failed.success
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert tick.get_num_requested(gated_model.key) == 0
+    assert tick.get_num_requested(ungated_model.key) == 1  # plain eager() would run it
+
+    verdict["passed"] = True
+    assert dg.materialize([upstream, upstream_is_valid], instance=instance).success
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert tick.get_num_requested(gated_model.key) == 1
+
+
+def _labels(condition: dg.AutomationCondition) -> set[str]:
+    found = {condition.get_label() or condition.name}
+    for child in condition.children:
+        found |= _labels(child)
+    return found
+
+
+def test_gated_assets_of_the_graph_wait_for_blocking_checks() -> None:
+    from pipeline.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    assert "all_deps_blocking_checks_passed" in _labels(gated_eager())
+    for key in (keys.CREDIBILITY_TABLE, keys.FX_CHAMPION_MODEL):
+        condition = graph.get(key).automation_condition
+        assert condition is not None, key
+        assert {"eager", "all_deps_blocking_checks_passed"} <= _labels(condition), key
+
+
+# --- failure policy -------------------------------------------------------------------
+
+
+def test_retry_delays_follow_exponential_backoff_with_jitter() -> None:
+    for attempt, (low, high) in {1: (0, 10), 2: (10, 20), 3: (30, 40)}.items():
+        delays = [model_retry_policy.calculate_delay(attempt) for _ in range(200)]
+        assert low <= min(delays) and max(delays) <= high, (attempt, min(delays), max(delays))
+        assert max(delays) - min(delays) > 5  # jitter spreads the retries
+    assert model_retry_policy.max_retries == 3
+
+
+def test_domain_errors_fail_once_under_the_retry_policy() -> None:
+    @dg.asset(retry_policy=model_retry_policy)
+    def diverging_model() -> None:
+        with domain_errors_are_final():
+            raise DomainError("partition 2026-07: R-hat 1.12 above bound 1.01")
+
+    result = dg.materialize(
+        [diverging_model], instance=dg.DagsterInstance.ephemeral(), raise_on_error=False
+    )
+    assert not result.success
+    kinds = [e.event_type_value for e in result.all_events]
+    assert "STEP_UP_FOR_RETRY" not in kinds
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "R-hat 1.12 above bound 1.01" in str(failure.event_specific_data.error)
+
+
+def test_transient_errors_are_left_to_the_retry_policy() -> None:
+    with pytest.raises(ConnectionError, match="mlflow"), domain_errors_are_final():
+        raise ConnectionError("mlflow tracking server unreachable")
+
+
+def test_model_pool_limit_from_dagster_yaml(tmp_path: Path) -> None:
+    home = ensure_dagster_home(load_settings({"PIPELINE_HOME": str(tmp_path)}))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        assert instance.event_log_storage.supports_global_concurrency_limits
+        instance.event_log_storage.initialize_concurrency_limit_to_default(MODEL_POOL)
+        assert instance.event_log_storage.get_concurrency_info(MODEL_POOL).slot_count == 1
+
+
+# --- knobs, schedules and wiring ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(None, 30), ("", 30), ("2", 2), (" 45 ", 45), ("86400", 86400)]
+)
+def test_sensor_interval_from_environment(raw: str | None, expected: int) -> None:
+    env = {} if raw is None else {automation.SENSOR_INTERVAL_ENV: raw}
+    assert sensor_interval_seconds(env) == expected
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "1.5", "soon", "86401"])
+def test_sensor_interval_rejects_nonsense(raw: str) -> None:
+    with pytest.raises(SettingsError, match=automation.SENSOR_INTERVAL_ENV):
+        sensor_interval_seconds({automation.SENSOR_INTERVAL_ENV: raw})
+
+
+@pytest.mark.parametrize(
+    ("schedule_name", "tick", "expected"),
+    [
+        (
+            "credibility_monthly_schedule",
+            dt.datetime(2026, 11, 5, 6, tzinfo=dt.UTC),
+            ["2026-10"],
+        ),
+        (
+            "fx_scoring_daily_schedule",
+            dt.datetime(2026, 9, 3, 6, tzinfo=dt.UTC),
+            ["2026-09-02|EURUSD", "2026-09-02|USDJPY"],
+        ),
+    ],
+)
+def test_schedules_request_the_partition_that_closed(
+    tmp_path: Path, schedule_name: str, tick: dt.datetime, expected: list[str]
+) -> None:
+    from pipeline.definitions import defs
+
+    repository = defs.get_repository_def()
+    schedule = repository.get_schedule_def(schedule_name)
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    # a persistent instance: schedules read dynamic partitions only through an instance ref
+    home = ensure_dagster_home(load_settings({"PIPELINE_HOME": str(tmp_path)}))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("symbol", ["USDJPY", "EURUSD"])
+        # closed before the instance: a context collected later would reset dagster's
+        # current defs-state storage to this (then disposed) instance's
+        with dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=tick, repository_def=repository
+        ) as context:
+            requests = schedule.evaluate_tick(context).run_requests
+    assert sorted(str(r.partition_key) for r in requests) == expected
+
+
+def test_definitions_wire_every_sensor_running() -> None:
+    from pipeline.definitions import defs
+
+    repository = defs.get_repository_def()
+    sensors = {s.name: s for s in repository.sensor_defs}
+    expected = {
+        "claims_landing",
+        "fx_ticks_landing",
+        "loan_book_landing",
+        "loan_scenarios_landing",
+        "fx_spreads_from_bronze",
+        "automation",
+    }
+    assert expected <= set(sensors)
+    for name in expected:
+        assert sensors[name].default_status == dg.DefaultSensorStatus.RUNNING, name
+    assert sensors["claims_landing"].minimum_interval_seconds == sensor_interval_seconds()
+
+
+def test_read_landing_symbols_reads_csv_and_parquet(tmp_path: Path) -> None:
+    frame = pl.DataFrame({"symbol": ["EUR/USD", "EUR/USD", None, "gbp-usd"], "bid": [1, 2, 3, 4]})
+    frame.write_parquet(tmp_path / "a.parquet")
+    frame.write_csv(tmp_path / "a.csv")
+    for name in ("a.parquet", "a.csv"):
+        assert automation.read_landing_symbols(tmp_path / name) == ["EUR/USD", "gbp-usd"]
