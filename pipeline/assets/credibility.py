@@ -19,7 +19,6 @@ import polars as pl
 from dagster import (
     AssetDep,
     AssetExecutionContext,
-    AutomationCondition,
     Config,
     MaterializeResult,
     MetadataValue,
@@ -30,6 +29,12 @@ from pydantic import Field
 
 from pipeline import keys
 from pipeline.assets.metadata import column_schema, markdown_table, png_markdown
+from pipeline.automation import (
+    MODEL_POOL,
+    domain_errors_are_final,
+    gated_eager,
+    model_retry_policy,
+)
 from pipeline.checks.gates import require_gate
 from pipeline.domain import contracts
 from pipeline.partitions import month_partitions
@@ -151,7 +156,8 @@ def read_diagnostics(lake: LakeResource, month: str) -> dict:
         "Hierarchical Poisson posterior of claim frequency by district, fitted on the "
         f"trailing {WINDOW_MONTHS} months of claims_by_district (ArviZ netCDF + MLflow run)."
     ),
-    pool="model_training",
+    pool=MODEL_POOL,
+    retry_policy=model_retry_policy,
 )
 def credibility_posterior(
     context: AssetExecutionContext,
@@ -160,6 +166,17 @@ def credibility_posterior(
     tracking: TrackingResource,
 ) -> MaterializeResult:
     """Fit, store and log the posterior of one valuation month."""
+    with domain_errors_are_final():
+        return fit_posterior(context, config, lake, tracking)
+
+
+def fit_posterior(
+    context: AssetExecutionContext,
+    config: CredibilityConfig,
+    lake: LakeResource,
+    tracking: TrackingResource,
+) -> MaterializeResult:
+    """Body of :func:`credibility_posterior` (domain errors are final, the rest retried)."""
     from pipeline.domain import credibility, plots
 
     month = context.partition_key
@@ -283,9 +300,7 @@ def credibility_posterior(
         "Credibility-weighted claim frequencies by district for the rating table. Written "
         "only when the posterior of the same month passed every convergence check."
     ),
-    automation_condition=(
-        AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
-    ),
+    automation_condition=gated_eager(),
     metadata={"partition_expr": "month"},
 )
 def credibility_table(

@@ -29,6 +29,12 @@ from pydantic import Field
 
 from pipeline import keys
 from pipeline.assets.metadata import column_schema, markdown_table, png_markdown
+from pipeline.automation import (
+    MODEL_POOL,
+    domain_errors_are_final,
+    gated_eager,
+    model_retry_policy,
+)
 from pipeline.checks.gates import require_gate
 from pipeline.domain import contracts
 from pipeline.partitions import valuation_date_partitions
@@ -238,7 +244,9 @@ def spark_simulate(
         "with Monte Carlo standard errors."
     ),
     metadata={"partition_expr": "valuation_date"},
-    pool="model_training",
+    pool=MODEL_POOL,
+    retry_policy=model_retry_policy,
+    automation_condition=gated_eager(),
 )
 def loan_loss_distribution(
     context: AssetExecutionContext,
@@ -248,6 +256,18 @@ def loan_loss_distribution(
     compute: ComputeResource,
 ) -> MaterializeResult:
     """Simulate every scenario of the valuation date and store the distribution."""
+    with domain_errors_are_final():
+        return simulate_distribution(context, config, lake, tracking, compute)
+
+
+def simulate_distribution(
+    context: AssetExecutionContext,
+    config: LoanLossConfig,
+    lake: LakeResource,
+    tracking: TrackingResource,
+    compute: ComputeResource,
+) -> MaterializeResult:
+    """Body of :func:`loan_loss_distribution` (domain errors are final, the rest retried)."""
     import mlflow
 
     from pipeline.domain import loan_loss, plots
