@@ -237,7 +237,7 @@ def write_demo_landing(
         if inject_defects and i == 0:
             frame, found = _claims_defects(frame)
             defects += [{"file": f"claims/claims_{month}.csv", **d} for d in found]
-        written.append(_atomic_write(frame, landing_dir / "claims" / f"claims_{month}.csv"))
+        written.append(write_drop(frame, landing_dir / "claims" / f"claims_{month}.csv"))
 
     labels = []
     for i, date in enumerate(fx_dates):
@@ -246,17 +246,17 @@ def write_demo_landing(
             ticks, found = _crossed_quotes(ticks, day_labels)
             defects += [{"file": f"fx_ticks/fx_ticks_{date}.parquet", **d} for d in found]
         labels.append(day_labels)
-        written.append(_atomic_write(ticks, landing_dir / "fx_ticks" / f"fx_ticks_{date}.parquet"))
+        written.append(write_drop(ticks, landing_dir / "fx_ticks" / f"fx_ticks_{date}.parquet"))
     if labels:
         pl.concat(labels).write_parquet(truth_dir / "fx_anomaly_labels.parquet")
 
     for valuation_date in valuation_dates:
         book = generate_loan_book(valuation_date, seed=seed)
         written.append(
-            _atomic_write(book, landing_dir / "loan_book" / f"loan_book_{valuation_date}.parquet")
+            write_drop(book, landing_dir / "loan_book" / f"loan_book_{valuation_date}.parquet")
         )
         written.append(
-            _atomic_write(
+            write_drop(
                 generate_loan_scenarios(),
                 landing_dir / "loan_scenarios" / f"loan_scenarios_{valuation_date}.csv",
             )
@@ -297,7 +297,11 @@ def _crossed_quotes(ticks: pl.DataFrame, labels: pl.DataFrame) -> tuple[pl.DataF
     return out, [{"row": i + 1, "defect": "bid > ask"} for i in rows]
 
 
-def _atomic_write(frame: pl.DataFrame, path: Path) -> Path:
+def write_drop(frame: pl.DataFrame, path: Path) -> Path:
+    """Write a drop the way upstream delivers: a hidden temp name, then an atomic rename.
+
+    Sensors ignore dot-files and ``.tmp`` names, so they never see half a file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".csv":

@@ -19,7 +19,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.domain.demo_data import claims_truth, generate_claims, generate_fx_ticks
+from pipeline.domain.demo_data import (
+    claims_truth,
+    generate_claims,
+    generate_fx_ticks,
+    write_drop,
+)
 from pipeline.settings import Settings, ensure_dagster_home, load_settings
 from pipeline_tests.e2e.graphql import FINISHED_RUN, DagsterGraphQL, wait_for
 
@@ -179,25 +184,14 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev
         stop_session(proc)
 
 
-def _atomic_write(frame: pl.DataFrame, path: Path) -> None:
-    """Write the way upstream delivers: a hidden temp name, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".csv":
-        frame.write_csv(tmp)
-    else:
-        frame.write_parquet(tmp)
-    tmp.replace(path)
-
-
 def write_drop(landing: Path) -> dict[str, int]:
     """Deliver one claims month and two FX days (three valid symbols, one invalid)."""
     claims = generate_claims(CLAIMS_MONTH, claims_truth(), n_policies=N_POLICIES)
-    _atomic_write(claims, landing / "claims" / f"claims_{CLAIMS_MONTH}.csv")
+    write_drop(claims, landing / "claims" / f"claims_{CLAIMS_MONTH}.csv")
     symbols = {**FX_SYMBOLS, INVALID_SYMBOL: (1.0, 1.0)}
     for date in FX_DATES:
         ticks, _ = generate_fx_ticks(date, ticks_per_symbol=TICKS_PER_SYMBOL, symbols=symbols)
-        _atomic_write(ticks, landing / "fx_ticks" / f"fx_ticks_{date}.parquet")
+        write_drop(ticks, landing / "fx_ticks" / f"fx_ticks_{date}.parquet")
     return {"claims_rows": claims.height, "fx_rows_per_day": TICKS_PER_SYMBOL * len(symbols)}
 
 
