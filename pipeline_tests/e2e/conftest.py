@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from pipeline.domain.demo_data import (
@@ -184,7 +183,7 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev
         stop_session(proc)
 
 
-def write_drop(landing: Path) -> dict[str, int]:
+def deliver_e2e_drop(landing: Path) -> dict[str, int]:
     """Deliver one claims month and two FX days (three valid symbols, one invalid)."""
     claims = generate_claims(CLAIMS_MONTH, claims_truth(), n_policies=N_POLICIES)
     write_drop(claims, landing / "claims" / f"claims_{CLAIMS_MONTH}.csv")
@@ -225,7 +224,7 @@ class Ingested:
 def ingested(dagster_dev: DagsterDev) -> Ingested:
     """Drop files in the landing zone and wait until the sensors' runs all succeeded."""
     started = time.monotonic()
-    delivered = write_drop(dagster_dev.settings.landing_dir)
+    delivered = deliver_e2e_drop(dagster_dev.settings.landing_dir)
     client = dagster_dev.client
 
     def all_done() -> dict[str, list[dict]] | None:
