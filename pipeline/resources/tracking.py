@@ -161,9 +161,19 @@ class TrackingResource(ConfigurableResource):
         if self.alias_version(name, alias) is not None:
             self.client().delete_registered_model_alias(name, alias)
 
-    def load_sklearn(self, name: str, alias: str) -> Any:
-        """Load the scikit-learn model behind ``models:/<name>@<alias>``."""
+    def load_sklearn(
+        self, name: str, alias: str | None = None, *, version: str | int | None = None
+    ) -> Any:
+        """Load the scikit-learn model ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
+
+        Pass the version when the caller has already resolved an alias and records which
+        version it used: loading by alias again could pick up a version the alias moved to
+        in between (a promotion or a revert in another run).
+        """
         import mlflow.sklearn
 
+        if (alias is None) == (version is None):
+            raise TrackingError(f"load_sklearn({name!r}): give exactly one of alias or version")
         self._bind()
-        return mlflow.sklearn.load_model(f"models:/{name}@{alias}")
+        ref = f"{name}@{alias}" if alias is not None else f"{name}/{version}"
+        return mlflow.sklearn.load_model(f"models:/{ref}")

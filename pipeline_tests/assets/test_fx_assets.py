@@ -1,0 +1,617 @@
+"""FX model assets on a real lake, MLflow store and Dagster instance (issue 4, item 8).
+
+The demo drop (8 symbols x 8 days x 1,500 ticks, seeded, with injected spread bursts and
+spikes whose labels sit in ``landing/_truth``) is curated once per module; each test copies
+that lake, the landing zone and a migrated, empty MLflow sqlite store into its own
+``PIPELINE_HOME`` and gets a fresh ephemeral Dagster instance, so tests share no registry
+or run history. Training holds out the last 3 days (2026-09-06..08).
+
+Floors on the demo data, held-out days, every symbol: precision >= 0.8, recall >= 0.95,
+average precision >= 0.95 (measured: AP 1.000 for all 8 symbols, precision 0.874-1.000,
+recall 0.992-1.000; EURUSD precision 1.000, recall 0.992).
+"""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline import keys
+from pipeline.assets.fx_anomaly import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    SKOPS_TRUSTED_TYPES,
+    pip_requirements,
+)
+from pipeline.automation import normalise_symbols, read_landing_symbols
+from pipeline.checks.gates import GateClosedError, check_record_failures
+from pipeline.demo import QUIET, landing_symbols, materialize_range
+from pipeline.domain import fx_anomaly
+from pipeline.domain.demo_data import FX_DATES, write_demo_landing
+from pipeline.partitions import symbol_date_key
+from pipeline.resources.tracking import (
+    DAGSTER_ASSET_TAG,
+    DAGSTER_PARTITION_TAG,
+    DAGSTER_RUN_TAG,
+    TrackingError,
+)
+from pipeline_tests.conftest import Platform, make_platform
+
+DATES = FX_DATES[:8]
+TRAIN_DATES, HOLDOUT_DATES = DATES[:5], DATES[5:]
+TICKS = 1_500
+SYMBOL = "EURUSD"
+MODEL = "fx_spread_eurusd"
+
+PRECISION_FLOOR = 0.8
+RECALL_FLOOR = 0.95
+AP_FLOOR = 0.95
+
+CHALLENGER_OP = "models__fx_challenger_model"
+MONITOR_OP = "gold__fx_model_monitor"
+BAD_FOREST = {"max_samples": 2, "n_estimators": 1}
+
+
+# --- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def curated_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PIPELINE_HOME with the demo FX drop curated and an empty, migrated MLflow store.
+
+    Curating 64 (symbol, date) partitions and migrating a sqlite MLflow schema take
+    ~15 s together; doing it once per module keeps every test on copies of the result.
+    """
+    home = tmp_path_factory.mktemp("fx_template") / "home"
+    plat = make_platform(home)
+    with restored_mlflow_environment():
+        write_demo_landing(
+            plat.settings.landing_dir,
+            claims_months=(),
+            valuation_dates=(),
+            fx_dates=DATES,
+            ticks_per_symbol=TICKS,
+        )
+        symbols = landing_symbols(plat.settings)
+        plat.instance.add_dynamic_partitions("symbol", symbols)
+        for date in DATES:
+            plat.materialize([keys.BRONZE_FX_TICKS], date, run_config=QUIET)
+        materialize_range(
+            plat.defs,
+            plat.instance,
+            [keys.FX_SPREADS],
+            symbol_date_key(symbols[0], DATES[0]),
+            symbol_date_key(symbols[-1], DATES[-1]),
+        )
+        plat.tracking.client().search_experiments()  # creates and migrates mlflow.db
+        plat.instance.dispose()
+    return home
+
+
+@contextlib.contextmanager
+def restored_mlflow_environment() -> Iterator[None]:
+    """Undo what MLflow leaves in the process: an active run and exported store URIs.
+
+    ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``; without the restore a later
+    test or subprocess would write into a temporary store of this module.
+    """
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    try:
+        yield
+    finally:
+        import mlflow
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _isolated_process_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty working directory, which must stay empty, and MLflow's globals restored."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with restored_mlflow_environment():
+        yield cwd
+    assert list(cwd.iterdir()) == [], "something was written to the working directory"
+
+
+@pytest.fixture
+def fx(curated_home: Path, tmp_path: Path) -> Iterator[Platform]:
+    """A platform on a private copy of the curated demo home, symbols registered."""
+    home = tmp_path / "home"
+    shutil.copytree(curated_home, home)
+    plat = make_platform(home)
+    plat.instance.add_dynamic_partitions("symbol", landing_symbols(plat.settings))
+    yield plat
+    plat.instance.dispose()
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def run(
+    plat: Platform,
+    asset_keys: list[dg.AssetKey],
+    partition_key: str | dg.MultiPartitionKey | None = None,
+    *,
+    ops: dict | None = None,
+    raise_on_error: bool = False,
+) -> dg.ExecuteInProcessResult:
+    """One in-process run with op config ``ops`` (op name -> config dict)."""
+    run_config = {
+        **QUIET,
+        "ops": {name: {"config": config} for name, config in (ops or {}).items()},
+    }
+    return plat.materialize(
+        asset_keys, partition_key, raise_on_error=raise_on_error, run_config=run_config
+    )
+
+
+def checks_of(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def materialized(result: dg.ExecuteInProcessResult) -> set[str]:
+    return {
+        e.asset_key.to_user_string()
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION
+    }
+
+
+def metadata_of(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> list[dict]:
+    """Metadata of each materialisation of ``key`` (one per partition of a range run)."""
+    return [
+        {k: v.value for k, v in e.materialization.metadata.items()}
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == key
+    ]
+
+
+def steps_with(result: dg.ExecuteInProcessResult, event_type: dg.DagsterEventType) -> set[str]:
+    return {e.step_key for e in result.all_events if e.event_type == event_type}
+
+
+def step_failure_descriptions(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    return {
+        e.step_key: (
+            e.step_failure_data.user_failure_data.description
+            if e.step_failure_data.user_failure_data
+            else e.step_failure_data.error.message
+        )
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.STEP_FAILURE
+    }
+
+
+def aliases(plat: Platform, name: str = MODEL) -> dict[str, str]:
+    model = plat.tracking.client().get_registered_model(name)
+    return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+def evaluations(plat: Platform, symbol: str = SYMBOL) -> pl.DataFrame:
+    return plat.lake.read("gold", "fx_model_evaluations", {"symbol": symbol}).sort("evaluated_at")
+
+
+def model_events(plat: Platform) -> pl.DataFrame:
+    return plat.lake.read("gold", "model_events").sort("at")
+
+
+def symbol_features(plat: Platform, symbol: str = SYMBOL) -> pl.DataFrame:
+    """Features over the symbol's whole curated history, as training computes them."""
+    ticks = plat.lake.read("curated", "fx_spreads", {"symbol": symbol}).sort("ts")
+    return fx_anomaly.spread_features(ticks.select(fx_anomaly.TICK_COLUMNS)).with_columns(
+        ticks["date"]
+    )
+
+
+def labelled(plat: Platform, frame: pl.DataFrame, symbol: str = SYMBOL) -> pl.DataFrame:
+    """``frame`` plus ``truth``: whether the tick is an injected anomaly of the demo drop."""
+    truth = pl.read_parquet(plat.settings.landing_dir / "_truth" / "fx_anomaly_labels.parquet")
+    raw = [s for s in truth["symbol"].unique().to_list() if s.replace("/", "").upper() == symbol]
+    anomalous = truth.filter(pl.col("symbol").is_in(raw)).select("ts", truth=pl.lit(True))
+    return frame.join(anomalous, on="ts", how="left").with_columns(pl.col("truth").fill_null(False))
+
+
+def precision_recall(frame: pl.DataFrame) -> tuple[float, float]:
+    hits = frame.filter(pl.col("is_anomaly") & pl.col("truth")).height
+    return hits / frame["is_anomaly"].sum(), hits / frame["truth"].sum()
+
+
+# --- first model: registration, gate by floor, promotion, tracking ----------------------
+
+
+@pytest.mark.slow
+def test_first_challenger_is_registered_gated_by_the_floor_promoted_and_tracked(
+    fx: Platform,
+) -> None:
+    import mlflow
+
+    result = run(fx, [keys.FX_CHALLENGER_MODEL, keys.FX_CHAMPION_MODEL], SYMBOL)
+    assert result.success
+    assert materialized(result) == {"models/fx_challenger_model", "models/fx_champion_model"}
+
+    # the stored evaluation: injected anomalies of the held-out days are found
+    (evaluation,) = evaluations(fx).iter_rows(named=True)
+    assert evaluation["model_name"] == MODEL
+    assert evaluation["model_version"] == "1"
+    assert evaluation["holdout_dates"] == ",".join(HOLDOUT_DATES)
+    assert evaluation["challenger_average_precision"] >= AP_FLOOR, evaluation
+    assert evaluation["challenger_precision"] >= PRECISION_FLOOR, evaluation
+    assert evaluation["challenger_recall"] >= RECALL_FLOOR, evaluation
+    assert evaluation["contract_failures"] == ""
+
+    # no champion yet: the check passes on the floor alone
+    assert evaluation["champion_version"] == ""
+    assert math.isnan(evaluation["champion_average_precision"])
+    check = checks_of(result)[keys.CHECK_CHALLENGER_BEATS_CHAMPION]
+    assert check.passed, check.description
+    assert check.description == "passed"
+    assert check.metadata["ap_floor"].value == 0.5
+    assert math.isnan(check.metadata["champion_average_precision"].value)
+
+    # registry: version 1 carries both aliases, nothing to fall back to yet
+    assert aliases(fx) == {CHALLENGER: "1", CHAMPION: "1"}
+    assert fx.tracking.alias_version(MODEL, PREVIOUS_CHAMPION) is None
+    (event,) = model_events(fx).iter_rows(named=True)
+    assert (event["event"], event["from_version"], event["to_version"]) == ("promoted", "", "1")
+    assert event["dagster_run_id"] == result.run_id
+    (champion_metadata,) = metadata_of(result, keys.FX_CHAMPION_MODEL)
+    assert champion_metadata["champion_version"] == "1"
+
+    # the MLflow run: params, metrics, Dagster tags
+    client = fx.tracking.client()
+    version = client.get_model_version(MODEL, "1")
+    mlflow_run = client.get_run(version.run_id)
+    assert mlflow_run.info.run_id == evaluation["mlflow_run_id"]
+    params = mlflow_run.data.params
+    assert params["contamination"] == "0.03"
+    assert params["n_estimators"] == "100"
+    assert params["random_state"] == "42"
+    assert params["train_dates"] == f"{TRAIN_DATES[0]}..{TRAIN_DATES[-1]}"
+    assert params["holdout_dates"] == f"{HOLDOUT_DATES[0]}..{HOLDOUT_DATES[-1]}"
+    assert params["features"] == ",".join(fx_anomaly.FEATURE_COLUMNS)
+    features = symbol_features(fx)
+    train = features.filter(pl.col("date").is_in(TRAIN_DATES))
+    metrics = mlflow_run.data.metrics
+    assert metrics["train_rows"] == train.height
+    (challenger_metadata,) = metadata_of(result, keys.FX_CHALLENGER_MODEL)
+    assert challenger_metadata["model_version"] == "1"
+    assert evaluation["mlflow_run_id"] in challenger_metadata["mlflow_run"]
+    assert set(challenger_metadata["seconds"]) >= {"fit", "log_model", "register", "alias"}
+    assert metrics["holdout_average_precision"] == evaluation["challenger_average_precision"]
+    assert metrics["holdout_recall"] == evaluation["challenger_recall"]
+    assert 0 < metrics["fit_seconds"] < 60
+    tags = mlflow_run.data.tags
+    assert tags[DAGSTER_RUN_TAG] == result.run_id
+    assert tags[DAGSTER_ASSET_TAG] == "models/fx_challenger_model"
+    assert tags[DAGSTER_PARTITION_TAG] == SYMBOL
+    assert version.tags["dagster_run_id"] == result.run_id
+    assert float(version.tags["holdout_average_precision"]) == pytest.approx(
+        evaluation["challenger_average_precision"], rel=1e-12
+    )
+
+    # the logged model: signature, input example, explicit (not inferred) requirements
+    info = mlflow.models.get_model_info(f"models:/{MODEL}/1")
+    assert info.signature.inputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float64", "shape": (-1, 5)}}
+    ]
+    assert info.signature.outputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float64", "shape": (-1,)}}
+    ]
+    assert info.flavors["sklearn"]["serialization_format"] == "skops"
+    assert info.flavors["sklearn"]["skops_trusted_types"] == SKOPS_TRUSTED_TYPES
+    local = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path=str(Path.cwd().parent))
+    )
+    requirements = (local / "requirements.txt").read_text().split()
+    assert requirements == [f"mlflow=={mlflow.__version__}", *pip_requirements()]
+    assert [r.split("==")[0] for r in requirements] == ["mlflow", "scikit-learn", "numpy", "skops"]
+    example = json.loads((local / "input_example.json").read_text())
+    train_matrix = fx_anomaly.feature_matrix(train)
+    np.testing.assert_array_equal(np.asarray(example), train_matrix[:5])
+    assert not any(p.name == "uv.lock" for p in local.iterdir())
+
+
+@pytest.mark.slow
+def test_champion_loaded_by_alias_scores_exactly_like_the_model_trained_in_memory(
+    fx: Platform,
+) -> None:
+    import mlflow.sklearn
+
+    assert run(fx, [keys.FX_CHALLENGER_MODEL, keys.FX_CHAMPION_MODEL], SYMBOL).success
+    features = symbol_features(fx)
+    in_memory = fx_anomaly.fit_spread_model(
+        features.filter(pl.col("date").is_in(TRAIN_DATES)), random_state=42
+    )
+    loaded = mlflow.sklearn.load_model(f"models:/{MODEL}@{CHAMPION}")
+    x = fx_anomaly.feature_matrix(features)
+    expected = in_memory.score_samples(x)
+    assert np.array_equal(loaded.score_samples(x), expected)
+    assert loaded.offset_ == in_memory.offset_
+
+    # the held-out days scored in one run; rows equal the in-memory scores of features
+    # computed over the whole history (warm-up across day boundaries included)
+    scores_run = materialize_range(
+        fx.defs,
+        fx.instance,
+        [keys.FX_ANOMALY_SCORES],
+        symbol_date_key(SYMBOL, HOLDOUT_DATES[0]),
+        symbol_date_key(SYMBOL, HOLDOUT_DATES[-1]),
+    )
+    assert scores_run.success
+    stored = fx.lake.read("gold", "fx_anomaly_scores", {"symbol": SYMBOL}).sort("ts")
+    holdout = features.filter(pl.col("date").is_in(HOLDOUT_DATES))
+    assert stored["ts"].to_list() == holdout["ts"].to_list()
+    x_holdout = fx_anomaly.feature_matrix(holdout)
+    assert np.array_equal(stored["anomaly_score"].to_numpy(), -in_memory.score_samples(x_holdout))
+    assert np.array_equal(stored["is_anomaly"].to_numpy(), in_memory.predict(x_holdout) == -1)
+    assert np.array_equal(stored["rel_spread_bps"].to_numpy(), holdout["rel_spread_bps"].to_numpy())
+    assert set(stored["model_version"].to_list()) == {"1"}
+
+    # a day scored alone gets the same rows: its warm-up comes from the day before
+    alone = run(fx, [keys.FX_ANOMALY_SCORES], symbol_date_key(SYMBOL, HOLDOUT_DATES[1]))
+    assert alone.success
+    again = fx.lake.read(
+        "gold", "fx_anomaly_scores", {"symbol": SYMBOL, "date": HOLDOUT_DATES[1]}
+    ).sort("ts")
+    assert again.equals(stored.filter(pl.col("date") == HOLDOUT_DATES[1]))
+
+    # detection quality measured on what was stored, equal to the stored evaluation
+    precision, recall = precision_recall(labelled(fx, stored))
+    (evaluation,) = evaluations(fx).iter_rows(named=True)
+    assert precision >= PRECISION_FLOOR
+    assert recall >= RECALL_FLOOR
+    assert precision == pytest.approx(evaluation["challenger_precision"], abs=1e-12)
+    assert recall == pytest.approx(evaluation["challenger_recall"], abs=1e-12)
+
+
+# --- lifecycle: promotion, a blocked challenger, revert ---------------------------------
+
+
+@pytest.mark.slow
+def test_promotion_gate_and_revert_over_the_model_lifecycle(fx: Platform) -> None:
+    promote = [keys.FX_CHALLENGER_MODEL, keys.FX_CHAMPION_MODEL]
+    assert run(fx, promote, SYMBOL).success  # version 1 becomes champion
+
+    # a good second challenger (another seed) is compared with the champion and promoted
+    second = run(fx, promote, SYMBOL, ops={CHALLENGER_OP: {"random_state": 7}})
+    assert second.success
+    assert checks_of(second)[keys.CHECK_CHALLENGER_BEATS_CHAMPION].passed
+    evaluation = evaluations(fx).row(-1, named=True)
+    assert (evaluation["model_version"], evaluation["champion_version"]) == ("2", "1")
+    assert evaluation["challenger_average_precision"] >= (
+        evaluation["champion_average_precision"] - evaluation["ap_tolerance"]
+    )
+    assert aliases(fx) == {CHALLENGER: "2", CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+    events = model_events(fx)
+    assert events.select("event", "from_version", "to_version").rows() == [
+        ("promoted", "", "1"),
+        ("promoted", "1", "2"),
+    ]
+    assert events["dagster_run_id"][-1] == second.run_id
+
+    # a bad challenger (one tree on two samples) is stopped by the blocking check...
+    bad = run(fx, promote, SYMBOL, ops={CHALLENGER_OP: BAD_FOREST})
+    assert not bad.success
+    check = checks_of(bad)[keys.CHECK_CHALLENGER_BEATS_CHAMPION]
+    bad_eval = evaluations(fx).row(-1, named=True)
+    bad_ap = bad_eval["challenger_average_precision"]
+    assert bad_eval["model_version"] == "3"
+    assert bad_ap < 0.2, bad_eval
+    assert not check.passed
+    assert check.description.startswith(f"{SYMBOL}: challenger average_precision {bad_ap:.4f}")
+    assert "not above the floor 0.5000" in check.description
+    assert materialized(bad) == {"models/fx_challenger_model"}
+    check_step = f"{CHALLENGER_OP}_{keys.CHECK_CHALLENGER_BEATS_CHAMPION}"
+    assert steps_with(bad, dg.DagsterEventType.STEP_FAILURE) == {check_step}
+    assert "models__fx_champion_model" not in steps_with(bad, dg.DagsterEventType.STEP_START)
+    assert aliases(fx) == {CHALLENGER: "3", CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+
+    # ...and by the guard in a later run that selects only the champion
+    later = run(fx, [keys.FX_CHAMPION_MODEL], SYMBOL)
+    assert not later.success
+    (message,) = step_failure_descriptions(later).values()
+    assert message.startswith(f"refusing to promote {MODEL} for symbol {SYMBOL}: ")
+    assert f"challenger average_precision {bad_ap:.4f} is not above the floor 0.5000" in message
+    champion_ap = bad_eval["champion_average_precision"]
+    assert f"below the champion's {champion_ap:.4f}" in message
+    assert f"failed for partition {SYMBOL} in run {bad.run_id}" in message
+    with pytest.raises(GateClosedError, match=f"symbol {SYMBOL}"):
+        run(fx, [keys.FX_CHAMPION_MODEL], SYMBOL, raise_on_error=True)
+    assert aliases(fx) == {CHALLENGER: "3", CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+    assert model_events(fx).height == 2
+
+    # the monitor sees a regression of champion 2 and moves champion back to 1
+    day = symbol_date_key(SYMBOL, DATES[-1])
+    assert run(fx, [keys.FX_ANOMALY_SCORES], day).success
+    monitored = run(fx, [keys.FX_MODEL_MONITOR], day, ops={MONITOR_OP: {"max_rate_ratio": 0.01}})
+    assert monitored.success  # the monitor did its job; the check reports the regression
+    (row,) = fx.lake.read("gold", "fx_model_monitor").iter_rows(named=True)
+    assert row["model_version"] == "2"
+    assert row["action"] == "reverted 2 -> 1"
+    assert row["failures"].startswith(f"anomaly rate {row['anomaly_rate']:.4f} exceeds 0.01 x")
+    assert aliases(fx) == {CHALLENGER: "3", CHAMPION: "1"}
+    events = model_events(fx)
+    assert events.select("event", "from_version", "to_version").row(-1) == ("reverted", "2", "1")
+    assert events["dagster_run_id"][-1] == monitored.run_id
+    assert events["reason"][-1] == row["failures"]
+    client = fx.tracking.client()
+    assert client.get_model_version(MODEL, "2").tags["reverted"] == row["failures"]
+    assert client.get_registered_model(MODEL).tags["last_revert"] == (
+        f"2->1 by run {monitored.run_id}"
+    )
+    kpi = checks_of(monitored)[keys.CHECK_CHAMPION_KPI]
+    assert not kpi.passed
+    assert kpi.description == f"{SYMBOL} {DATES[-1]}: {row['failures']} (actions: reverted 2 -> 1)"
+    assert kpi.metadata["action"].value == "reverted 2 -> 1"
+
+    # scoring now uses the restored champion
+    assert run(fx, [keys.FX_ANOMALY_SCORES], day).success
+    rescored = fx.lake.read("gold", "fx_anomaly_scores", {"symbol": SYMBOL, "date": DATES[-1]})
+    assert set(rescored["model_version"].to_list()) == {"1"}
+
+
+# --- symbol names -----------------------------------------------------------------------
+
+
+def test_odd_symbol_spellings_map_to_one_partition_and_unsafe_ones_go_nowhere(
+    platform: Platform,
+) -> None:
+    day = DATES[0]
+    ts = pl.datetime_range(
+        pl.datetime(2026, 9, 1, 1), pl.datetime(2026, 9, 1, 22), "1h", eager=True
+    ).dt.cast_time_unit("us")
+    spellings = ["EUR/USD", "eur/usd", "EURUSD", "../x"]
+    frames = [
+        pl.DataFrame(
+            {"symbol": raw, "ts": ts[i::4], "bid": 1.0800, "ask": 1.0801},
+            schema_overrides={"ts": pl.Datetime("us")},
+        )
+        for i, raw in enumerate(spellings)
+    ]
+    delivered = pl.concat(frames)
+    path = platform.settings.landing_dir / "fx_ticks" / f"fx_ticks_{day}.parquet"
+    path.parent.mkdir(parents=True)
+    delivered.write_parquet(path)
+
+    valid, invalid = normalise_symbols(read_landing_symbols(path))
+    assert (valid, invalid) == (["EURUSD"], ["../x"])
+    assert landing_symbols(platform.settings) == ["EURUSD"]
+    with pytest.raises(TrackingError, match=r"'\.\./x' is not a normalised partition key"):
+        platform.tracking.model_name("../x")
+    with pytest.raises(TrackingError):
+        platform.tracking.model_name("eur/usd")
+
+    platform.instance.add_dynamic_partitions("symbol", ["EURUSD"])
+    assert platform.materialize([keys.BRONZE_FX_TICKS], day, run_config=QUIET).success
+    assert platform.materialize(
+        [keys.FX_SPREADS], symbol_date_key("EURUSD", day), run_config=QUIET
+    ).success
+    curated = platform.lake.read("curated", "fx_spreads")
+    bad_rows = frames[3].height
+    assert curated.height == delivered.height - bad_rows
+    assert set(curated["symbol"].to_list()) == {"EURUSD"}
+    quarantined = platform.lake.read("quarantine", "fx_spreads")
+    assert quarantined.height == bad_rows
+    assert set(quarantined["reason"].to_list()) == {"symbol does not normalise to [A-Z0-9]{3,12}"}
+    assert all('"symbol":"../x"' in r.replace(" ", "") for r in quarantined["record"].to_list())
+
+    # a partition added by hand (API, UI) is refused before it reaches a path or a registry
+    platform.instance.add_dynamic_partitions("symbol", ["../x"])
+    spreads = platform.materialize(
+        [keys.FX_SPREADS], symbol_date_key("../x", day), raise_on_error=False, run_config=QUIET
+    )
+    assert not spreads.success
+    assert "is not a normalised partition key" in next(
+        iter(step_failure_descriptions(spreads).values())
+    )
+    model = platform.materialize(
+        [keys.FX_CHALLENGER_MODEL], "../x", raise_on_error=False, run_config=QUIET
+    )
+    assert not model.success
+    assert platform.tracking.client().search_registered_models() == []
+    assert platform.lake.read("curated", "fx_spreads").height == curated.height
+    home = platform.settings.home
+    assert not (home.parent / "x").exists()
+    assert not any("x" == p.name or ".." in p.name for p in home.rglob("*") if p.is_dir())
+
+
+# --- backfills ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_range_runs_train_every_symbol_and_score_boxes_of_partitions(fx: Platform) -> None:
+    symbols = fx.instance.get_dynamic_partitions("symbol")
+    assert len(symbols) == 8
+
+    # one run trains and promotes every symbol: the check runs once for the range and the
+    # champion's guard accepts that range-run result
+    trained = materialize_range(
+        fx.defs,
+        fx.instance,
+        [keys.FX_CHALLENGER_MODEL, keys.FX_CHAMPION_MODEL],
+        symbols[0],
+        symbols[-1],
+    )
+    assert trained.success
+    trained_metadata = metadata_of(trained, keys.FX_CHALLENGER_MODEL)
+    assert len(trained_metadata) == 8  # one materialisation per symbol, same metadata
+    assert {m["models_trained"] for m in trained_metadata} == {8}
+    stored = fx.lake.read("gold", "fx_model_evaluations")
+    assert sorted(stored["symbol"].to_list()) == sorted(symbols)
+    assert set(stored["dagster_run_id"].to_list()) == {trained.run_id}
+    assert stored["challenger_average_precision"].min() >= AP_FLOOR
+    assert stored["challenger_recall"].min() >= RECALL_FLOOR
+    assert stored["challenger_precision"].min() >= PRECISION_FLOOR
+    assert checks_of(trained)[keys.CHECK_CHALLENGER_BEATS_CHAMPION].passed
+    for symbol in symbols:
+        assert aliases(fx, fx.tracking.model_name(symbol)) == {CHALLENGER: "1", CHAMPION: "1"}
+    events = model_events(fx)
+    assert sorted(events["symbol"].to_list()) == sorted(symbols)
+    assert set(events["dagster_run_id"].to_list()) == {trained.run_id}
+
+    # a later champion-only run over the range passes the guard on the same records
+    for symbol in symbols:
+        failures = check_record_failures(
+            fx.instance, keys.FX_CHALLENGER_MODEL, [keys.CHECK_CHALLENGER_BEATS_CHAMPION], symbol
+        )
+        assert failures == [], failures
+    again = materialize_range(
+        fx.defs, fx.instance, [keys.FX_CHAMPION_MODEL], symbols[0], symbols[-1]
+    )
+    assert again.success
+    assert "| unchanged |" in metadata_of(again, keys.FX_CHAMPION_MODEL)[0]["promotions"]
+    assert model_events(fx).height == 8
+
+    # every symbol over the held-out days, scored and monitored in one run
+    box = materialize_range(
+        fx.defs,
+        fx.instance,
+        [keys.FX_ANOMALY_SCORES, keys.FX_MODEL_MONITOR],
+        symbol_date_key(symbols[0], HOLDOUT_DATES[0]),
+        symbol_date_key(symbols[-1], HOLDOUT_DATES[-1]),
+    )
+    assert box.success
+    scores = fx.lake.read("gold", "fx_anomaly_scores")
+    curated = fx.lake.read("curated", "fx_spreads", {"date": list(HOLDOUT_DATES)})
+    assert scores.height == curated.height
+    assert scores.group_by("symbol", "date").len().height == 8 * 3
+    assert set(scores["model_version"].to_list()) == {"1"}
+    box_metadata = metadata_of(box, keys.FX_ANOMALY_SCORES)
+    assert len(box_metadata) == 24
+    assert box_metadata[0]["champion_versions"] == dict.fromkeys(symbols, "1")
+    monitor = fx.lake.read("gold", "fx_model_monitor")
+    assert monitor.height == 24
+    assert set(monitor["action"].to_list()) == {"none"}
+    assert checks_of(box)[keys.CHECK_CHAMPION_KPI].passed
+
+    # one symbol over every day, in one run: the overlapping days are identical
+    history = materialize_range(
+        fx.defs,
+        fx.instance,
+        [keys.FX_ANOMALY_SCORES],
+        symbol_date_key(SYMBOL, DATES[0]),
+        symbol_date_key(SYMBOL, DATES[-1]),
+    )
+    assert history.success
+    mine = fx.lake.read("gold", "fx_anomaly_scores", {"symbol": SYMBOL}).sort("ts")
+    assert mine["date"].unique().sort().to_list() == list(DATES)
+    assert mine.height == fx.lake.read("curated", "fx_spreads", {"symbol": SYMBOL}).height
+    before = scores.filter(pl.col("symbol") == SYMBOL).sort("ts")
+    assert mine.filter(pl.col("date").is_in(HOLDOUT_DATES)).equals(before)
