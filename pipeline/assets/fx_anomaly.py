@@ -521,25 +521,28 @@ def fx_anomaly_scores(
         scored = fx_anomaly.score_spreads(model, features)
         seconds["score"] += clock() - lap
         lap = clock()
-        for date in dates:
-            out = scored.filter(pl.col("date") == date).select(
-                "symbol",
-                "date",
-                "ts",
-                "bid",
-                "ask",
-                "spread",
-                "rel_spread_bps",
-                "anomaly_score",
-                "is_anomaly",
-                pl.lit(champions[symbol]).alias("model_version"),
-            )
-            lake.overwrite_partition(
-                "gold", "fx_anomaly_scores", out, {"symbol": symbol, "date": date}
-            )
-            flagged += int(out["is_anomaly"].sum())
-            rows += out.height
-            last_scored = (symbol, date, out)
+        out = scored.select(
+            "symbol",
+            "date",
+            "ts",
+            "bid",
+            "ask",
+            "spread",
+            "rel_spread_bps",
+            "anomaly_score",
+            "is_anomaly",
+            pl.lit(champions[symbol]).alias("model_version"),
+        )
+        # all requested days of the symbol in one atomic commit
+        lake.overwrite_partitions(
+            "gold",
+            "fx_anomaly_scores",
+            out,
+            [{"symbol": symbol, "date": date} for date in dates],
+        )
+        flagged += int(out["is_anomaly"].sum())
+        rows += out.height
+        last_scored = (symbol, dates[-1], out.filter(pl.col("date") == dates[-1]))
         seconds["write"] += clock() - lap
     metadata: dict = {
         "dagster/row_count": rows,

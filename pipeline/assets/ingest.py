@@ -321,14 +321,23 @@ def fx_spreads(context: AssetExecutionContext, lake: LakeResource) -> Materializ
         rows, quarantined, rows_in = split_partition(lake, SOURCES["fx_ticks"], date)
         lake.overwrite_partition("quarantine", "fx_spreads", quarantined, {"partition_key": date})
         q_symbols = quarantined_symbol(quarantined)
+        # every requested symbol of the day in one atomic commit
+        published = (
+            rows.filter(pl.col("symbol").is_in(symbols))
+            .select(FX_SPREAD_COLUMNS)
+            .sort("symbol", "ts")
+        )
+        lake.overwrite_partitions(
+            "curated",
+            "fx_spreads",
+            published,
+            [{"symbol": symbol, "date": date} for symbol in symbols],
+        )
         for symbol in symbols:
-            published = rows.filter(pl.col("symbol") == symbol).select(FX_SPREAD_COLUMNS).sort("ts")
-            lake.overwrite_partition(
-                "curated", "fx_spreads", published, {"symbol": symbol, "date": date}
-            )
-            totals["rows_curated"] += published.height
+            n = published.filter(pl.col("symbol") == symbol).height
+            totals["rows_curated"] += n
             totals["rows_quarantined_for_symbol"] += int((q_symbols == symbol).sum())
-            context.log.info(f"fx_spreads {symbol} {date}: {published.height} ticks")
+            context.log.info(f"fx_spreads {symbol} {date}: {n} ticks")
         totals["rows_in_days"] += rows_in
         totals["rows_quarantined_days"] += quarantined.height
     metadata = {

@@ -21,6 +21,7 @@ import polars as pl
 from dagster import (
     AssetExecutionContext,
     Config,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -38,7 +39,7 @@ from pipeline.automation import (
 from pipeline.checks.gates import require_gate
 from pipeline.domain import contracts
 from pipeline.partitions import valuation_date_partitions
-from pipeline.resources.compute import ComputeResource
+from pipeline.resources.compute import ComputeError, ComputeResource
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.tracking import TrackingResource
 
@@ -257,7 +258,13 @@ def loan_loss_distribution(
 ) -> MaterializeResult:
     """Simulate every scenario of the valuation date and store the distribution."""
     with domain_errors_are_final():
-        return simulate_distribution(context, config, lake, tracking, compute)
+        try:
+            return simulate_distribution(context, config, lake, tracking, compute)
+        except ComputeError as exc:
+            # A Databricks run that ran and failed (task error, lost cluster) or was refused
+            # credentials is reported, not resubmitted behind the user's back: each attempt
+            # costs a cluster run. Network errors reaching the workspace are still retried.
+            raise Failure(description=str(exc), allow_retries=False) from exc
 
 
 def simulate_distribution(

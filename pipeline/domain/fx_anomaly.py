@@ -399,9 +399,13 @@ def score_spreads(model: IsolationForest, features: pl.DataFrame) -> pl.DataFram
         return features.with_columns(
             anomaly_score=pl.lit(None, dtype=pl.Float64), is_anomaly=pl.lit(None, dtype=pl.Boolean)
         ).clear()
+    # One pass over the forest: ``predict(x) == -1`` is ``score_samples(x) < offset_``
+    # (sklearn's decision_function is score_samples - offset_), and calling predict
+    # would score every row a second time.
+    raw = model.score_samples(x)
     return features.with_columns(
-        anomaly_score=pl.Series(-model.score_samples(x), dtype=pl.Float64),
-        is_anomaly=pl.Series(model.predict(x) == -1, dtype=pl.Boolean),
+        anomaly_score=pl.Series(-raw, dtype=pl.Float64),
+        is_anomaly=pl.Series(raw < model.offset_, dtype=pl.Boolean),
     )
 
 

@@ -10,7 +10,7 @@ delta-rs and pyarrow read, never from configuration.
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import polars as pl
 from dagster import ConfigurableResource
@@ -121,29 +121,69 @@ class LakeResource(ConfigurableResource):
         """
         if not partition:
             raise LakeError(f"{layer}/{table}: overwrite_partition needs partition values")
-        for col, value in partition.items():
-            # the column name and value are pasted into the predicate and become a
-            # folder name ``col=value``: neither may carry quotes, operators or ``..``
-            if not _COLUMN.match(col):
-                raise LakeError(f"{layer}/{table}: partition column {col!r} is not safe")
-            if not _PREDICATE_VALUE.match(value) or ".." in value:
-                raise LakeError(f"{layer}/{table}: partition value {value!r} is not safe")
-            if col not in frame.columns:
-                raise LakeError(f"{layer}/{table}: frame lacks partition column {col!r}")
-            stray = frame.filter(pl.col(col).cast(pl.String) != value).height
-            if stray:
+        return self.overwrite_partitions(layer, table, frame, [partition])
+
+    def overwrite_partitions(
+        self,
+        layer: str,
+        table: str,
+        frame: pl.DataFrame,
+        partitions: Sequence[Mapping[str, str]],
+    ) -> int:
+        """Replace several partitions in one atomic commit.
+
+        A range run (e.g. one symbol over 14 days) then costs one Delta commit
+        instead of one per partition, and readers see all of it or none of it.
+        Partitions listed without rows in ``frame`` end up empty.
+
+        Parameters
+        ----------
+        partitions
+            Partition column-to-value mappings, all with the same columns; every
+            row of ``frame`` must belong to one of them.
+
+        Returns
+        -------
+        int
+            The Delta version written.
+        """
+        if not partitions:
+            raise LakeError(f"{layer}/{table}: overwrite_partitions needs partitions")
+        columns = list(partitions[0])
+        for partition in partitions:
+            if list(partition) != columns or not columns:
                 raise LakeError(
-                    f"{layer}/{table}: {stray} row(s) have {col} != {value!r}; refusing to "
-                    "write outside the partition"
+                    f"{layer}/{table}: every partition needs the columns {columns}, got "
+                    f"{list(partition)}"
                 )
-        predicate = " AND ".join(f"{col} = '{value}'" for col, value in partition.items())
+            for col, value in partition.items():
+                # the column name and value are pasted into the predicate and become a
+                # folder name ``col=value``: neither may carry quotes, operators or ``..``
+                if not _COLUMN.match(col):
+                    raise LakeError(f"{layer}/{table}: partition column {col!r} is not safe")
+                if not _PREDICATE_VALUE.match(value) or ".." in value:
+                    raise LakeError(f"{layer}/{table}: partition value {value!r} is not safe")
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise LakeError(f"{layer}/{table}: frame lacks partition column(s) {missing}")
+        allowed = pl.DataFrame(
+            [dict(p) for p in partitions], schema={c: pl.String for c in columns}
+        ).unique()
+        stray = frame.select(pl.col(c).cast(pl.String) for c in columns).join(
+            allowed, on=columns, how="anti"
+        )
+        if stray.height:
+            first = stray.row(0, named=True)
+            raise LakeError(
+                f"{layer}/{table}: {stray.height} row(s) lie outside the partitions being "
+                f"written (e.g. {first}); refusing to write outside them"
+            )
+        predicate = " OR ".join(
+            "(" + " AND ".join(f"{col} = '{value}'" for col, value in p.items()) + ")"
+            for p in allowed.iter_rows(named=True)
+        )
         return self._write(
-            layer,
-            table,
-            frame,
-            mode="overwrite",
-            predicate=predicate,
-            partition_by=list(partition),
+            layer, table, frame, mode="overwrite", predicate=predicate, partition_by=columns
         )
 
     def append(self, layer: str, table: str, frame: pl.DataFrame) -> int:
