@@ -414,16 +414,13 @@ def fx_champion_model(
                 f"latest evaluation is of version {evaluation['model_version']}, but "
                 f"`challenger` points at {challenger.version}"
             )
-        failures += [
-            f
-            for f in check_record_failures(
-                context.instance,
-                keys.FX_CHALLENGER_MODEL,
-                [keys.CHECK_CHALLENGER_BEATS_CHAMPION],
-                symbol,
-            )
-            if "never evaluated" not in f  # single-run backfills record unpartitioned results
-        ]
+        failures += check_record_failures(
+            context.instance,
+            keys.FX_CHALLENGER_MODEL,
+            [keys.CHECK_CHALLENGER_BEATS_CHAMPION],
+            symbol,
+            per_partition_rule=True,  # the stored evaluation above is judged per symbol
+        )
         if failures:
             raise GateClosedError(
                 description=(

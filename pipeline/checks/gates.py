@@ -27,8 +27,20 @@ def check_record_failures(
     asset_key: AssetKey,
     check_names: Iterable[str],
     partition_key: str | None,
+    *,
+    per_partition_rule: bool = False,
 ) -> list[str]:
     """Describe each gating check whose latest evaluation for the partition did not pass.
+
+    Parameters
+    ----------
+    per_partition_rule
+        Set when the caller also recomputes the gate rule per partition from stored
+        facts. A run over a partition range (single-run backfill) records one check
+        result for the whole range, so a failure there may belong to another
+        partition; with a per-partition rule at hand, such range results (and a
+        missing record) are left to that rule instead of closing the gate for every
+        partition of the range.
 
     Returns an empty list when every check's latest evaluation passed.
     """
@@ -44,7 +56,8 @@ def check_record_failures(
         record = latest.get(check_key)
         label = f"{asset_key.to_user_string()}:{check_key.name}"
         if record is None:
-            failures.append(f"{label} was never evaluated{where}")
+            if not per_partition_rule:
+                failures.append(f"{label} was never evaluated{where}")
         elif record.status == AssetCheckExecutionRecordStatus.FAILED:
             evaluation = record.event.asset_check_evaluation if record.event else None
             detail = f" ({evaluation.description})" if evaluation and evaluation.description else ""
@@ -53,6 +66,8 @@ def check_record_failures(
             # A run over a partition range (single-run backfill) plans one evaluation per
             # partition but records the result without a partition: use that result.
             outcome = _range_run_outcome(storage, check_key, record.run_id)
+            if outcome is not None and per_partition_rule:
+                continue
             if outcome is None:
                 failures.append(f"{label} did not complete{where} in run {record.run_id}")
             elif outcome == AssetCheckExecutionRecordStatus.FAILED:

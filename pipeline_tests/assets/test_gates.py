@@ -188,3 +188,49 @@ def test_unpartitioned_gate(instance: dg.DagsterInstance) -> None:
     outcome["passed"] = True
     assert dg.materialize([whole, whole_check], instance=instance).success
     assert check_record_failures(instance, key, [CHECK], None) == []
+
+
+def build_range_aware(scenario: Scenario) -> list:
+    """Like :func:`build`, but the asset and check handle a partition range in one run."""
+
+    @dg.asset(key=UPSTREAM, partitions_def=PARTS, backfill_policy=dg.BackfillPolicy.single_run())
+    def upstream(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"partitions": len(context.partition_keys)})
+
+    @dg.asset_check(asset=UPSTREAM, name=CHECK, partitions_def=PARTS, blocking=True)
+    def value_within_bound(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        bad = [k for k in context.partition_keys if scenario.values[k] > 5.0]
+        return dg.AssetCheckResult(passed=not bad, description=f"over bound: {bad}")
+
+    return [upstream, value_within_bound]
+
+
+def test_a_range_run_failure_closes_every_partition_unless_a_per_partition_rule_decides(
+    instance: dg.DagsterInstance,
+) -> None:
+    scenario = Scenario()
+    scenario.values = {"A": 1.0, "B": 9.0, "C": 1.0}
+    result = dg.materialize(
+        build_range_aware(scenario),
+        instance=instance,
+        raise_on_error=False,
+        tags={
+            "dagster/asset_partition_range_start": "A",
+            "dagster/asset_partition_range_end": "C",
+        },
+    )
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert not evaluation.passed
+    assert evaluation.partition is None  # dagster records one result for the whole range
+
+    # without a per-partition rule the range result is all we know: every partition closes
+    for partition in ("A", "B", "C"):
+        (failure,) = check_record_failures(instance, UPSTREAM, [CHECK], partition)
+        assert f"failed for partition {partition} in range run {result.run_id}" in failure
+
+    # with one, the range result is left to that rule, which decides per partition
+    for partition in ("A", "B", "C"):
+        assert (
+            check_record_failures(instance, UPSTREAM, [CHECK], partition, per_partition_rule=True)
+            == []
+        )
