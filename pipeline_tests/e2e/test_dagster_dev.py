@@ -1,13 +1,15 @@
-"""End to end through a real ``dagster dev``: sensors, runs, a backfill, the lake.
+"""End to end through a real ``dagster dev``: sensors, runs, a backfill, the lake, MLflow.
 
 The drop is small (one claims month, two FX days of three valid symbols and one
 invalid one) so the whole module runs in a few minutes, yet it crosses every
 boundary: landing files -> landing sensors -> daemon-launched runs -> Delta ->
-``fx_spreads_from_bronze`` -> dynamic partitions -> a GraphQL backfill.
+``fx_spreads_from_bronze`` -> dynamic partitions -> a GraphQL backfill -> model
+runs launched over GraphQL -> MLflow runs, artefacts and registry aliases.
 """
 
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from pipeline_tests.e2e.conftest import (
     EXPECTED_SYMBOLS,
     FX_DATES,
     N_POLICIES,
+    RUNS_TIMEOUT_S,
     SERVER_START_TIMEOUT_S,
     TICKS_PER_SYMBOL,
     DagsterDev,
@@ -35,7 +38,7 @@ from pipeline_tests.e2e.conftest import (
     start_in_own_session,
     stop_session,
 )
-from pipeline_tests.e2e.graphql import FINISHED_BACKFILL, wait_for
+from pipeline_tests.e2e.graphql import FINISHED_BACKFILL, FINISHED_RUN, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -269,10 +272,123 @@ def test_gates_stay_open_after_a_range_run_backfill(
     assert failures == {pk: [] for pk in fx_backfill.partitions}
 
 
-# --- MLflow --------------------------------------------------------------------------
-# This drop trains no model (the FX challenger needs more days than two), so there is
-# no MLflow run to check yet. When the e2e delivers enough days to backfill
-# models/fx_challenger_model, assert here with
-# ``mlflow.MlflowClient(dagster_dev.settings.mlflow_tracking_uri)`` that each symbol's
-# run carries the Dagster run id tag and that the `champion` alias moved only for
-# symbols whose `challenger_beats_champion` check passed.
+# --- MLflow ------------------------------------------------------------------------
+
+
+def _run_assets(
+    dagster_dev: DagsterDev,
+    asset_keys: list,
+    partition_key: str,
+    run_config: dict | None = None,
+) -> tuple[str, float]:
+    """Launch ``asset_keys`` as "Materialize" does, wait for success; return id and seconds."""
+    client = dagster_dev.client
+    started = time.monotonic()
+    run_id = client.launch_assets(
+        [key.path for key in asset_keys], partition_key=partition_key, run_config=run_config
+    )
+
+    def finished() -> str | None:
+        status = client.run_status(run_id)
+        return status if status in FINISHED_RUN else None
+
+    status = wait_for(finished, timeout=RUNS_TIMEOUT_S, interval=2.0, what=f"run {run_id}")
+    seconds = time.monotonic() - started
+    assert status == "SUCCESS", (status, client.run_errors(run_id))
+    return run_id, seconds
+
+
+def test_model_runs_launched_over_graphql_are_tracked_in_mlflow(
+    dagster_dev: DagsterDev, ingested: Ingested
+) -> None:
+    """A model run launched from the UI is found in MLflow by its Dagster run id.
+
+    The credibility posterior (sampler defaults) must pass its convergence gate on
+    the e2e claims month, and the table step must attach its CSV to the same MLflow
+    run. The FX challenger of one symbol trains on the first day and is judged on the
+    second (``holdout_days=1``); as the symbol's first model it is judged by the AP
+    floor alone, so the same run promotes version 1 to ``champion``.
+    """
+    import arviz as az
+    from mlflow import MlflowClient
+
+    from pipeline import keys
+    from pipeline.assets.credibility import EXPERIMENT, CredibilityConfig
+    from pipeline.assets.fx_anomaly import CHALLENGER, CHAMPION, ChallengerConfig
+    from pipeline.resources.tracking import (
+        DAGSTER_ASSET_TAG,
+        DAGSTER_PARTITION_TAG,
+        DAGSTER_RUN_TAG,
+    )
+
+    settings = dagster_dev.settings
+    assert settings.mlflow_tracking_uri == f"sqlite:///{settings.home / 'mlflow.db'}"
+    mlflow = MlflowClient(
+        tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
+    )
+
+    # 1. credibility for the claims month, gate and table in the same run
+    cred_run, cred_seconds = _run_assets(
+        dagster_dev, [keys.CREDIBILITY_POSTERIOR, keys.CREDIBILITY_TABLE], CLAIMS_MONTH
+    )
+    print(f"credibility run {cred_run} took {cred_seconds:.1f} s")
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    found = mlflow.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{DAGSTER_RUN_TAG}` = '{cred_run}'"
+    )
+    assert len(found) == 1, [r.info.run_id for r in found]
+    run = found[0]
+    tags, metrics = run.data.tags, run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert tags[DAGSTER_ASSET_TAG] == "gold/credibility_posterior"
+    assert tags[DAGSTER_PARTITION_TAG] == CLAIMS_MONTH
+    assert tags["gate"] == "passed"
+    print({k: round(metrics[k], 4) for k in ("max_rhat", "min_ess_bulk", "n_divergences")})
+    assert metrics["max_rhat"] <= 1.01
+    assert metrics["n_divergences"] == 0
+    assert metrics["min_ess_bulk"] >= 400  # the third check of the gate the table passed
+    assert metrics["n_policies"] == N_POLICIES
+    artifacts = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
+    assert {"posterior.nc", f"credibility_table_{CLAIMS_MONTH}.csv"} <= artifacts, artifacts
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.download_artifacts(run.info.run_id, "posterior.nc", tmp)
+        sizes = dict(az.from_netcdf(local).posterior.sizes)
+    defaults = CredibilityConfig()
+    assert (sizes["chain"], sizes["draw"]) == (defaults.chains, defaults.draws)
+    table = pl.read_delta(str(Path(settings.lake_uri) / "gold" / "credibility_table")).filter(
+        pl.col("month") == CLAIMS_MONTH
+    )
+    assert table.height > 0
+    assert set(table["mlflow_run_id"]) == {run.info.run_id}
+    assert set(table["dagster_run_id"]) == {cred_run}
+
+    # 2. challenger and champion of one symbol: version 1 gets both aliases
+    symbol = EXPECTED_SYMBOLS[0]
+    fx_run, fx_seconds = _run_assets(
+        dagster_dev,
+        [keys.FX_CHALLENGER_MODEL, keys.FX_CHAMPION_MODEL],
+        symbol,
+        run_config={"ops": {"models__fx_challenger_model": {"config": {"holdout_days": 1}}}},
+    )
+    print(f"fx challenger + champion run {fx_run} took {fx_seconds:.1f} s")
+    name = f"fx_spread_{symbol.lower()}"
+    versions = mlflow.search_model_versions(f"name = '{name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    # the sqlite registry returns alias targets as ints; compare them as version strings
+    aliases = {alias: str(v) for alias, v in mlflow.get_registered_model(name).aliases.items()}
+    assert aliases == {CHALLENGER: "1", CHAMPION: "1"}
+    (version,) = versions
+    assert version.tags["dagster_run_id"] == fx_run
+    fx_mlflow_run = mlflow.get_run(version.run_id)
+    fx_tags, fx_metrics = fx_mlflow_run.data.tags, fx_mlflow_run.data.metrics
+    assert fx_tags[DAGSTER_RUN_TAG] == fx_run
+    assert fx_tags[DAGSTER_ASSET_TAG] == "models/fx_challenger_model"
+    assert fx_tags[DAGSTER_PARTITION_TAG] == symbol
+    first, last = FX_DATES
+    assert fx_mlflow_run.data.params["train_dates"] == f"{first}..{first}"
+    assert fx_mlflow_run.data.params["holdout_dates"] == f"{last}..{last}"
+    print({k: fx_metrics[f"holdout_{k}"] for k in ("n", "n_positive", "average_precision")})
+    assert fx_metrics["holdout_n"] == TICKS_PER_SYMBOL
+    assert fx_metrics["holdout_n_positive"] > 0  # the labels reached the gate
+    assert fx_metrics["holdout_average_precision"] >= ChallengerConfig().ap_floor
