@@ -7,6 +7,7 @@ the asset from the run.
 """
 
 import contextlib
+import os
 import re
 import urllib.parse
 from collections.abc import Iterator
@@ -55,6 +56,8 @@ class TrackingResource(ConfigurableResource):
     def _bind(self) -> None:
         import mlflow
 
+        # progress bars of artefact downloads are noise in Dagster's captured logs
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
 
