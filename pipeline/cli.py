@@ -30,12 +30,10 @@ def demo(settings: Settings) -> None:
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     ensure_dagster_home(settings)
     seed_landing(settings)
-    import logging
-
     from pipeline.demo import run_demo
 
-    # the demo prints a summary; MLflow's per-model registration notices would bury it
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # the demo prints a summary; MLflow's INFO notices would bury it
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
     started = time.perf_counter()
     summary = run_demo(settings)

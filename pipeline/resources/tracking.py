@@ -58,6 +58,9 @@ class TrackingResource(ConfigurableResource):
 
         # progress bars of artefact downloads are noise in Dagster's captured logs
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # models are logged with explicit pip requirements: detecting the uv project
+        # around the process would only log about it
+        os.environ.setdefault("MLFLOW_UV_AUTO_DETECT", "false")
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
 
