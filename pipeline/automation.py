@@ -27,6 +27,7 @@ skip partitions that were already ingested after the file last changed, so
 starting the UI after ``make demo`` does not redo the demo's work.
 """
 
+import datetime as dt
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -50,12 +51,14 @@ from dagster import (
     PartitionsDefinition,
     RetryPolicy,
     RunRequest,
+    ScheduleEvaluationContext,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
     build_schedule_from_partitioned_job,
     define_asset_job,
+    schedule,
     sensor,
 )
 from dagster._core.event_api import PartitionKeyFilter
@@ -573,17 +576,42 @@ fx_daily_job = define_asset_job(
     selection=AssetSelection.assets(keys.FX_ANOMALY_SCORES, keys.FX_MODEL_MONITOR),
     description="Score one (symbol, date) with its champion, then monitor KPI and drift.",
 )
-fx_daily_schedule = build_schedule_from_partitioned_job(
-    fx_daily_job,
+
+
+@schedule(
+    job=fx_daily_job,
+    cron_schedule="0 6 * * *",
+    execution_timezone="UTC",
     name="fx_scoring_daily_schedule",
-    hour_of_day=6,
-    minute_of_hour=0,
     default_status=DefaultScheduleStatus.RUNNING,
     description=(
-        "At 06:00 UTC, scores yesterday's ticks of every registered symbol and runs the "
-        "champion monitor on them (one run per symbol)."
+        "At 06:00 UTC, scores yesterday's ticks of every registered symbol that has curated "
+        "ticks for that day, and runs the champion monitor on them (one run per symbol)."
     ),
 )
+def fx_daily_schedule(
+    context: ScheduleEvaluationContext, lake: LakeResource
+) -> list[RunRequest] | SkipReason:
+    """Request yesterday's (symbol, date) partitions that have something to score.
+
+    A registered symbol with no ticks that day (a holiday, a pair that stopped
+    trading) is skipped rather than launched into a certain failure.
+    """
+    day = context.scheduled_execution_time.astimezone(dt.UTC).date() - dt.timedelta(days=1)
+    date = day.isoformat()
+    registered = set(context.instance.get_dynamic_partitions(symbol_partitions.name))
+    curated = lake.read("curated", "fx_spreads", {"date": date}, columns=["symbol"])
+    present = sorted(registered & set(curated["symbol"].unique())) if curated.height else []
+    if not present:
+        return SkipReason(f"no curated fx_spreads for {date} among {len(registered)} symbols")
+    return [
+        RunRequest(
+            run_key=f"fx_scoring_daily:{date}:{symbol}",
+            partition_key=symbol_date_key(symbol, date),
+        )
+        for symbol in present
+    ]
+
 
 jobs = [credibility_job, fx_daily_job]
 schedules = [credibility_schedule, fx_daily_schedule]

@@ -27,6 +27,7 @@ from pipeline.automation import (
 from pipeline.domain.demo_data import generate_fx_ticks
 from pipeline.domain.errors import DomainError
 from pipeline.partitions import date_partitions, symbol_date_key
+from pipeline.resources.lake import LakeResource
 from pipeline.resources.landing import LandingResource
 from pipeline.settings import SettingsError, ensure_dagster_home, load_settings
 
@@ -476,9 +477,10 @@ def test_sensor_interval_rejects_nonsense(raw: str) -> None:
             ["2026-10"],
         ),
         (
+            # USDJPY has no curated ticks that day: skipped, not launched into a failure
             "fx_scoring_daily_schedule",
             dt.datetime(2026, 9, 3, 6, tzinfo=dt.UTC),
-            ["2026-09-02|EURUSD", "2026-09-02|USDJPY"],
+            ["2026-09-02|EURUSD", "2026-09-02|GBPUSD"],
         ),
     ],
 )
@@ -493,14 +495,48 @@ def test_schedules_request_the_partition_that_closed(
     # a persistent instance: schedules read dynamic partitions only through an instance ref
     home = ensure_dagster_home(load_settings({"PIPELINE_HOME": str(tmp_path)}))
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions("symbol", ["USDJPY", "EURUSD"])
+        instance.add_dynamic_partitions("symbol", ["USDJPY", "EURUSD", "GBPUSD"])
+        lake = LakeResource(root_uri=str(tmp_path / "lake"))
+        for symbol, date in (
+            ("EURUSD", "2026-09-02"),
+            ("GBPUSD", "2026-09-02"),
+            ("USDJPY", "2026-09-01"),
+        ):
+            lake.overwrite_partition(
+                "curated",
+                "fx_spreads",
+                pl.DataFrame({"symbol": [symbol], "date": [date], "spread": [1e-4]}),
+                {"symbol": symbol, "date": date},
+            )
         # closed before the instance: a context collected later would reset dagster's
         # current defs-state storage to this (then disposed) instance's
         with dg.build_schedule_context(
-            instance=instance, scheduled_execution_time=tick, repository_def=repository
+            instance=instance,
+            scheduled_execution_time=tick,
+            repository_def=repository,
+            resources={"lake": lake},
         ) as context:
             requests = schedule.evaluate_tick(context).run_requests
     assert sorted(str(r.partition_key) for r in requests) == expected
+
+
+def test_fx_daily_schedule_skips_a_day_without_ticks(tmp_path: Path) -> None:
+    from pipeline.definitions import defs
+
+    repository = defs.get_repository_def()
+    schedule = repository.get_schedule_def("fx_scoring_daily_schedule")
+    home = ensure_dagster_home(load_settings({"PIPELINE_HOME": str(tmp_path)}))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("symbol", ["EURUSD"])
+        with dg.build_schedule_context(
+            instance=instance,
+            scheduled_execution_time=dt.datetime(2026, 9, 3, 6, tzinfo=dt.UTC),
+            repository_def=repository,
+            resources={"lake": LakeResource(root_uri=str(tmp_path / "lake"))},
+        ) as context:
+            result = schedule.evaluate_tick(context)
+    assert not result.run_requests
+    assert "no curated fx_spreads for 2026-09-02 among 1 symbols" in result.skip_message
 
 
 def test_definitions_wire_every_sensor_running() -> None:
