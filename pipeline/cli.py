@@ -61,36 +61,9 @@ def dev(settings: Settings, *, dagster_port: int, mlflow_port: int) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     ensure_dagster_home(settings)
     os.environ["MLFLOW_UI_URL"] = f"http://127.0.0.1:{mlflow_port}"
-    bin_dir = os.path.dirname(sys.executable)
-    repo_workspace = os.path.join(os.path.dirname(os.path.dirname(__file__)), "workspace.yaml")
-    code_location = (
-        ["-w", repo_workspace]
-        if os.path.exists(repo_workspace)
-        else ["-m", "pipeline.definitions"]  # installed as a package, no checkout
+    mlflow_cmd, dagster_cmd = ui_commands(
+        settings, dagster_port=dagster_port, mlflow_port=mlflow_port
     )
-    mlflow_cmd = [
-        os.path.join(bin_dir, "mlflow"),
-        "ui",
-        "--backend-store-uri",
-        settings.mlflow_tracking_uri,
-        "--default-artifact-root",
-        settings.mlflow_artifact_root,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(mlflow_port),
-        "--workers",  # one user on a laptop: one worker starts, and stops, in seconds
-        "1",
-    ]
-    dagster_cmd = [
-        os.path.join(bin_dir, "dagster"),
-        "dev",
-        *code_location,
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(dagster_port),
-    ]
 
     def default_signals() -> None:  # runs in the child between fork and exec
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -147,6 +120,47 @@ def dev(settings: Settings, *, dagster_port: int, mlflow_port: int) -> int:
             proc.wait()
         signal.signal(signal.SIGTERM, previous_term)
     return max((p.returncode or 0) for p in procs) if procs else 1
+
+
+def ui_commands(
+    settings: Settings, *, dagster_port: int, mlflow_port: int
+) -> tuple[list[str], list[str]]:
+    """Commands of the MLflow UI and ``dagster dev`` on the embedded stores of ``settings``.
+
+    Shared by ``pipeline dev`` and the README screenshot script, so both start the
+    servers the same way.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    repo_workspace = os.path.join(os.path.dirname(os.path.dirname(__file__)), "workspace.yaml")
+    code_location = (
+        ["-w", repo_workspace]
+        if os.path.exists(repo_workspace)
+        else ["-m", "pipeline.definitions"]  # installed as a package, no checkout
+    )
+    mlflow_cmd = [
+        os.path.join(bin_dir, "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        settings.mlflow_tracking_uri,
+        "--default-artifact-root",
+        settings.mlflow_artifact_root,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(mlflow_port),
+        "--workers",  # one user on a laptop: one worker starts, and stops, in seconds
+        "1",
+    ]
+    dagster_cmd = [
+        os.path.join(bin_dir, "dagster"),
+        "dev",
+        *code_location,
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(dagster_port),
+    ]
+    return mlflow_cmd, dagster_cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,10 +30,10 @@ import requests
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+from pipeline.cli import ui_commands
 from pipeline.settings import ensure_dagster_home, load_settings
 from pipeline_tests.e2e.conftest import (
     ARTIFACTS,
-    BIN,
     e2e_environment,
     free_port,
     start_in_own_session,
@@ -95,30 +95,9 @@ def running_servers(home: Path, log_dir: Path) -> Iterator[Servers]:
     env.pop("PIPELINE_SENSOR_INTERVAL_S")  # the product's interval, not the e2e one
     settings = load_settings(env)
     ensure_dagster_home(settings)
-    mlflow_cmd = [
-        str(BIN / "mlflow"),
-        "ui",
-        "--backend-store-uri",
-        settings.mlflow_tracking_uri,
-        "--default-artifact-root",
-        settings.mlflow_artifact_root,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(mlflow_port),
-        "--workers",
-        "1",
-    ]
-    dagster_cmd = [
-        str(BIN / "dagster"),
-        "dev",
-        "-w",
-        "workspace.yaml",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(dagster_port),
-    ]
+    mlflow_cmd, dagster_cmd = ui_commands(
+        settings, dagster_port=dagster_port, mlflow_port=mlflow_port
+    )
     procs = []
     try:
         procs.append(start_in_own_session(mlflow_cmd, env, log_dir / "readme_mlflow_ui.log"))
