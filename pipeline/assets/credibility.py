@@ -102,8 +102,9 @@ def district_periods(window: pl.DataFrame) -> pl.DataFrame | None:
 def claims_rule_failures(lake: LakeResource, month: str) -> list[str]:
     """The curated contract recomputed on the stored month (guard for later runs)."""
     stored = lake.read("curated", "claims_by_district", {"month": month})
-    violations = contracts.rule_violations(stored, contracts.claims_by_district_contract(month))
-    return [f"claims_by_district {month}: {reason} ({n} rows)" for reason, n in violations.items()]
+    return contracts.contract_failures(
+        stored, contracts.claims_by_district_contract(month), f"claims_by_district {month}"
+    )
 
 
 def data_fingerprint(window: pl.DataFrame) -> str:

@@ -118,12 +118,13 @@ def label_rows(features: pl.DataFrame, anomalous_ts: pl.DataFrame) -> pl.DataFra
     )
 
 
-def contract_failures(lake: LakeResource, ticks: pl.DataFrame) -> list[str]:
+def tick_contract_failures(ticks: pl.DataFrame) -> list[str]:
     """The tick contract recomputed on every stored date of the symbol."""
     failures = []
-    for (date,), day in ticks.group_by("date"):
-        violations = contracts.rule_violations(day, contracts.fx_ticks_contract(str(date)))
-        failures += [f"fx_spreads {date}: {reason} ({n} rows)" for reason, n in violations.items()]
+    for (date,), day in ticks.group_by("date", maintain_order=True):
+        failures += contracts.contract_failures(
+            day, contracts.fx_ticks_contract(str(date)), f"fx_spreads {date}"
+        )
     return failures
 
 
@@ -206,7 +207,7 @@ def _train_and_register(
     lap = clock()
     labels = label_rows(holdout, read_labels(landing, symbol))
     challenger_metrics = fx_anomaly.evaluate_detector(model, holdout, labels)
-    failures_contract = contract_failures(lake, ticks)
+    failures_contract = tick_contract_failures(ticks)
     train_matrix = fx_anomaly.feature_matrix(train)
     reference = train["rel_spread_bps"].to_numpy()
     seconds["evaluate"] = clock() - lap

@@ -91,19 +91,21 @@ def committed_samples_uri(lake: LakeResource, valuation_date: str) -> str | None
     return summary["samples_uri"][0] if summary.height else None
 
 
-def input_rule_failures(lake: LakeResource, valuation_date: str) -> list[str]:
-    """Contracts of both inputs recomputed on what is stored for the date."""
-    failures = []
-    for table, contract in (
-        ("loan_book", contracts.loan_book_contract(valuation_date)),
-        ("loan_scenarios", contracts.loan_scenarios_contract(valuation_date)),
-    ):
-        stored = lake.read("curated", table, {"valuation_date": valuation_date})
-        if stored.height == 0:
-            failures.append(f"curated/{table} has no rows for {valuation_date}")
-        for reason, n in contracts.rule_violations(stored, contract).items():
-            failures.append(f"{table} {valuation_date}: {reason} ({n} rows)")
-    return failures
+LOAN_INPUTS = {
+    keys.LOAN_BOOK: ("loan_book", contracts.loan_book_contract),
+    keys.LOAN_SCENARIOS: ("loan_scenarios", contracts.loan_scenarios_contract),
+}
+
+
+def input_rule_failures(lake: LakeResource, upstream, valuation_date: str) -> list[str]:
+    """The contract of one input recomputed on what is stored for the date."""
+    table, contract = LOAN_INPUTS[upstream]
+    stored = lake.read("curated", table, {"valuation_date": valuation_date})
+    if stored.height == 0:
+        return [f"curated/{table} has no rows for {valuation_date}"]
+    return contracts.contract_failures(
+        stored, contract(valuation_date), f"{table} {valuation_date}"
+    )
 
 
 def simulate_scenario(
@@ -280,15 +282,13 @@ def simulate_distribution(
     from pipeline.domain import loan_loss, plots
 
     valuation_date = context.partition_key
-    for upstream in (keys.LOAN_BOOK, keys.LOAN_SCENARIOS):
+    for upstream in LOAN_INPUTS:
         require_gate(
             instance=context.instance,
             asset_key=upstream,
             check_names=(keys.CHECK_CURATED_CONTRACT, keys.CHECK_RECONCILES),
             partition_key=valuation_date,
-            rule_failures=input_rule_failures(lake, valuation_date)
-            if upstream == keys.LOAN_BOOK
-            else (),
+            rule_failures=input_rule_failures(lake, upstream, valuation_date),
             what="a loss distribution",
         )
     loans = lake.read("curated", "loan_book", {"valuation_date": valuation_date})

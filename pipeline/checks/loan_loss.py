@@ -67,10 +67,6 @@ def _n_sims_needed(row: dict) -> int | None:
     return max(int(row["n_sims"]), math.ceil(row["n_sims"] * (se / value / MAX_RELATIVE_SE) ** 2))
 
 
-def _summary_dict(row: dict) -> dict:
-    return dict(row)
-
-
 @asset_check(
     asset=keys.LOAN_LOSS_DISTRIBUTION,
     name=keys.CHECK_MC_ERROR,
@@ -94,7 +90,7 @@ def mc_error_within_bound(
             "relative_se": r["se_expected_loss"] / r["expected_loss"]
             if r["expected_loss"]
             else 0.0,
-            "failure": mc_error_failure(_summary_dict(r), max_relative_se=MAX_RELATIVE_SE),
+            "failure": mc_error_failure(r, max_relative_se=MAX_RELATIVE_SE),
         }
         for r in rows
     ]
@@ -133,9 +129,7 @@ def expected_loss_matches_analytic(
                 "scenario": r["scenario"],
                 "simulated": r["expected_loss"],
                 "analytic": r["analytic_expected_loss"],
-                "failure": expected_loss_within_se(
-                    _summary_dict(r), r["analytic_expected_loss"], 3.0
-                ),
+                "failure": expected_loss_within_se(r, r["analytic_expected_loss"], 3.0),
             }
             for r in rows
         ],

@@ -470,6 +470,17 @@ def rule_violations(frame: pl.DataFrame, contract: Contract) -> dict[str, int]:
     return counts
 
 
+def contract_failures(frame: pl.DataFrame, contract: Contract, label: str) -> list[str]:
+    """Rule violations of stored rows as gate failure messages (``label: reason (n rows)``).
+
+    The guards of model assets call this on the curated rows they are about to use,
+    so a gate holds even when the Dagster check history is gone.
+    """
+    return [
+        f"{label}: {reason} ({n} rows)" for reason, n in rule_violations(frame, contract).items()
+    ]
+
+
 def claims_by_district_contract(month: str) -> Contract:
     """The aggregated claims table as published for credibility modelling."""
     return Contract(
