@@ -102,7 +102,7 @@ def read_labels(landing: LandingResource, symbol: str) -> pl.DataFrame:
     if not path.exists():
         raise Failure(f"fx symbol {symbol}: no anomaly labels at {path}")
     labels = pl.read_parquet(path).with_columns(
-        pl.col("symbol").map_elements(contracts.try_normalise_symbol, return_dtype=pl.String),
+        pl.col("symbol").map_batches(contracts.normalise_symbols, return_dtype=pl.String),
         pl.col("ts").cast(pl.Datetime("us")),
     )
     return labels.filter(pl.col("symbol") == symbol).select("ts").unique()

@@ -279,7 +279,7 @@ FX_SPREAD_COLUMNS = ("symbol", "date", "ts", "bid", "ask", "spread")
 def quarantined_symbol(quarantined: pl.DataFrame) -> pl.Series:
     """Normalised symbol of each quarantined tick (null when not normalisable)."""
     raw = quarantined["record"].str.json_path_match("$.symbol")
-    return raw.map_elements(contracts.try_normalise_symbol, return_dtype=pl.String)
+    return contracts.normalise_symbols(raw)
 
 
 @asset(

@@ -34,7 +34,6 @@ from pipeline.assets.ingest import (
 )
 from pipeline.assets.metadata import counts_table
 from pipeline.domain import contracts
-from pipeline.domain.contracts import try_normalise_symbol
 from pipeline.partitions import split_symbol_date, symbol_date_partitions
 from pipeline.resources.lake import LakeResource
 
@@ -146,7 +145,7 @@ def _fx_delivered(lake: LakeResource, partition_key: str) -> int:
     raw = lake.read("bronze", "fx_ticks", {BRONZE_PARTITION_COLUMN: date}, columns=["symbol"])
     if raw.height == 0:
         return 0
-    normalised = raw["symbol"].map_elements(try_normalise_symbol, return_dtype=pl.String)
+    normalised = contracts.normalise_symbols(raw["symbol"])
     return int((normalised == symbol).sum())
 
 
