@@ -49,7 +49,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,17 +58,17 @@ import polars as pl
 
 from pipeline import keys
 from pipeline.domain import fx_anomaly
-from pipeline.domain.demo_data import DEMO_SEED, FX_DATES, generate_fx_ticks
+from pipeline.domain.demo_data import DEMO_SEED, demo_calendar, generate_fx_ticks
 from pipeline.partitions import symbol_date_key
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fx_models.json"
 N_SYMBOLS, QUICK_SYMBOLS = 50, 10
 TICKS_PER_SYMBOL = 20_000
-DAYS = FX_DATES[:8]
+DAYS = demo_calendar().fx_dates[:8]  # the first 8 of the demo's 14 days
 TRACKING_TARGET_S = 0.5
 OVERHEAD_TARGET_S = 15.0
 SCORING_TARGET = 2 / 3
-TRACKING_PHASES = ("champion", "run", "log_model", "register", "alias")
+TRACKING_PHASES = ("champion", "mlflow")  # "mlflow" includes log_model, register, alias
 
 
 def symbol_table(n: int) -> dict[str, tuple[float, float]]:
@@ -85,11 +84,11 @@ def build_platform(home: Path, n_symbols: int) -> dict[str, Any]:
     import dagster as dg
     from deltalake import write_deltalake
 
-    from pipeline.assets.ingest import FX_SPREAD_COLUMNS
     from pipeline.definitions import build_definitions
     from pipeline.domain.contracts import normalise_symbol
     from pipeline.resources import build_resources
     from pipeline.settings import load_settings
+    from pipeline.stores.sources import FX_SPREAD_COLUMNS
 
     settings = load_settings({"PIPELINE_HOME": str(home)})
     resources = build_resources(settings)
@@ -163,7 +162,7 @@ def warm_up(plat: dict[str, Any], matrix: np.ndarray) -> None:
     from mlflow.models import infer_signature
     from sklearn.ensemble import IsolationForest
 
-    from pipeline.assets.fx_anomaly import SKOPS_TRUSTED_TYPES, pip_requirements
+    from pipeline.jobs.fx_training import SKOPS_TRUSTED_TYPES, pip_requirements
 
     tracking = plat["resources"]["tracking"]
     model = IsolationForest(random_state=0).fit(matrix)
@@ -216,19 +215,21 @@ def raw_training(matrices: dict[str, dict[str, np.ndarray]]) -> dict[str, float]
 
 def asset_path(plat: dict[str, Any]) -> list[dict[str, float]]:
     """(b) the challenger's per-symbol work, called without a Dagster run."""
-    from pipeline.assets.fx_anomaly import ChallengerConfig, _train_and_register
+    from pipeline.jobs.fx_training import TrainingParams, train_challenger
+    from pipeline.stores.fx import read_labels, read_symbol_ticks
 
-    context = types.SimpleNamespace(run_id="benchmark-asset-path")
     r = plat["resources"]
     out = []
     for symbol in plat["symbols"]:
         evaluation, wall = timed(
-            _train_and_register,
-            context,  # only its run_id is read
-            ChallengerConfig(),
-            r["lake"],
-            r["landing"],
-            r["tracking"],
+            lambda s: train_challenger(
+                read_symbol_ticks(r["lake"], s),
+                read_labels(r["landing"], s),
+                symbol=s,
+                params=TrainingParams(),
+                tracking=r["tracking"],
+                dagster_run_id="benchmark-asset-path",
+            ),
             symbol,
         )
         out.append({**evaluation["seconds"], "wall": wall})
@@ -236,7 +237,7 @@ def asset_path(plat: dict[str, Any]) -> list[dict[str, float]]:
 
 
 def range_run(plat: dict[str, Any], asset_keys: list, start: Any, end: Any) -> tuple[Any, float]:
-    from pipeline.demo import materialize_range
+    from pipeline.runs import materialize_range
 
     return timed(materialize_range, plat["defs"], plat["instance"], asset_keys, start, end)
 

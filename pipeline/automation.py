@@ -30,26 +30,19 @@ starting the UI after ``make demo`` does not redo the demo's work.
 import datetime as dt
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from dagster import (
     AssetKey,
     AssetRecordsFilter,
     AssetSelection,
-    AutomationCondition,
     AutomationConditionSensorDefinition,
-    Backoff,
     DagsterInstance,
     DefaultScheduleStatus,
     DefaultSensorStatus,
     EventLogRecord,
-    Failure,
-    Jitter,
     PartitionsDefinition,
-    RetryPolicy,
     RunRequest,
     ScheduleEvaluationContext,
     SensorDefinition,
@@ -61,51 +54,23 @@ from dagster import (
     schedule,
     sensor,
 )
-from dagster._core.event_api import PartitionKeyFilter
 
 from pipeline import keys
-from pipeline.assets.ingest import BRONZE_PARTITION_COLUMN, SOURCES
-from pipeline.checks.gates import check_record_failures
+from pipeline.dagster_private import latest_check_records
 from pipeline.domain.contracts import try_normalise_symbol
-from pipeline.domain.errors import DomainError
-from pipeline.domain.landing import partition_key_of
+from pipeline.domain.landing import LandingFileError
+from pipeline.gates import check_record_failures
 from pipeline.partitions import symbol_date_key, symbol_partitions
+from pipeline.policies import INGEST_RUN_CONFIG
 from pipeline.resources.lake import LakeResource
-from pipeline.resources.landing import LandingResource
+from pipeline.resources.landing import LandingFile, LandingResource
 from pipeline.settings import SettingsError
+from pipeline.stores.sources import SOURCES, bronze_symbols
 
 # --- knobs ---------------------------------------------------------------------------
 
 SENSOR_INTERVAL_ENV = "PIPELINE_SENSOR_INTERVAL_S"
 DEFAULT_SENSOR_INTERVAL_S = 30
-
-INGEST_RUN_CONFIG = {"execution": {"config": {"in_process": {}}}}
-"""Run config of sensor-launched ingestion runs: every step in the run's own process.
-
-An ingestion step is a few seconds of polars; the default multiprocess executor
-would start a fresh Python (and import the code location) for the asset and for
-each of its checks, which costs more than the work. Model runs keep the default.
-"""
-
-MODEL_POOL = "model_training"
-"""Pool of heavy model assets (``@asset(pool=MODEL_POOL)``).
-
-``dagster.yaml`` (written by :func:`pipeline.settings.ensure_dagster_home`) sets
-``concurrency.pools.default_limit: 1``, so two samplers never fight for a
-laptop's cores; raise it with ``dagster instance concurrency set model_training N``.
-"""
-
-model_retry_policy = RetryPolicy(
-    max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
-)
-"""Retries for transient failures of model assets (MLflow or storage unreachable).
-
-Delays are ``(2**n - 1) * 5 s ± 5 s``: about 0-10 s, 10-20 s and 30-40 s, so a
-restarting tracking server or a throttled object store gets a minute to recover.
-Dagster retries *every* exception under a policy; deterministic failures must not
-be retried, which is why gates raise ``Failure(allow_retries=False)`` and model
-bodies wrap domain code in :func:`domain_errors_are_final`.
-"""
 
 
 def sensor_interval_seconds(environ: Mapping[str, str] | None = None) -> int:
@@ -127,46 +92,6 @@ def sensor_interval_seconds(environ: Mapping[str, str] | None = None) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= 86_400:
         raise SettingsError(f"{SENSOR_INTERVAL_ENV}={raw!r} is not a whole number in [1, 86400]")
     return int(raw)
-
-
-# --- automation conditions and failure policy ----------------------------------------
-
-
-def gated_eager() -> AutomationCondition:
-    """Eager materialisation that never requests a partition behind a failed gate.
-
-    ``eager()`` fires when an upstream partition updates; the extra term holds the
-    request until every *blocking* check on every upstream asset passed for the
-    mapped partition (or is requested in the same tick, in which case the run
-    itself stops at the failing check). Without it, the daemon would launch a
-    run only for the asset's own guard to refuse it.
-    """
-    return (
-        AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
-    ).with_label("gated_eager")
-
-
-@contextmanager
-def domain_errors_are_final() -> Iterator[None]:
-    """Turn a :class:`~pipeline.domain.errors.DomainError` into a non-retried failure.
-
-    A domain error (a contract breach, a diverged sampler, an invalid partition)
-    fails the same way on every attempt; retrying it under
-    :data:`model_retry_policy` only delays the message. Anything else (network,
-    storage) propagates unchanged and is retried.
-
-    Raises
-    ------
-    Failure
-        With ``allow_retries=False`` and the domain error's message.
-    """
-    try:
-        yield
-    except DomainError as exc:
-        raise Failure(
-            description=f"{type(exc).__name__}: {exc}",
-            allow_retries=False,
-        ) from exc
 
 
 # --- landing sensors -----------------------------------------------------------------
@@ -205,23 +130,14 @@ def encode_file_cursor(files: Mapping[str, FileSignature]) -> str:
     )
 
 
-def scan_landing(folder: Path, source: str) -> dict[str, FileSignature]:
-    """Signatures of the delivered files of ``source`` in ``folder``.
+def scan_landing(landing: LandingResource, source: str) -> dict[str, LandingFile]:
+    """The delivered files of ``source``, by name.
 
-    Only names that :func:`~pipeline.domain.landing.partition_key_of` maps to
-    ``source`` count, so temporary ``.name.tmp`` files of a drop in progress and
-    stray files are never ingested.
+    Only names that name a partition of ``source``
+    (:func:`~pipeline.domain.landing.partition_key_of`) count, so temporary
+    ``.name.tmp`` files of a drop in progress and stray files are never ingested.
     """
-    if not folder.is_dir():
-        return {}
-    found: dict[str, FileSignature] = {}
-    for path in folder.iterdir():
-        parsed = partition_key_of(path)
-        if parsed is None or parsed[0] != source or not path.is_file():
-            continue
-        stat = path.stat()
-        found[path.name] = (stat.st_mtime_ns, stat.st_size)
-    return found
+    return {f.name: f for f in landing.files(source) if f.partition_key is not None}
 
 
 def landing_run_key(source: str, partition_key: str, files: Mapping[str, FileSignature]) -> str:
@@ -234,31 +150,28 @@ def landing_run_key(source: str, partition_key: str, files: Mapping[str, FileSig
     return f"{source}:{partition_key}:" + "+".join(parts)
 
 
-def read_landing_symbols(path: Path) -> list[str]:
-    """Distinct raw ``symbol`` values of one FX tick file (only that column is read)."""
-    import polars as pl
-
-    if path.suffix == ".parquet":
-        column = pl.read_parquet(path, columns=["symbol"])["symbol"]
-    else:
-        column = pl.read_csv(path, columns=["symbol"], infer_schema=False)["symbol"]
-    return sorted({str(v) for v in column.drop_nulls().unique().to_list()})
+def read_landing_symbols(landing: LandingResource, file: LandingFile) -> list[str]:
+    """Distinct raw ``symbol`` values of one FX tick file."""
+    frame = landing.read_as_text(file)
+    if "symbol" not in frame.columns:
+        raise LandingFileError(f"{file.relative}: no symbol column")
+    return sorted({str(v) for v in frame["symbol"].drop_nulls().unique().to_list()})
 
 
-def _symbols_or_log(context: SensorEvaluationContext, path: Path) -> list[str]:
+def _symbols_or_log(
+    context: SensorEvaluationContext, landing: LandingResource, file: LandingFile
+) -> list[str]:
     """Raw symbols of a tick file; an unreadable file is logged and ingested anyway.
 
     The bronze run still goes ahead: it fails with the file and the problem in
     its message, visible in the UI, instead of every sensor tick erroring.
     """
-    import polars as pl
-
     try:
-        return read_landing_symbols(path)
-    except (OSError, pl.exceptions.PolarsError) as exc:
+        return read_landing_symbols(landing, file)
+    except LandingFileError as exc:
         context.log.warning(
-            f"fx_ticks: cannot read the symbol column of {path.name} "
-            f"({type(exc).__name__}: {exc}); its bronze run will report the problem"
+            f"fx_ticks: cannot read the symbols of {file.name} ({exc}); "
+            "its bronze run will report the problem"
         )
         return []
 
@@ -320,18 +233,18 @@ LANDING_TARGETS = {
 
 
 def evaluate_landing(
-    context: SensorEvaluationContext, landing_root: Path, target: LandingTarget
+    context: SensorEvaluationContext, landing: LandingResource, target: LandingTarget
 ) -> SensorResult:
     """One evaluation of a landing sensor (see :func:`build_landing_sensor`)."""
     seen = decode_file_cursor(context.cursor)
-    current = scan_landing(landing_root / target.source, target.source)
+    found = scan_landing(landing, target.source)
+    current = {name: (f.mtime_ns, f.size) for name, f in found.items()}
     changed = {name: sig for name, sig in current.items() if seen.get(name) != sig}
     next_cursor = dict(current)
 
     by_partition: dict[str, dict[str, FileSignature]] = {}
     for name, sig in sorted(changed.items()):
-        parsed = partition_key_of(Path(name))
-        partition_key = parsed[1] if parsed else ""
+        partition_key = found[name].partition_key or ""
         if not target.partitions_def.has_partition_key(partition_key):
             # Not remembered: once the partition exists (a future date), it is picked up.
             context.log.warning(
@@ -355,7 +268,7 @@ def evaluate_landing(
             continue
         if target.source == "fx_ticks":
             for name in files:
-                raw_symbols.update(_symbols_or_log(context, landing_root / target.source / name))
+                raw_symbols.update(_symbols_or_log(context, landing, found[name]))
         run_requests.append(
             RunRequest(
                 run_key=landing_run_key(target.source, partition_key, files),
@@ -393,7 +306,7 @@ def evaluate_landing(
     )
 
 
-def build_landing_sensor(target: LandingTarget) -> SensorDefinition:
+def build_landing_sensor(target: LandingTarget, interval_s: int) -> SensorDefinition:
     """A cursor-based sensor over one landing folder.
 
     Each new or changed file requests one run of its partition, keyed by
@@ -403,7 +316,7 @@ def build_landing_sensor(target: LandingTarget) -> SensorDefinition:
     @sensor(
         name=f"{target.source}_landing",
         target=AssetSelection.assets(*target.assets),
-        minimum_interval_seconds=sensor_interval_seconds(),
+        minimum_interval_seconds=interval_s,
         default_status=DefaultSensorStatus.RUNNING,
         description=(
             f"Ingests new or changed files under landing/{target.source}: "
@@ -412,12 +325,9 @@ def build_landing_sensor(target: LandingTarget) -> SensorDefinition:
         ),
     )
     def landing_sensor(context: SensorEvaluationContext, landing: LandingResource) -> SensorResult:
-        return evaluate_landing(context, landing.root, target)
+        return evaluate_landing(context, landing, target)
 
     return landing_sensor
-
-
-landing_sensors = [build_landing_sensor(target) for target in LANDING_TARGETS.values()]
 
 
 # --- fx_spreads follows bronze FX days ----------------------------------------------
@@ -430,7 +340,7 @@ def bronze_gate_status(
 ) -> tuple[str, str]:
     """Whether the blocking checks passed on the run that wrote ``record``.
 
-    The verdict is read as :func:`pipeline.checks.gates.check_record_failures`
+    The verdict is read as :func:`pipeline.gates.check_record_failures`
     reads it for the model guards (including results of partition-range runs),
     but only once the run that wrote the partition has finished, and only from
     evaluations made in that run: a pass left by an earlier delivery must not
@@ -448,9 +358,7 @@ def bronze_gate_status(
         return "pending", f"run {record.run_id} that wrote {partition_key} is {run.status.value}"
     check_names = tuple(check_names)
     check_keys = [keys.check_key(keys.BRONZE_FX_TICKS, name) for name in check_names]
-    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        check_keys, partition_filter=PartitionKeyFilter(key=partition_key)
-    )
+    latest = latest_check_records(instance, check_keys, partition_key)
     elsewhere = [
         k.name for k in check_keys if (r := latest.get(k)) is None or r.run_id != record.run_id
     ]
@@ -489,10 +397,7 @@ def evaluate_fx_spreads(context: SensorEvaluationContext, lake: LakeResource) ->
     run_requests: list[RunRequest] = []
     all_symbols: set[str] = set()
     for date, record in sorted(latest_by_date.items()):
-        raw = lake.read("bronze", "fx_ticks", {BRONZE_PARTITION_COLUMN: date}, columns=["symbol"])
-        symbols, invalid = normalise_symbols(
-            [] if raw.height == 0 else raw["symbol"].drop_nulls().unique().to_list()
-        )
+        symbols, invalid = normalise_symbols(bronze_symbols(lake, date))
         if invalid:
             context.log.warning(f"fx_ticks {date}: invalid symbols {invalid} are quarantined")
         for symbol in symbols:
@@ -525,30 +430,49 @@ def evaluate_fx_spreads(context: SensorEvaluationContext, lake: LakeResource) ->
     )
 
 
-@sensor(
-    name="fx_spreads_from_bronze",
-    target=AssetSelection.assets(keys.FX_SPREADS),
-    minimum_interval_seconds=sensor_interval_seconds(),
-    default_status=DefaultSensorStatus.RUNNING,
-    description=(
-        "Curates each (symbol, date) of a bronze FX day once that day is ingested and "
-        "its blocking checks passed; skips partitions already curated from that version."
-    ),
-)
-def fx_spreads_sensor(context: SensorEvaluationContext, lake: LakeResource) -> SensorResult:
-    """Request ``curated/fx_spreads`` partitions for newly ingested bronze FX days."""
-    return evaluate_fx_spreads(context, lake)
+def build_fx_spreads_sensor(interval_s: int) -> SensorDefinition:
+    """The sensor that curates each (symbol, date) of a newly ingested, gated bronze FX day."""
+
+    @sensor(
+        name="fx_spreads_from_bronze",
+        target=AssetSelection.assets(keys.FX_SPREADS),
+        minimum_interval_seconds=interval_s,
+        default_status=DefaultSensorStatus.RUNNING,
+        description=(
+            "Curates each (symbol, date) of a bronze FX day once that day is ingested and "
+            "its blocking checks passed; skips partitions already curated from that version."
+        ),
+    )
+    def fx_spreads_sensor(context: SensorEvaluationContext, lake: LakeResource) -> SensorResult:
+        return evaluate_fx_spreads(context, lake)
+
+    return fx_spreads_sensor
 
 
-automation_sensor = AutomationConditionSensorDefinition(
-    "automation",
-    target=AssetSelection.all(),
-    default_status=DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=DEFAULT_SENSOR_INTERVAL_S,  # whole-graph evaluation: not faster
-    description="Evaluates every asset's automation condition (e.g. gated_eager on models).",
-)
+def build_sensors(interval_s: int | None = None) -> list[SensorDefinition]:
+    """Every sensor: landing (one per source), fx_spreads from bronze, and automation.
 
-sensors = [*landing_sensors, fx_spreads_sensor, automation_sensor]
+    Built on demand, not at import, so importing this module reads no environment.
+
+    Parameters
+    ----------
+    interval_s
+        Minimum seconds between landing and fx_spreads evaluations; default
+        :func:`sensor_interval_seconds` (``PIPELINE_SENSOR_INTERVAL_S``).
+    """
+    interval_s = interval_s or sensor_interval_seconds()
+    automation_sensor = AutomationConditionSensorDefinition(
+        "automation",
+        target=AssetSelection.all(),
+        default_status=DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=DEFAULT_SENSOR_INTERVAL_S,  # whole-graph evaluation
+        description="Evaluates every asset's automation condition (e.g. gated_eager on models).",
+    )
+    return [
+        *(build_landing_sensor(target, interval_s) for target in LANDING_TARGETS.values()),
+        build_fx_spreads_sensor(interval_s),
+        automation_sensor,
+    ]
 
 
 # --- schedules -----------------------------------------------------------------------

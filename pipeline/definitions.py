@@ -29,7 +29,7 @@ def build_definitions(settings=None) -> Definitions:
         asset_checks=[*contract_checks, *credibility_checks, *fx_checks, *loan_loss_checks],
         jobs=automation.jobs,
         schedules=automation.schedules,
-        sensors=automation.sensors,
+        sensors=automation.build_sensors(),
         resources=build_resources(settings),
     )
 

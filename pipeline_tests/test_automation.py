@@ -15,18 +15,11 @@ import polars as pl
 import pytest
 
 from pipeline import automation, keys
-from pipeline.automation import (
-    MODEL_POOL,
-    decode_file_cursor,
-    domain_errors_are_final,
-    encode_file_cursor,
-    gated_eager,
-    model_retry_policy,
-    sensor_interval_seconds,
-)
+from pipeline.automation import decode_file_cursor, encode_file_cursor, sensor_interval_seconds
 from pipeline.domain.demo_data import generate_fx_ticks
 from pipeline.domain.errors import DomainError
 from pipeline.partitions import date_partitions, symbol_date_key
+from pipeline.policies import MODEL_POOL, domain_errors_are_final, gated_eager, model_retry_policy
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.landing import LandingResource
 from pipeline.settings import SettingsError, ensure_dagster_home, load_settings
@@ -38,7 +31,7 @@ ROWS_B = "policy_id,district\nP1,D001\nP2,D002\n"
 
 
 def _sensor(name: str) -> dg.SensorDefinition:
-    return next(s for s in automation.sensors if s.name == name)
+    return next(s for s in automation.build_sensors() if s.name == name)
 
 
 def _write(folder: Path, name: str, content: str, mtime_ns: int) -> None:
@@ -258,7 +251,7 @@ def test_fx_spreads_follow_bronze_days_whose_gate_passed(platform) -> None:
         instance=platform.instance, resources={"lake": platform.lake}, cursor=None
     )
 
-    result = automation.fx_spreads_sensor(context)
+    result = _sensor("fx_spreads_from_bronze")(context)
 
     assert sorted(str(r.partition_key) for r in result.run_requests) == [
         f"{date}|EURUSD",
@@ -268,7 +261,7 @@ def test_fx_spreads_follow_bronze_days_whose_gate_passed(platform) -> None:
     assert _added_symbols(result) == ["EURUSD", "USDJPY"]
 
     # the same cursor again: nothing new
-    again = automation.fx_spreads_sensor(
+    again = _sensor("fx_spreads_from_bronze")(
         dg.build_sensor_context(
             instance=platform.instance, resources={"lake": platform.lake}, cursor=result.cursor
         )
@@ -278,7 +271,7 @@ def test_fx_spreads_follow_bronze_days_whose_gate_passed(platform) -> None:
     # a partition curated after this bronze version is not requested again
     platform.instance.add_dynamic_partitions("symbol", ["EURUSD", "USDJPY"])
     assert platform.materialize([keys.FX_SPREADS], symbol_date_key("EURUSD", date)).success
-    rescan = automation.fx_spreads_sensor(
+    rescan = _sensor("fx_spreads_from_bronze")(
         dg.build_sensor_context(
             instance=platform.instance, resources={"lake": platform.lake}, cursor=None
         )
@@ -312,7 +305,7 @@ def test_fx_spreads_not_requested_when_bronze_gate_failed(tmp_path: Path) -> Non
 
     from pipeline.resources.lake import LakeResource
 
-    result = automation.fx_spreads_sensor(
+    result = _sensor("fx_spreads_from_bronze")(
         dg.build_sensor_context(
             instance=instance,
             resources={"lake": LakeResource(root_uri=str(tmp_path / "lake"))},
@@ -339,7 +332,7 @@ def test_fx_spreads_wait_while_the_bronze_run_is_going(tmp_path: Path) -> None:
 
     from pipeline.resources.lake import LakeResource
 
-    result = automation.fx_spreads_sensor(
+    result = _sensor("fx_spreads_from_bronze")(
         dg.build_sensor_context(
             instance=instance,
             resources={"lake": LakeResource(root_uri=str(tmp_path / "lake"))},
@@ -560,7 +553,11 @@ def test_definitions_wire_every_sensor_running() -> None:
 
 def test_read_landing_symbols_reads_csv_and_parquet(tmp_path: Path) -> None:
     frame = pl.DataFrame({"symbol": ["EUR/USD", "EUR/USD", None, "gbp-usd"], "bid": [1, 2, 3, 4]})
-    frame.write_parquet(tmp_path / "a.parquet")
-    frame.write_csv(tmp_path / "a.csv")
-    for name in ("a.parquet", "a.csv"):
-        assert automation.read_landing_symbols(tmp_path / name) == ["EUR/USD", "gbp-usd"]
+    (tmp_path / "fx_ticks").mkdir()
+    frame.write_parquet(tmp_path / "fx_ticks" / "fx_ticks_2026-09-01.parquet")
+    frame.write_csv(tmp_path / "fx_ticks" / "fx_ticks_2026-09-02.csv")
+    landing = LandingResource(path=str(tmp_path))
+    files = landing.files("fx_ticks")
+    assert [f.name for f in files] == ["fx_ticks_2026-09-01.parquet", "fx_ticks_2026-09-02.csv"]
+    for file in files:
+        assert automation.read_landing_symbols(landing, file) == ["EUR/USD", "gbp-usd"]

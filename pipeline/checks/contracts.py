@@ -25,17 +25,17 @@ from dagster import (
 )
 
 from pipeline import keys
-from pipeline.assets.ingest import (
+from pipeline.domain import contracts
+from pipeline.metadata import counts_table
+from pipeline.partitions import split_symbol_date, symbol_date_partitions
+from pipeline.resources.lake import LakeResource
+from pipeline.stores.sources import (
     BRONZE_PARTITION_COLUMN,
     SOURCES,
     Source,
     quarantined_symbol,
     read_bronze,
 )
-from pipeline.assets.metadata import counts_table
-from pipeline.domain import contracts
-from pipeline.partitions import split_symbol_date, symbol_date_partitions
-from pipeline.resources.lake import LakeResource
 
 MAX_INGEST_LAG = dt.timedelta(hours=24)
 

@@ -9,9 +9,9 @@ numbers.
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetChecksDefinition, asset_check
 
 from pipeline import keys
-from pipeline.assets.credibility import read_diagnostics
 from pipeline.partitions import month_partitions
 from pipeline.resources.lake import LakeResource
+from pipeline.stores.credibility import read_diagnostics
 
 _DESCRIPTIONS = {
     keys.CHECK_RHAT: "Max rank-normalised split R-hat over alpha, sigma and district rates ≤ 1.01.",

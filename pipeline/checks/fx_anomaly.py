@@ -17,10 +17,10 @@ from dagster import (
 )
 
 from pipeline import keys
-from pipeline.assets.fx_anomaly import latest_evaluation, promotion_rule_failures
-from pipeline.assets.metadata import markdown_table
+from pipeline.metadata import markdown_table
 from pipeline.partitions import split_symbol_date, symbol_date_partitions, symbol_partitions
 from pipeline.resources.lake import LakeResource
+from pipeline.stores.fx import latest_evaluation, promotion_rule_failures
 
 
 @asset_check(

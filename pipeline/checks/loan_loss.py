@@ -15,10 +15,10 @@ import polars as pl
 from dagster import AssetCheckExecutionContext, AssetCheckResult, MetadataValue, asset_check
 
 from pipeline import keys
-from pipeline.assets.loan_loss import read_summary
-from pipeline.assets.metadata import markdown_table
+from pipeline.metadata import markdown_table
 from pipeline.partitions import valuation_date_partitions
 from pipeline.resources.lake import LakeResource
+from pipeline.stores.loan_loss import read_summary
 
 REFERENCE_LOANS = 5_000
 REFERENCE_SIMS = 20_000

@@ -6,6 +6,7 @@ column whose type differs between two drops must not break the bronze table's
 schema. Typing happens once, in :func:`pipeline.domain.contracts.apply_contract`.
 """
 
+import io
 import re
 from pathlib import Path
 
@@ -38,20 +39,27 @@ def partition_key_of(path: Path) -> tuple[str, str] | None:
     return match["source"], match["key"]
 
 
-def landing_files(landing_dir: Path, source: str, partition_key: str) -> list[Path]:
-    """Files of ``source`` delivered for ``partition_key``, in name order."""
-    folder = landing_dir / source
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and partition_key_of(p) == (source, partition_key)
-    )
-
-
 def read_as_text(path: Path) -> pl.DataFrame:
-    """Read one CSV or Parquet file with every column as text.
+    """Read one local CSV or Parquet file with every column as text (see :func:`parse_as_text`).
+
+    Raises
+    ------
+    LandingFileError
+        When the file does not exist or cannot be parsed.
+    """
+    if not path.exists():
+        raise LandingFileError(f"{path}: file does not exist")
+    return parse_as_text(str(path), path.read_bytes())
+
+
+def parse_as_text(name: str, payload: bytes) -> pl.DataFrame:
+    """Parse the bytes of one delivered CSV or Parquet file with every column as text.
+
+    Parameters
+    ----------
+    name
+        The file's name or relative path: its suffix picks the format, and every
+        error message names it.
 
     Raises
     ------
@@ -59,33 +67,32 @@ def read_as_text(path: Path) -> pl.DataFrame:
         Naming the file and the problem: empty file, not UTF-8, truncated or
         corrupt Parquet, ragged CSV.
     """
-    if not path.exists():
-        raise LandingFileError(f"{path}: file does not exist")
-    if path.stat().st_size == 0:
-        raise LandingFileError(f"{path}: file is empty (0 bytes)")
+    suffix = Path(name).suffix
+    if not payload:
+        raise LandingFileError(f"{name}: file is empty (0 bytes)")
     try:
-        if path.suffix == ".csv":
-            raw = path.read_bytes()
+        if suffix == ".csv":
             try:
-                raw.decode("utf-8")
+                payload.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise LandingFileError(
-                    f"{path}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+                    f"{name}: not valid UTF-8 (byte 0x{payload[exc.start]:02x} at offset "
+                    f"{exc.start})"
                 ) from exc
-            frame = pl.read_csv(raw, infer_schema=False)
-        elif path.suffix == ".parquet":
-            frame = pl.read_parquet(path)
+            frame = pl.read_csv(payload, infer_schema=False)
+        elif suffix == ".parquet":
+            frame = pl.read_parquet(io.BytesIO(payload))
             frame = frame.with_columns(
                 [_parquet_column_as_text(c, t) for c, t in frame.schema.items()]
             )
         else:
-            raise LandingFileError(f"{path}: unsupported file type {path.suffix!r}")
+            raise LandingFileError(f"{name}: unsupported file type {suffix!r}")
     except LandingFileError:
         raise
     except Exception as exc:  # polars raises several unrelated types for broken files
-        raise LandingFileError(f"{path}: cannot be parsed: {type(exc).__name__}: {exc}") from exc
+        raise LandingFileError(f"{name}: cannot be parsed: {type(exc).__name__}: {exc}") from exc
     if frame.width == 0:
-        raise LandingFileError(f"{path}: no columns")
+        raise LandingFileError(f"{name}: no columns")
     return frame
 
 

@@ -1,8 +1,7 @@
-"""Scripts that run on a remote cluster and talk back to Dagster through Pipes.
+"""The heavy jobs as plain functions over data and the lake / MLflow clients.
 
-Each module here is uploaded as a Databricks ``spark_python_task`` by
-:meth:`pipeline.resources.compute.ComputeResource.run_databricks_job`. A job module
-imports only the standard library, numpy and ``dagster_pipes`` at module level (the
-cluster has no dagster), and reaches the science through :mod:`pipeline.domain`,
-which is shipped to the cluster as a zip next to the script.
+Training and registering one symbol's model, scoring a symbol's days, fitting and
+logging one month's posterior, simulating one valuation date: each is a function an
+asset calls, and that a Spark task or a Databricks job can call unchanged, because
+it takes data frames and resources built from settings, never a Dagster context.
 """

@@ -9,14 +9,14 @@ the Databricks SDK themselves.
 Databricks jobs (``backend="databricks"``)
 ------------------------------------------
 :meth:`ComputeResource.run_databricks_job` submits one of the scripts of
-:mod:`pipeline.jobs` as a ``spark_python_task`` with the Jobs API ``runs/submit``
+:mod:`pipeline.remote` as a ``spark_python_task`` with the Jobs API ``runs/submit``
 through ``dagster_databricks.PipesDatabricksClient``, on the cluster named by
 ``DATABRICKS_CLUSTER_ID`` (or a ``new_cluster`` spec). What it ships first, over the
 DBFS API under ``databricks_dbfs_root`` (default ``dbfs:/pipeline``):
 
 * the script, to ``<root>/jobs/<script>``, unless ``databricks_job_python_file`` names
   one deployed some other way (a workspace file, a Git folder, a DBFS path);
-* the pure code it imports, ``pipeline/domain`` and ``pipeline/jobs`` as one zip named by
+* the pure code it imports, ``pipeline/domain`` and ``pipeline/remote`` as one zip named by
   its content hash (``<root>/jobs/pipeline-code-<sha>.zip``), so the cluster runs exactly
   the domain code of this process without a wheel being installed on it;
 * the run's input files, to a folder of its own, ``<root>/runs/<dagster run>/<uuid>/``,
@@ -46,13 +46,15 @@ from typing import Any
 from dagster import AssetExecutionContext, ConfigurableResource
 from pydantic import PrivateAttr
 
+from pipeline.dagster_private import named_run_pipes_client_class
+
 BACKENDS = ("local", "spark", "databricks")
 DEFAULT_DBFS_ROOT = "dbfs:/pipeline"
-# what a cluster needs besides its runtime to start a job of pipeline.jobs: the Pipes
+# what a cluster needs besides its runtime to start a job of pipeline.remote: the Pipes
 # protocol and the one non-runtime import of pipeline.domain.loan_loss, pinned to this
 # environment so both sides speak the same versions
 JOB_PYPI_DISTRIBUTIONS = ("dagster-pipes", "polars")
-_BUNDLED_PACKAGES = ("pipeline/domain", "pipeline/jobs")
+_BUNDLED_PACKAGES = ("pipeline/domain", "pipeline/remote")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the bundle's hash depends on code only
 
 
@@ -162,22 +164,30 @@ class ComputeResource(ConfigurableResource):
             )
         raise ComputeError(f"unknown compute backend {self.backend!r}; use one of {BACKENDS}")
 
+    def spark_config(self) -> dict[str, str]:
+        """Spark settings of the session this resource hands out."""
+        return {
+            "spark.master": self.spark_master,
+            "spark.app.name": "pipeline",
+            "spark.sql.execution.arrow.pyspark.enabled": "true",
+            "spark.ui.enabled": "false",
+            "spark.sql.shuffle.partitions": "4",
+        }
+
     def spark_session(self) -> Any:
-        """A Spark session on ``spark_master``, created once per resource instance."""
+        """The Spark session on ``spark_master``, built by dagster-pyspark on first use.
+
+        ``LazyPySparkResource`` builds the session only when it is asked for, so a run on
+        the local backend never starts a JVM; it is created here, not at import, because
+        importing dagster-pyspark imports pyspark.
+        """
         if self._spark is None:
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-            from pyspark.sql import SparkSession
+            from dagster_pyspark import LazyPySparkResource
 
-            self._spark = (
-                SparkSession.builder.master(self.spark_master)
-                .appName("pipeline")
-                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-                .config("spark.ui.enabled", "false")
-                .config("spark.sql.shuffle.partitions", "4")
-                .getOrCreate()
-            )
-        return self._spark
+            self._spark = LazyPySparkResource(spark_config=self.spark_config())
+        return self._spark.spark_session
 
     # ------------------------------------------------------------------ Databricks
 
@@ -204,7 +214,7 @@ class ComputeResource(ConfigurableResource):
         Failed runs raise :class:`ComputeError` naming the run, its page and the task's
         error output, rather than only the run's state message.
         """
-        return _pipes_client_class()(
+        return named_run_pipes_client_class(_failed_run_error)(
             client=self.databricks_workspace_client(),
             poll_interval_seconds=self.databricks_poll_interval_seconds,
         )
@@ -219,14 +229,14 @@ class ComputeResource(ConfigurableResource):
         outputs: Sequence[str],
         extras: Mapping[str, Any],
     ) -> DatabricksJobResult:
-        """Run a script of :mod:`pipeline.jobs` as one Databricks run and collect its outputs.
+        """Run a script of :mod:`pipeline.remote` as one Databricks run and collect its outputs.
 
         Parameters
         ----------
         context
             The asset's execution context (Pipes streams the job's logs and messages to it).
         script
-            File name in :mod:`pipeline.jobs`, e.g. ``"loan_loss_job.py"``.
+            File name in :mod:`pipeline.remote`, e.g. ``"loan_loss_job.py"``.
         run_name
             Name of the run in the workspace UI.
         inputs
@@ -358,9 +368,9 @@ class ComputeResource(ConfigurableResource):
             return self.databricks_job_python_file, bundle
         target = f"{root}/jobs/{script}"
         if target not in self._deployed:
-            source = resources.files("pipeline.jobs").joinpath(script)
+            source = resources.files("pipeline.remote").joinpath(script)
             if not source.is_file():
-                raise ComputeError(f"pipeline.jobs has no script {script!r}")
+                raise ComputeError(f"pipeline.remote has no script {script!r}")
             _ensure_file(workspace, target, source.read_bytes())
             self._deployed[target] = target
         return target, bundle
@@ -368,7 +378,7 @@ class ComputeResource(ConfigurableResource):
 
 @functools.cache
 def code_bundle() -> bytes:
-    """``pipeline/__init__.py``, ``pipeline/domain`` and ``pipeline/jobs`` as a zip.
+    """``pipeline/__init__.py``, ``pipeline/domain`` and ``pipeline/remote`` as a zip.
 
     Only the pure layers: they import numpy, scipy, polars and ``dagster_pipes``, which a
     cluster has or gets from the task's libraries. Entries are sorted and timestamped at a
@@ -490,27 +500,5 @@ def describe_failed_run(workspace: Any, run_id: int) -> str:
     return "\n".join(lines)
 
 
-@functools.cache
-def _pipes_client_class() -> type:
-    """``PipesDatabricksClient`` whose failures name the run (imported lazily: it is heavy).
-
-    The library's own error carries only the run's state message, which for a failed
-    task is "Workload failed, see run output for details" without saying which run. The
-    subclass hooks the polling step, the one place that knows the run id, logs the run's
-    page when it starts and turns a failure into :class:`ComputeError` with the task's
-    error output.
-    """
-    from dagster._core.errors import DagsterPipesExecutionError
-    from dagster_databricks import PipesDatabricksClient
-
-    class NamedRunPipesDatabricksClient(PipesDatabricksClient):
-        def _poll_til_success(self, context: Any, run_id: int) -> None:
-            page = self.client.jobs.get_run(run_id).run_page_url
-            context.log.info(f"Databricks run {run_id} submitted: {page}")
-            try:
-                super()._poll_til_success(context, run_id)
-            except DagsterPipesExecutionError as exc:
-                raise ComputeError(describe_failed_run(self.client, run_id)) from exc
-            context.log.info(f"Databricks run {run_id} succeeded: {page}")
-
-    return NamedRunPipesDatabricksClient
+def _failed_run_error(workspace: Any, run_id: int) -> ComputeError:
+    return ComputeError(describe_failed_run(workspace, run_id))

@@ -1,8 +1,40 @@
-"""The landing zone where upstream systems drop files."""
+"""The landing zone where upstream systems drop files: a local folder or object storage.
 
+Every read of a delivered file goes through this resource (the ingest assets, the
+landing sensors, the label reader), so pointing ``LANDING_DIR`` at ``s3://…`` or
+``abfss://…`` moves all of them at once. Paths are handled with pyarrow's filesystem
+layer, as the lake's artefact files are; credentials come from the standard variables
+the filesystem reads, never from configuration.
+"""
+
+from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
 from dagster import ConfigurableResource
+
+from pipeline.domain.landing import LandingFileError, parse_as_text, partition_key_of
+
+
+@dataclass(frozen=True)
+class LandingFile:
+    """One delivered file: where it is and the signature a sensor compares."""
+
+    source: str
+    name: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def relative(self) -> str:
+        """``<source>/<name>``: how the file is named in lineage columns and messages."""
+        return f"{self.source}/{self.name}"
+
+    @property
+    def partition_key(self) -> str | None:
+        """The partition named in the file name, or ``None`` when it names none."""
+        parsed = partition_key_of(Path(self.name))
+        return parsed[1] if parsed and parsed[0] == self.source else None
 
 
 class LandingResource(ConfigurableResource):
@@ -11,12 +43,70 @@ class LandingResource(ConfigurableResource):
     Attributes
     ----------
     path
-        Root of the landing zone (``$PIPELINE_HOME/landing`` by default).
+        Root of the landing zone: a local folder (``$PIPELINE_HOME/landing`` by
+        default) or an object-store URI.
     """
 
     path: str
 
     @property
     def root(self) -> Path:
-        """The landing folder as a path."""
+        """The landing folder as a local path (for tools that write demo drops)."""
         return Path(self.path)
+
+    def _filesystem(self, relative: str = "") -> tuple[object, str]:
+        from pyarrow import fs
+
+        filesystem, base = fs.FileSystem.from_uri(self.path)
+        return filesystem, f"{base.rstrip('/')}/{relative}" if relative else base
+
+    def files(self, source: str) -> list[LandingFile]:
+        """Every file in ``<root>/<source>``, in name order (hidden temp files too)."""
+        from pyarrow import fs
+
+        filesystem, folder = self._filesystem(source)
+        if filesystem.get_file_info(folder).type != fs.FileType.Directory:
+            return []
+        infos = filesystem.get_file_info(fs.FileSelector(folder, recursive=False))
+        return sorted(
+            (
+                LandingFile(source, info.base_name, int(info.size), int(info.mtime_ns or 0))
+                for info in infos
+                if info.type == fs.FileType.File
+            ),
+            key=lambda f: f.name,
+        )
+
+    def partition_files(self, source: str, partition_key: str) -> list[LandingFile]:
+        """Files of ``source`` whose names name ``partition_key``, in name order."""
+        return [f for f in self.files(source) if f.partition_key == partition_key]
+
+    def uri(self, relative: str) -> str:
+        """Where ``relative`` lives, for messages."""
+        return f"{self.path.rstrip('/')}/{relative}"
+
+    def exists(self, relative: str) -> bool:
+        """Whether a file exists at ``relative`` under the landing root."""
+        from pyarrow import fs
+
+        filesystem, path = self._filesystem(relative)
+        return filesystem.get_file_info(path).type == fs.FileType.File
+
+    def read_bytes(self, relative: str) -> bytes:
+        """The whole content of one landing file.
+
+        Raises
+        ------
+        LandingFileError
+            When the file vanished or cannot be opened; the message names it.
+        """
+        filesystem, path = self._filesystem(relative)
+        try:
+            with filesystem.open_input_stream(path) as stream:
+                return stream.read()
+        except (FileNotFoundError, OSError) as exc:
+            raise LandingFileError(f"{relative}: cannot be read: {exc}") from exc
+
+    def read_as_text(self, file: LandingFile) -> pl.DataFrame:
+        """One delivered file with every column as text (see ``parse_as_text``)."""
+        return parse_as_text(file.relative, self.read_bytes(file.relative))

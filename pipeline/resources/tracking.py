@@ -1,16 +1,24 @@
-"""MLflow tracking and model registry, bound to the platform's settings.
+"""MLflow tracking and model registry through one bound ``MlflowClient``.
 
-``dagster-mlflow`` only wraps tracking, so the registry (versions, aliases) is
-driven with ``MlflowClient``. Every run opened here is tagged with the Dagster
-run id, asset key and partition key, so a run can be found from the asset and
-the asset from the run.
+Nothing here touches MLflow's global state: no ``mlflow.set_tracking_uri``, no fluent
+``mlflow.start_run``, no environment variable. Every call goes through the client that
+:meth:`TrackingResource.client` binds to the configured stores, so two resources
+pointing at two stores can live in one process (tests do exactly that) and a Spark task
+or a Databricks job builds the same resource from its settings.
+
+Every run opened here is tagged with the Dagster run id, asset key and partition key, so
+a run can be found from the asset and the asset from the run. ``dagster-mlflow`` is not
+used: it ties one MLflow run to one Dagster run through global state, while this
+platform logs one run per partition (per symbol, per month) inside one Dagster run.
 """
 
 import contextlib
-import os
 import re
+import tempfile
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableResource
@@ -21,6 +29,7 @@ _UC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DAGSTER_RUN_TAG = "dagster.run_id"
 DAGSTER_ASSET_TAG = "dagster.asset_key"
 DAGSTER_PARTITION_TAG = "dagster.partition_key"
+_MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 
 
 class TrackingError(ValueError):
@@ -53,28 +62,18 @@ class TrackingResource(ConfigurableResource):
     uc_catalog: str | None = None
     uc_schema: str | None = None
 
-    def _bind(self) -> None:
-        import mlflow
-
-        # progress bars of artefact downloads are noise in Dagster's captured logs
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        # models are logged with explicit pip requirements: detecting the uv project
-        # around the process would only log about it
-        os.environ.setdefault("MLFLOW_UV_AUTO_DETECT", "false")
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
-
     def client(self) -> Any:
-        """An ``MlflowClient`` bound to this store (also sets the global URIs)."""
+        """An ``MlflowClient`` bound to this tracking store and registry."""
         from mlflow import MlflowClient
 
-        self._bind()
         return MlflowClient(
             tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or self.tracking_uri
         )
 
     def experiment_id(self, name: str) -> str:
         """Id of experiment ``name``, created with the configured artefact root."""
+        from mlflow.exceptions import MlflowException
+
         client = self.client()
         existing = client.get_experiment_by_name(name)
         if existing is not None:
@@ -82,7 +81,7 @@ class TrackingResource(ConfigurableResource):
         location = f"{self.artifact_root.rstrip('/')}/{name}" if self.artifact_root else None
         try:
             return client.create_experiment(name, artifact_location=location)
-        except Exception:
+        except MlflowException:
             # another process created it between our lookup and create
             existing = client.get_experiment_by_name(name)
             if existing is None:
@@ -98,26 +97,46 @@ class TrackingResource(ConfigurableResource):
         dagster_run_id: str,
         asset_key: str,
         partition_key: str | None,
-        tags: dict[str, str] | None = None,
-    ) -> Iterator[Any]:
+        tags: Mapping[str, str] | None = None,
+    ) -> Iterator["TrackedRun"]:
         """Open an MLflow run tagged with its Dagster origin.
 
-        The run ends as ``FAILED`` when the body raises, so a broken
+        The run ends as ``FINISHED``, or as ``FAILED`` when the body raises, so a broken
         materialisation is visible in MLflow too.
         """
-        import mlflow
-
-        self._bind()
+        client = self.client()
         all_tags = {
             DAGSTER_RUN_TAG: dagster_run_id,
             DAGSTER_ASSET_TAG: asset_key,
             DAGSTER_PARTITION_TAG: partition_key or "",
             **(tags or {}),
         }
-        with mlflow.start_run(
-            experiment_id=self.experiment_id(experiment), run_name=run_name, tags=all_tags
-        ) as run:
+        info = client.create_run(
+            self.experiment_id(experiment), run_name=run_name, tags=all_tags
+        ).info
+        run = TrackedRun(
+            client=client,
+            run_id=info.run_id,
+            experiment_id=info.experiment_id,
+            artifact_uri=info.artifact_uri,
+        )
+        try:
             yield run
+        except BaseException:
+            client.set_terminated(run.run_id, "FAILED")
+            raise
+        client.set_terminated(run.run_id, "FINISHED")
+
+    def existing_run(self, run_id: str) -> "TrackedRun":
+        """A handle on a run that already exists (e.g. to attach a later artefact)."""
+        client = self.client()
+        info = client.get_run(run_id).info
+        return TrackedRun(
+            client=client,
+            run_id=info.run_id,
+            experiment_id=info.experiment_id,
+            artifact_uri=info.artifact_uri,
+        )
 
     def model_name(self, symbol: str) -> str:
         """Registered model name of a symbol's spread model."""
@@ -167,10 +186,31 @@ class TrackingResource(ConfigurableResource):
         if self.alias_version(name, alias) is not None:
             self.client().delete_registered_model_alias(name, alias)
 
+    def register_version(
+        self, name: str, *, source: str, run_id: str, tags: Mapping[str, str]
+    ) -> str:
+        """Register ``source`` as a new version of model ``name`` (created if missing).
+
+        The version is created with its tags in one call: three ``set_model_version_tag``
+        calls afterwards cost more than the registration itself.
+        """
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            name, source=source, run_id=run_id, tags=dict(tags), await_creation_for=0
+        )
+        return str(version.version)
+
     def load_sklearn(
         self, name: str, alias: str | None = None, *, version: str | int | None = None
     ) -> Any:
-        """Load the scikit-learn model ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
+        """Load the scikit-learn model behind ``name@alias`` or ``name/version``.
 
         Pass the version when the caller has already resolved an alias and records which
         version it used: loading by alias again could pick up a version the alias moved to
@@ -180,6 +220,103 @@ class TrackingResource(ConfigurableResource):
 
         if (alias is None) == (version is None):
             raise TrackingError(f"load_sklearn({name!r}): give exactly one of alias or version")
-        self._bind()
-        ref = f"{name}@{alias}" if alias is not None else f"{name}/{version}"
-        return mlflow.sklearn.load_model(f"models:/{ref}")
+        client = self.client()
+        found = (
+            client.get_model_version_by_alias(name, alias)
+            if alias is not None
+            else client.get_model_version(name, str(version))
+        )
+        with self.local_copy(found.source) as path:
+            return mlflow.sklearn.load_model(str(path))
+
+    def download_artifact(self, run_id: str, path: str) -> bytes:
+        """The bytes of one artefact file of a run."""
+        with tempfile.TemporaryDirectory() as tmp:
+            local = self.client().download_artifacts(run_id, path, tmp)
+            return Path(local).read_bytes()
+
+    @contextlib.contextmanager
+    def local_copy(self, artifact_uri: str) -> Iterator[Path]:
+        """A local path of an artefact folder: itself when on this machine, else a download."""
+        import mlflow.artifacts
+
+        parsed = urllib.parse.urlparse(artifact_uri)
+        if parsed.scheme == "file":
+            yield Path(urllib.parse.unquote(parsed.path))
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=self.tracking_uri
+                )
+            )
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """One open MLflow run and the bound client that writes to it."""
+
+    client: Any
+    run_id: str
+    experiment_id: str
+    artifact_uri: str
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        """Log parameters in one batch (values as text, cut to MLflow's limit)."""
+        from mlflow.entities import Param
+
+        self.client.log_batch(
+            self.run_id,
+            params=[Param(k, str(v)[:_MAX_PARAM_LENGTH]) for k, v in params.items()],
+        )
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Log metrics in one batch, all at step 0."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        )
+
+    def log_files(self, files: Mapping[str, bytes], artifact_path: str | None = None) -> None:
+        """Log in-memory files as artefacts (under ``artifact_path`` when given)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, payload in files.items():
+                (Path(tmp) / name).write_bytes(payload)
+            self.client.log_artifacts(self.run_id, tmp, artifact_path=artifact_path)
+
+    def log_sklearn_model(
+        self,
+        model: Any,
+        *,
+        input_example: Any,
+        pip_requirements: list[str],
+        skops_trusted_types: list[str],
+        artifact_path: str = "model",
+    ) -> str:
+        """Save a scikit-learn model (skops format, signature, example) into this run.
+
+        Returns
+        -------
+        str
+            The artefact URI of the model folder, the source of a registered version.
+        """
+        import mlflow.sklearn
+        from mlflow.models import infer_signature
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / artifact_path
+            mlflow.sklearn.save_model(
+                model,
+                str(folder),
+                signature=infer_signature(input_example, model.score_samples(input_example)),
+                input_example=input_example,
+                pip_requirements=pip_requirements,
+                serialization_format="skops",
+                skops_trusted_types=skops_trusted_types,
+            )
+            self.client.log_artifacts(self.run_id, str(folder), artifact_path=artifact_path)
+        return f"{self.artifact_uri.rstrip('/')}/{artifact_path}"

@@ -23,10 +23,10 @@ from mlflow import MlflowClient
 from polars.testing import assert_frame_equal
 
 from pipeline import keys
-from pipeline.assets.credibility import MODEL_NAME, MODEL_TYPE, posterior_uri
 from pipeline.domain import credibility
 from pipeline.domain.demo_data import claims_truth, write_demo_landing
 from pipeline.resources.tracking import DAGSTER_ASSET_TAG, DAGSTER_PARTITION_TAG, DAGSTER_RUN_TAG
+from pipeline.stores.credibility import MODEL_NAME, MODEL_TYPE, posterior_uri
 from pipeline_tests.conftest import Platform, make_platform
 
 MONTHS = ("2026-07", "2026-08", "2026-09")

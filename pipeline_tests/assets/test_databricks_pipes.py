@@ -34,11 +34,12 @@ from databricks.sdk.service import jobs
 from polars.testing import assert_frame_equal
 
 from pipeline import keys
-from pipeline.assets.loan_loss import committed_samples_uri, simulate_scenario
 from pipeline.domain.demo_data import write_demo_landing
 from pipeline.domain.loan_loss import LoanArrays, simulate_portfolio_loss
-from pipeline.jobs import loan_loss_job
+from pipeline.jobs.loan_loss_simulation import simulate_scenario
+from pipeline.remote import loan_loss_job
 from pipeline.resources.compute import ComputeResource, code_bundle
+from pipeline.stores.loan_loss import committed_samples_uri
 from pipeline_tests.conftest import Platform, make_platform
 from pipeline_tests.fakes.databricks_server import FakeDatabricksWorkspace
 
@@ -217,7 +218,7 @@ def test_fake_workspace_speaks_documented_dbfs_jobs_and_auth(
 
 def test_job_script_refuses_to_run_outside_dagster_pipes(tmp_path: Path) -> None:
     """Without bootstrap parameters ``open_dagster_pipes`` would return a do-nothing mock."""
-    script = resources.files("pipeline.jobs").joinpath("loan_loss_job.py")
+    script = resources.files("pipeline.remote").joinpath("loan_loss_job.py")
     done = subprocess.run(
         [sys.executable, str(script)],
         capture_output=True,
@@ -288,7 +289,7 @@ def test_databricks_backend_equals_local_bit_for_bit(
         assert {"pypi": {"package": "polars==" + pl.__version__}} in task["libraries"]
         assert submit.body["run_name"].startswith(f"gold/loan_loss_distribution {VALUATION} m=")
     assert all(run.result_state == "SUCCESS" for run in workspace.runs.values())
-    packaged = resources.files("pipeline.jobs").joinpath("loan_loss_job.py").read_bytes()
+    packaged = resources.files("pipeline.remote").joinpath("loan_loss_job.py").read_bytes()
     assert workspace.local_path(SCRIPT).read_bytes() == packaged
     # the domain code ran from the uploaded bundle, not from this checkout
     bundles = [p for p in workspace.dbfs_files() if p.endswith(".zip")]

@@ -25,18 +25,11 @@ import polars as pl
 import pytest
 
 from pipeline import keys
-from pipeline.assets.fx_anomaly import (
-    CHALLENGER,
-    CHAMPION,
-    PREVIOUS_CHAMPION,
-    SKOPS_TRUSTED_TYPES,
-    pip_requirements,
-)
 from pipeline.automation import normalise_symbols, read_landing_symbols
-from pipeline.checks.gates import GateClosedError, check_record_failures
-from pipeline.demo import QUIET, landing_symbols, materialize_range
 from pipeline.domain import fx_anomaly
-from pipeline.domain.demo_data import FX_DATES, write_demo_landing
+from pipeline.domain.demo_data import write_demo_landing
+from pipeline.gates import GateClosedError, check_record_failures
+from pipeline.jobs.fx_training import SKOPS_TRUSTED_TYPES, pip_requirements
 from pipeline.partitions import symbol_date_key
 from pipeline.resources.tracking import (
     DAGSTER_ASSET_TAG,
@@ -44,9 +37,15 @@ from pipeline.resources.tracking import (
     DAGSTER_RUN_TAG,
     TrackingError,
 )
+from pipeline.runs import QUIET, materialize_range
+from pipeline.stores.fx import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION
 from pipeline_tests.conftest import Platform, make_platform
+from pipeline_tests.sensor_helpers import (
+    evaluate_fx_landing_sensor,
+    register_symbols_with_landing_sensor,
+)
 
-DATES = FX_DATES[:8]
+DATES = tuple(f"2026-09-{day:02d}" for day in range(1, 9))
 TRAIN_DATES, HOLDOUT_DATES = DATES[:5], DATES[5:]
 TICKS = 1_500
 SYMBOL = "EURUSD"
@@ -81,8 +80,7 @@ def curated_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
             fx_dates=DATES,
             ticks_per_symbol=TICKS,
         )
-        symbols = landing_symbols(plat.settings)
-        plat.instance.add_dynamic_partitions("symbol", symbols)
+        symbols = register_symbols_with_landing_sensor(plat)
         for date in DATES:
             plat.materialize([keys.BRONZE_FX_TICKS], date, run_config=QUIET)
         materialize_range(
@@ -136,7 +134,7 @@ def fx(curated_home: Path, tmp_path: Path) -> Iterator[Platform]:
     home = tmp_path / "home"
     shutil.copytree(curated_home, home)
     plat = make_platform(home)
-    plat.instance.add_dynamic_partitions("symbol", landing_symbols(plat.settings))
+    register_symbols_with_landing_sensor(plat)
     yield plat
     plat.instance.dispose()
 
@@ -490,9 +488,13 @@ def test_odd_symbol_spellings_map_to_one_partition_and_unsafe_ones_go_nowhere(
     path.parent.mkdir(parents=True)
     delivered.write_parquet(path)
 
-    valid, invalid = normalise_symbols(read_landing_symbols(path))
+    landing = platform.resources["landing"]
+    (file,) = landing.files("fx_ticks")
+    valid, invalid = normalise_symbols(read_landing_symbols(landing, file))
     assert (valid, invalid) == (["EURUSD"], ["../x"])
-    assert landing_symbols(platform.settings) == ["EURUSD"]
+    sensed = evaluate_fx_landing_sensor(platform.settings, platform.instance, platform.resources)
+    assert [r.partitions_def_name for r in sensed.dynamic_partitions_requests] == ["symbol"]
+    assert [r.partition_keys for r in sensed.dynamic_partitions_requests] == [["EURUSD"]]
     with pytest.raises(TrackingError, match=r"'\.\./x' is not a normalised partition key"):
         platform.tracking.model_name("../x")
     with pytest.raises(TrackingError):

@@ -21,10 +21,12 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import keys
-from pipeline.assets.loan_loss import SUMMARY_COLUMNS, LoanLossConfig, committed_samples_uri
+from pipeline.assets.loan_loss import LoanLossConfig
 from pipeline.domain.demo_data import SCENARIOS, write_demo_landing
 from pipeline.domain.loan_loss import summarise_losses
+from pipeline.jobs.loan_loss_simulation import SUMMARY_COLUMNS
 from pipeline.resources.tracking import DAGSTER_ASSET_TAG, DAGSTER_PARTITION_TAG, DAGSTER_RUN_TAG
+from pipeline.stores.loan_loss import committed_samples_uri
 from pipeline_tests.conftest import Platform, make_platform
 
 VALUATION = "2026-09-30"

@@ -9,10 +9,10 @@ import pytest
 
 from pipeline.domain.landing import (
     LandingFileError,
-    landing_files,
     partition_key_of,
     read_as_text,
 )
+from pipeline.resources.landing import LandingResource
 
 
 @pytest.mark.parametrize(
@@ -50,9 +50,15 @@ def test_landing_files_lists_one_partition_in_name_order(tmp_path: Path) -> None
     ):
         (folder / name).write_text("policy_id\nP1\n")
     (folder / "claims_2026-07_dir.csv").mkdir()
-    found = landing_files(tmp_path, "claims", "2026-07")
-    assert [p.name for p in found] == ["claims_2026-07.csv", "claims_2026-07_resend.csv"]
-    assert landing_files(tmp_path, "fx_ticks", "2026-09-01") == []
+    landing = LandingResource(path=str(tmp_path))
+    found = landing.partition_files("claims", "2026-07")
+    assert [f.name for f in found] == ["claims_2026-07.csv", "claims_2026-07_resend.csv"]
+    assert [f.relative for f in found] == [
+        "claims/claims_2026-07.csv",
+        "claims/claims_2026-07_resend.csv",
+    ]
+    assert all(f.size == len("policy_id\nP1\n") for f in found)
+    assert landing.partition_files("fx_ticks", "2026-09-01") == []
 
 
 def test_csv_values_are_kept_exactly_as_text(tmp_path: Path) -> None:

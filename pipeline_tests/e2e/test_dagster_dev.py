@@ -257,7 +257,7 @@ def test_gates_stay_open_after_a_range_run_backfill(
     from dagster import DagsterInstance
 
     from pipeline import keys
-    from pipeline.checks.gates import check_record_failures
+    from pipeline.gates import check_record_failures
 
     with DagsterInstance.from_config(str(dagster_dev.settings.dagster_home)) as instance:
         failures = {
@@ -313,13 +313,15 @@ def test_model_runs_launched_over_graphql_are_tracked_in_mlflow(
     from mlflow import MlflowClient
 
     from pipeline import keys
-    from pipeline.assets.credibility import EXPERIMENT, CredibilityConfig
-    from pipeline.assets.fx_anomaly import CHALLENGER, CHAMPION, ChallengerConfig
+    from pipeline.assets.credibility import CredibilityConfig
+    from pipeline.assets.fx_anomaly import ChallengerConfig
     from pipeline.resources.tracking import (
         DAGSTER_ASSET_TAG,
         DAGSTER_PARTITION_TAG,
         DAGSTER_RUN_TAG,
     )
+    from pipeline.stores.credibility import EXPERIMENT
+    from pipeline.stores.fx import CHALLENGER, CHAMPION
 
     settings = dagster_dev.settings
     assert settings.mlflow_tracking_uri == f"sqlite:///{settings.home / 'mlflow.db'}"

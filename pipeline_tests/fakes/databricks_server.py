@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-FUSE_ROOT_ENV = "PIPELINE_DBFS_FUSE_ROOT"  # honoured by pipeline.jobs.loan_loss_job
+FUSE_ROOT_ENV = "PIPELINE_DBFS_FUSE_ROOT"  # honoured by pipeline.remote.loan_loss_job
 READ_DEFAULT = 512 * 1024  # documented default ``length`` of dbfs/read
 MAX_BLOCK = 1024 * 1024  # documented limit of dbfs/read length, put contents, add-block data
 JOB_ID = 947  # one-time runs report a job id on real workspaces too

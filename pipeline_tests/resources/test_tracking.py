@@ -20,22 +20,17 @@ EXPERIMENT = "tracking_test"
 
 
 @pytest.fixture(autouse=True)
-def _restore_mlflow_globals() -> Iterator[None]:
-    """``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``: undo it afterwards
-    so no later test (or subprocess) inherits this test's temp store."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    yield
+def _mlflow_global_state_untouched() -> Iterator[None]:
+    """The resource works through a bound client: MLflow's globals and the environment
+    are the same after every test as before it, so no test needs to restore them."""
     import mlflow
 
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    environ = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW")}
+    tracking_uri = mlflow.get_tracking_uri()
+    yield
+    assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW")} == environ
+    assert mlflow.get_tracking_uri() == tracking_uri
+    assert mlflow.active_run() is None
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +74,9 @@ def test_runs_carry_the_dagster_run_asset_and_partition(home: Path) -> None:
             partition_key=context.partition_key,
             tags={"model_kind": "spread"},
         ) as run:
-            import mlflow
-
-            mlflow.log_metric("rmse", 0.25)
-            mlflow.log_text("hello", "notes/readme.txt")
-        return dg.Output(None, metadata={"mlflow_run_id": run.info.run_id})
+            run.log_metrics({"rmse": 0.25})
+            run.log_files({"readme.txt": b"hello"}, artifact_path="notes")
+        return dg.Output(None, metadata={"mlflow_run_id": run.run_id})
 
     instance = dg.DagsterInstance.ephemeral()
     try:
@@ -172,3 +165,43 @@ def test_unsafe_unity_catalog_names_are_refused_even_without_settings() -> None:
     bad = TrackingResource(tracking_uri="sqlite:///unused.db", uc_catalog="risk", uc_schema="x;y")
     with pytest.raises(TrackingError, match="Unity Catalog schema 'x;y' is not an identifier"):
         bad.model_name("EURUSD")
+
+
+def test_a_registered_model_loads_by_alias_and_by_version_without_global_state(
+    home: Path,
+) -> None:
+    import numpy as np
+    from sklearn.ensemble import IsolationForest
+
+    tracking = tracking_for(home)
+    train = np.random.default_rng(7).normal(size=(300, 3))
+    model = IsolationForest(n_estimators=20, random_state=7).fit(train)
+    name = tracking.model_name("EURUSD")
+    versions = []
+    for _ in range(2):
+        with tracking.start_run(
+            experiment="registry_test",
+            run_name="fit",
+            dagster_run_id="run-2",
+            asset_key="models/fx",
+            partition_key="EURUSD",
+        ) as run:
+            source = run.log_sklearn_model(
+                model,
+                input_example=train[:5],
+                pip_requirements=["scikit-learn"],
+                skops_trusted_types=["sklearn.tree._tree.Tree"],
+            )
+        versions.append(
+            tracking.register_version(name, source=source, run_id=run.run_id, tags={"k": "v"})
+        )
+    assert versions == ["1", "2"]
+    tracking.set_alias(name, "champion", "1")
+    by_alias = tracking.load_sklearn(name, "champion")
+    by_version = tracking.load_sklearn(name, version="2")
+    expected = model.score_samples(train)
+    np.testing.assert_array_equal(by_alias.score_samples(train), expected)
+    np.testing.assert_array_equal(by_version.score_samples(train), expected)
+    assert tracking.client().get_model_version(name, "2").tags == {"k": "v"}
+    assert tracking.alias_version(name, "challenger") is None
+    assert list(Path.cwd().iterdir()) == []

@@ -14,7 +14,7 @@ local and Spark backends call over the same :func:`~pipeline.domain.loan_loss.ch
 so the losses are bit-for-bit those of ``COMPUTE=local`` for the same seed (given the same
 numpy and scipy builds: their versions are reported back so the orchestrator can warn).
 The cluster has no ``pipeline`` installation: the orchestrator uploads a zip of
-``pipeline/domain`` and ``pipeline/jobs`` and names it in the extras as ``code_bundle``;
+``pipeline/domain`` and ``pipeline/remote`` and names it in the extras as ``code_bundle``;
 it goes first on ``sys.path`` here and, with Spark, is shipped to the executors.
 
 What crosses the wire, and why files rather than messages

@@ -14,8 +14,8 @@ failed (dagster issue 17332). Downstream model assets therefore call
 from collections.abc import Iterable, Sequence
 
 from dagster import AssetCheckKey, AssetKey, DagsterInstance, Failure, MetadataValue
-from dagster._core.event_api import PartitionKeyFilter
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+from pipeline.dagster_private import CheckStatus, check_history, latest_check_records
 
 
 class GateClosedError(Failure):
@@ -45,11 +45,7 @@ def check_record_failures(
     Returns an empty list when every check's latest evaluation passed.
     """
     check_keys = [AssetCheckKey(asset_key, name) for name in check_names]
-    storage = instance.event_log_storage
-    partition_filter = PartitionKeyFilter(key=partition_key) if partition_key else None
-    latest = storage.get_latest_asset_check_execution_by_key(
-        check_keys, partition_filter=partition_filter
-    )
+    latest = latest_check_records(instance, check_keys, partition_key)
     failures = []
     where = f" for partition {partition_key}" if partition_key else ""
     for check_key in check_keys:
@@ -58,28 +54,29 @@ def check_record_failures(
         if record is None:
             if not per_partition_rule:
                 failures.append(f"{label} was never evaluated{where}")
-        elif record.status == AssetCheckExecutionRecordStatus.FAILED:
-            evaluation = record.event.asset_check_evaluation if record.event else None
-            detail = f" ({evaluation.description})" if evaluation and evaluation.description else ""
+        elif record.status == CheckStatus.FAILED:
+            detail = f" ({record.description})" if record.description else ""
             failures.append(f"{label} failed{where} in run {record.run_id}{detail}")
-        elif record.status == AssetCheckExecutionRecordStatus.PLANNED:
+        elif record.status == CheckStatus.PLANNED:
             # A run over a partition range (single-run backfill) plans one evaluation per
             # partition but records the result without a partition: use that result.
-            outcome = _range_run_outcome(storage, check_key, record.run_id)
+            outcome = _range_run_outcome(instance, check_key, record.run_id)
             if outcome is not None and per_partition_rule:
                 continue
             if outcome is None:
                 failures.append(f"{label} did not complete{where} in run {record.run_id}")
-            elif outcome == AssetCheckExecutionRecordStatus.FAILED:
+            elif outcome == CheckStatus.FAILED:
                 failures.append(f"{label} failed{where} in range run {record.run_id}")
     return failures
 
 
-def _range_run_outcome(storage, check_key: AssetCheckKey, run_id: str):
+def _range_run_outcome(
+    instance: DagsterInstance, check_key: AssetCheckKey, run_id: str
+) -> CheckStatus | None:
     """Status of the unpartitioned evaluation a range run recorded, if any."""
-    for record in storage.get_asset_check_execution_history(check_key, limit=20):
+    for record in check_history(instance, check_key, limit=20):
         if record.run_id == run_id and record.partition is None:
-            if record.status != AssetCheckExecutionRecordStatus.PLANNED:
+            if record.status != CheckStatus.PLANNED:
                 return record.status
     return None
 

@@ -1,0 +1,159 @@
+"""Fit, store and log one month's credibility posterior."""
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from pipeline import keys
+from pipeline.resources.lake import LakeResource
+from pipeline.resources.tracking import TrackingResource
+from pipeline.stores import credibility as store
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How the posterior is sampled (the asset's run config, as plain data)."""
+
+    draws: int = 1000
+    tune: int = 1000
+    chains: int = 4
+    target_accept: float = 0.9
+    random_seed: int = 42
+    sampler: str = "nutpie"
+    parameterization: str = "auto"
+
+
+@dataclass(frozen=True)
+class FittedPosterior:
+    """What one fit stored and logged: diagnostics (also beside the netCDF) and pictures."""
+
+    diagnostics: dict
+    netcdf_uri: str
+    mlflow_run_url: str
+    trace_png: bytes
+    shrinkage_png: bytes
+
+
+def fit_month(
+    window: pl.DataFrame,
+    *,
+    month: str,
+    settings: SamplerSettings,
+    lake: LakeResource,
+    tracking: TrackingResource,
+    dagster_run_id: str,
+) -> FittedPosterior:
+    """Fit the hierarchical Poisson model on a claims window, then store and log it.
+
+    The netCDF and ``diagnostics.json`` go under the month's folder of
+    ``gold/credibility_posterior``; the MLflow run holds parameters, convergence
+    metrics, the netCDF, the trace and shrinkage plots and the estimates. The gate is
+    not applied here: the diagnostics record its failures, and the checks and the
+    table's guard decide.
+    """
+    from pipeline.domain import credibility, plots
+
+    stats = credibility.aggregate_district_stats(window.select(credibility.DISTRICT_COLUMNS))
+    idata = credibility.fit_hierarchical_poisson(stats, **dataclasses.asdict(settings))
+    summary = credibility.convergence_summary(idata)
+    failures = credibility.convergence_failures(summary)
+    attrs = dict(idata.posterior.attrs)
+    estimates = credibility.credibility_estimates(idata, stats, store.district_periods(window))
+    facts = {
+        "n_districts": stats.height,
+        "sigma_district_mean": float(idata.posterior["sigma_district"].mean()),
+        "grand_mean_rate": float(stats["claim_count"].sum() / stats["exposure"].sum()),
+    }
+    trace_png = plots.trace_plot_png(idata)
+    shrinkage_png = plots.shrinkage_plot_png(estimates, facts["grand_mean_rate"])
+    with tempfile.TemporaryDirectory() as tmp:
+        nc_path = Path(tmp) / "posterior.nc"
+        idata.to_netcdf(str(nc_path))
+        netcdf = nc_path.read_bytes()
+    with tracking.start_run(
+        experiment=store.EXPERIMENT,
+        run_name=f"credibility_{month}",
+        dagster_run_id=dagster_run_id,
+        asset_key=keys.CREDIBILITY_POSTERIOR.to_user_string(),
+        partition_key=month,
+        tags={"model_type": store.MODEL_TYPE, "gate": "passed" if not failures else "failed"},
+    ) as run:
+        run.log_params(
+            {
+                **dataclasses.asdict(settings),
+                "parameterization_used": attrs["parameterization"],
+                "window_months": ",".join(sorted(window["month"].unique())),
+            }
+        )
+        run.log_metrics(
+            {
+                **{k: float(v) for k, v in summary.items()},
+                **facts,
+                "n_policies": int(window["n_policies"].sum()),
+                "compile_seconds": attrs["compile_seconds"],
+                "sampling_seconds": attrs["sampling_seconds"],
+            }
+        )
+        run.log_files(
+            {
+                "posterior.nc": netcdf,
+                "trace.png": trace_png,
+                "shrinkage.png": shrinkage_png,
+                "estimates.csv": estimates.write_csv().encode(),
+            }
+        )
+    nc_uri = lake.write_bytes(store.posterior_uri(lake, month), netcdf)
+    diagnostics = {
+        **summary,
+        **facts,
+        "gate_failures": failures,
+        "parameterization": attrs["parameterization"],
+        "sampler": attrs["sampler"],
+        "sampling_seconds": attrs["sampling_seconds"],
+        "compile_seconds": attrs["compile_seconds"],
+        "mlflow_run_id": run.run_id,
+        "mlflow_experiment_id": run.experiment_id,
+        "dagster_run_id": dagster_run_id,
+        "window_months": sorted(window["month"].unique().to_list()),
+        "data_fingerprint": store.data_fingerprint(window),
+    }
+    store.write_diagnostics(lake, month, diagnostics)
+    return FittedPosterior(
+        diagnostics=diagnostics,
+        netcdf_uri=nc_uri,
+        mlflow_run_url=tracking.run_url(run.experiment_id, run.run_id),
+        trace_png=trace_png,
+        shrinkage_png=shrinkage_png,
+    )
+
+
+def credibility_table_rows(
+    lake: LakeResource, *, month: str, window: pl.DataFrame, diagnostics: dict, dagster_run_id: str
+) -> pl.DataFrame:
+    """The rating-table rows of a month from its stored posterior (no gate applied here)."""
+    import datetime as dt
+
+    import arviz as az
+
+    from pipeline.domain import credibility
+
+    stats = credibility.aggregate_district_stats(window.select(credibility.DISTRICT_COLUMNS))
+    with tempfile.TemporaryDirectory() as tmp:
+        nc_path = Path(tmp) / "posterior.nc"
+        nc_path.write_bytes(lake.read_bytes(store.posterior_uri(lake, month)))
+        idata = az.from_netcdf(str(nc_path))
+        estimates = credibility.credibility_estimates(idata, stats, store.district_periods(window))
+    return estimates.with_columns(
+        pl.lit(month).alias("month"),
+        pl.lit(store.MODEL_NAME).alias("model_name"),
+        pl.lit(store.MODEL_TYPE).alias("model_type"),
+        pl.lit(dt.date.today()).alias("run_date"),
+        pl.lit(float(diagnostics["max_rhat"])).alias("max_rhat"),
+        pl.lit(int(diagnostics["n_divergences"])).alias("n_divergences"),
+        pl.lit(float(diagnostics["min_ess_bulk"])).alias("min_ess_bulk"),
+        pl.lit(diagnostics["mlflow_run_id"]).alias("mlflow_run_id"),
+        pl.lit(dagster_run_id).alias("dagster_run_id"),
+    )

@@ -1,0 +1,189 @@
+"""Score a symbol's days with its champion, and watch the champion afterwards.
+
+:func:`score_symbol_days` reads, scores and writes all requested days of one symbol
+with one model version (resolved once, loaded by version, never by a moving alias);
+:func:`monitor_day` measures the serving model on one scored day and reverts the alias
+when it regressed. Both are plain functions of the lake and tracking resources.
+"""
+
+import logging
+from typing import Any
+
+import polars as pl
+
+from pipeline.domain.errors import DomainError
+from pipeline.jobs.fx_training import reference_spreads
+from pipeline.resources.lake import LakeResource
+from pipeline.resources.tracking import TrackingResource
+from pipeline.stores import fx as store
+from pipeline.timing import Stopwatch
+
+SCORE_COLUMNS = (
+    "symbol",
+    "date",
+    "ts",
+    "bid",
+    "ask",
+    "spread",
+    "rel_spread_bps",
+    "anomaly_score",
+    "is_anomaly",
+)
+
+
+class NoChampionError(DomainError):
+    """A symbol has no ``champion`` model to score with."""
+
+
+def score_symbol_days(
+    symbol: str,
+    dates: list[str],
+    *,
+    lake: LakeResource,
+    tracking: TrackingResource,
+    watch: Stopwatch | None = None,
+) -> tuple[str, pl.DataFrame]:
+    """Score the requested days of one symbol with its champion, in one atomic commit.
+
+    Returns
+    -------
+    tuple of (model version, scored rows)
+
+    Raises
+    ------
+    NoChampionError
+        When the symbol has no champion.
+    """
+    from pipeline.domain import fx_anomaly
+
+    watch = watch or Stopwatch()
+    with watch("load_model"):
+        name = tracking.model_name(symbol)
+        champion = tracking.alias_version(name, store.CHAMPION)
+        if champion is None:
+            raise NoChampionError(
+                f"fx symbol {symbol}: model {name} has no `champion`; promote one"
+            )
+        version = str(champion.version)
+        model = tracking.load_sklearn(name, version=version)
+    with watch("read"):
+        ticks = store.scoring_ticks(lake, symbol, dates)
+    with watch("features"):
+        features = fx_anomaly.spread_features(ticks.select(fx_anomaly.TICK_COLUMNS))
+        features = features.with_columns(ticks["date"]).filter(pl.col("date").is_in(dates))
+    with watch("score"):
+        scored = fx_anomaly.score_spreads(model, features)
+    with watch("write"):
+        out = scored.select(*SCORE_COLUMNS, pl.lit(version).alias("model_version"))
+        lake.overwrite_partitions(
+            "gold", "fx_anomaly_scores", out, [{"symbol": symbol, "date": d} for d in dates]
+        )
+    return version, out
+
+
+def monitor_day(
+    symbol: str,
+    date: str,
+    *,
+    max_rate_ratio: float,
+    max_psi: float,
+    revert: bool,
+    lake: LakeResource,
+    tracking: TrackingResource,
+    dagster_run_id: str,
+    log: Any = None,
+) -> dict:
+    """KPI and drift of one scored (symbol, date), the revert if needed, and the stored row."""
+    from pipeline.domain import fx_anomaly
+
+    scores = lake.read("gold", "fx_anomaly_scores", {"symbol": symbol, "date": date})
+    if scores.height == 0:
+        raise DomainError(f"fx_anomaly_scores {symbol} {date}: nothing scored to monitor")
+    name = tracking.model_name(symbol)
+    scored_version = scores["model_version"][0]
+    version = tracking.client().get_model_version(name, scored_version)
+    promotion_rate = float(version.tags.get("holdout_anomaly_rate", "nan"))
+    reference = reference_spreads(tracking, version.run_id)
+    current = scores["rel_spread_bps"].to_numpy()
+    rate = float(scores["is_anomaly"].mean())
+    psi = fx_anomaly.population_stability_index(reference, current)
+    failures = fx_anomaly.monitor_failures(
+        anomaly_rate=rate,
+        promotion_anomaly_rate=promotion_rate,
+        psi=psi,
+        max_rate_ratio=max_rate_ratio,
+        max_psi=max_psi,
+    )
+    action = "none"
+    if failures:
+        action = revert_champion(
+            lake,
+            tracking,
+            symbol=symbol,
+            scored_version=scored_version,
+            reason="; ".join(failures),
+            enabled=revert,
+            dagster_run_id=dagster_run_id,
+            log=log or logging.getLogger(__name__),
+        )
+    row = {
+        "symbol": symbol,
+        "date": date,
+        "model_version": scored_version,
+        "anomaly_rate": rate,
+        "promotion_anomaly_rate": promotion_rate,
+        "psi": psi,
+        "ks": fx_anomaly.ks_statistic(reference, current),
+        "max_rate_ratio": max_rate_ratio,
+        "max_psi": max_psi,
+        "failures": "\n".join(failures),
+        "action": action,
+        "dagster_run_id": dagster_run_id,
+    }
+    lake.overwrite_partition(
+        "gold", "fx_model_monitor", pl.DataFrame([row]), {"symbol": symbol, "date": date}
+    )
+    return row
+
+
+def revert_champion(
+    lake: LakeResource,
+    tracking: TrackingResource,
+    *,
+    symbol: str,
+    scored_version: str,
+    reason: str,
+    enabled: bool,
+    dagster_run_id: str,
+    log: Any,
+) -> str:
+    """Move ``champion`` back to ``previous_champion``; return what was done."""
+    name = tracking.model_name(symbol)
+    champion = tracking.alias_version(name, store.CHAMPION)
+    previous = tracking.alias_version(name, store.PREVIOUS_CHAMPION)
+    if not enabled:
+        return "regression (revert disabled)"
+    if champion is None or str(champion.version) != scored_version:
+        return f"regression of version {scored_version}, which is no longer champion"
+    if previous is None:
+        log.warning(f"{name}: champion {scored_version} regressed; nothing to revert to")
+        return "regression (no previous champion)"
+    tracking.set_alias(name, store.CHAMPION, previous.version)
+    tracking.delete_alias(name, store.PREVIOUS_CHAMPION)
+    client = tracking.client()
+    client.set_model_version_tag(name, scored_version, "reverted", reason[:500])
+    client.set_registered_model_tag(
+        name, "last_revert", f"{scored_version}->{previous.version} by run {dagster_run_id}"
+    )
+    store.record_model_event(
+        lake,
+        symbol=symbol,
+        model_name=name,
+        event="reverted",
+        from_version=scored_version,
+        to_version=str(previous.version),
+        reason=reason,
+        dagster_run_id=dagster_run_id,
+    )
+    log.warning(f"{name}: reverted champion {scored_version} -> {previous.version}")
+    return f"reverted {scored_version} -> {previous.version}"

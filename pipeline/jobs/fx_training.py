@@ -1,0 +1,245 @@
+"""Train, evaluate, log, register and alias one symbol's challenger spread model.
+
+:func:`train_challenger` is a plain function of one symbol's curated ticks, its
+labelled anomalies and the tracking resource: the challenger asset calls it once per
+symbol, and a Spark task (``groupBy("symbol").applyInPandas``) or a Databricks job
+can call it unchanged. It returns the evaluation row that the promotion gate judges;
+:func:`store_evaluations` appends such rows to ``gold/fx_model_evaluations``.
+"""
+
+import dataclasses
+import datetime as dt
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from pipeline import keys
+from pipeline.domain.errors import DomainError
+from pipeline.resources.lake import LakeResource
+from pipeline.resources.tracking import TrackingResource
+from pipeline.stores import fx as store
+from pipeline.timing import Stopwatch
+
+EXPERIMENT = "fx_spread_models"
+SKOPS_TRUSTED_TYPES = ["sklearn.tree._tree.Tree"]
+REFERENCE_ARTIFACT = "reference_rel_spread_bps.npy"
+
+
+class TrainingDataError(DomainError):
+    """A symbol's curated history cannot be split into training and held-out days."""
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    """Training window, forest and promotion bounds (the asset's run config, as plain data)."""
+
+    holdout_days: int = 3
+    contamination: float = 0.03
+    n_estimators: int = 100
+    random_state: int = 42
+    ap_tolerance: float = 0.02
+    ap_floor: float = 0.5
+    max_samples: int = 0  # 0 = sklearn's auto (min(256, n))
+
+
+def pip_requirements() -> list[str]:
+    """Exact requirements of a spread model (inferring them costs ~12 s per model).
+
+    skops is pinned as well: it wrote the model file, and its format is only guaranteed
+    to load with the version that wrote it.
+    """
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("scikit-learn", "numpy", "skops")]
+
+
+def train_challenger(
+    ticks: pl.DataFrame,
+    anomalous_ts: pl.DataFrame,
+    *,
+    symbol: str,
+    params: TrainingParams,
+    tracking: TrackingResource,
+    dagster_run_id: str,
+) -> dict:
+    """Fit on all days but the latest ``holdout_days``, evaluate, log, register, alias.
+
+    Parameters
+    ----------
+    ticks
+        The symbol's curated ticks, oldest first.
+    anomalous_ts
+        Timestamps (column ``ts``) of the symbol's confirmed anomalies.
+
+    Returns
+    -------
+    dict
+        The evaluation row (challenger and champion metrics on the same held-out days,
+        versions, bounds, MLflow run id), plus ``mlflow_run_url``, ``model_version_url``
+        and ``seconds``, the wall time of each phase.
+
+    Raises
+    ------
+    TrainingDataError
+        When the symbol has too few curated days to train and hold out.
+    """
+    from pipeline.domain import fx_anomaly
+
+    watch = Stopwatch()
+    with watch("prepare"):
+        dates = sorted(ticks["date"].unique().to_list())
+        if len(dates) <= params.holdout_days:
+            raise TrainingDataError(
+                f"fx symbol {symbol}: {len(dates)} curated day(s), need more than "
+                f"holdout_days={params.holdout_days} to train and hold out"
+            )
+        features = fx_anomaly.spread_features(ticks.select(fx_anomaly.TICK_COLUMNS))
+        features = features.with_columns(ticks["date"])
+        train_dates, holdout_dates = dates[: -params.holdout_days], dates[-params.holdout_days :]
+        train = features.filter(pl.col("date").is_in(train_dates))
+        holdout = features.filter(pl.col("date").is_in(holdout_dates))
+    with watch("fit"):
+        model = fx_anomaly.fit_spread_model(
+            train,
+            random_state=params.random_state,
+            contamination=params.contamination,
+            n_estimators=params.n_estimators,
+            max_samples=params.max_samples or "auto",
+        )
+    with watch("evaluate"):
+        labels = store.label_rows(holdout, anomalous_ts)
+        challenger = fx_anomaly.evaluate_detector(model, holdout, labels)
+    with watch("champion"):
+        name = tracking.model_name(symbol)
+        champion_version = tracking.alias_version(name, store.CHAMPION)
+        champion = None
+        if champion_version is not None:
+            loaded = tracking.load_sklearn(name, version=champion_version.version)
+            champion = fx_anomaly.evaluate_detector(loaded, holdout, labels)
+    logged = _log_and_register(
+        model,
+        train,
+        symbol=symbol,
+        params=params,
+        metrics={
+            **{f"holdout_{k}": float(v) for k, v in challenger.items()},
+            **{f"champion_holdout_{k}": float(v) for k, v in (champion or {}).items()},
+            "train_rows": train.height,
+        },
+        windows={
+            "train_dates": f"{train_dates[0]}..{train_dates[-1]}",
+            "holdout_dates": f"{holdout_dates[0]}..{holdout_dates[-1]}",
+        },
+        version_tags={
+            "holdout_anomaly_rate": str(challenger["anomaly_rate"]),
+            "holdout_average_precision": str(challenger["average_precision"]),
+            "dagster_run_id": dagster_run_id,
+        },
+        tracking=tracking,
+        dagster_run_id=dagster_run_id,
+        watch=watch,
+    )
+    evaluation = {
+        "symbol": symbol,
+        "model_name": name,
+        "model_version": logged["version"],
+        "challenger_average_precision": float(challenger["average_precision"]),
+        "challenger_precision": float(challenger["precision"]),
+        "challenger_recall": float(challenger["recall"]),
+        "challenger_anomaly_rate": float(challenger["anomaly_rate"]),
+        "champion_version": str(champion_version.version) if champion_version else "",
+        "champion_average_precision": float(champion["average_precision"])
+        if champion
+        else float("nan"),
+        "ap_tolerance": params.ap_tolerance,
+        "ap_floor": params.ap_floor,
+        "contract_failures": "\n".join(store.tick_contract_failures(ticks)),
+        "holdout_dates": ",".join(holdout_dates),
+        "mlflow_run_id": logged["run_id"],
+        "dagster_run_id": dagster_run_id,
+        "evaluated_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+    }
+    return {
+        **evaluation,
+        "mlflow_run_url": logged["run_url"],
+        "model_version_url": tracking.model_version_url(name, logged["version"]),
+        "seconds": watch.seconds(),
+    }
+
+
+def _log_and_register(
+    model: object,
+    train: pl.DataFrame,
+    *,
+    symbol: str,
+    params: TrainingParams,
+    metrics: dict[str, float],
+    windows: dict[str, str],
+    version_tags: dict[str, str],
+    tracking: TrackingResource,
+    dagster_run_id: str,
+    watch: Stopwatch,
+) -> dict[str, str]:
+    """One MLflow run: parameters, metrics, training reference, model; then register and alias.
+
+    ``watch`` times the whole MLflow block as ``mlflow`` and, within it, ``log_model``,
+    ``register`` and ``alias``, so a slow registry shows up in the materialisation's
+    metadata.
+    """
+    from pipeline.domain import fx_anomaly
+
+    name = tracking.model_name(symbol)
+    reference = io.BytesIO()
+    np.save(reference, train["rel_spread_bps"].to_numpy())
+    with (
+        watch("mlflow"),
+        tracking.start_run(
+            experiment=EXPERIMENT,
+            run_name=f"fx_spread_{symbol.lower()}",
+            dagster_run_id=dagster_run_id,
+            asset_key=keys.FX_CHALLENGER_MODEL.to_user_string(),
+            partition_key=symbol,
+            tags={"symbol": symbol},
+        ) as run,
+    ):
+        run.log_params(
+            {
+                **dataclasses.asdict(params),
+                **windows,
+                "features": ",".join(fx_anomaly.FEATURE_COLUMNS),
+            }
+        )
+        run.log_metrics(metrics)
+        run.log_files({REFERENCE_ARTIFACT: reference.getvalue()})
+        with watch("log_model"):
+            source = run.log_sklearn_model(
+                model,
+                input_example=fx_anomaly.feature_matrix(train)[:5],
+                pip_requirements=pip_requirements(),
+                skops_trusted_types=SKOPS_TRUSTED_TYPES,
+            )
+        with watch("register"):
+            version = tracking.register_version(
+                name, source=source, run_id=run.run_id, tags=version_tags
+            )
+        with watch("alias"):
+            tracking.set_alias(name, store.CHALLENGER, version)
+    return {
+        "version": version,
+        "run_id": run.run_id,
+        "run_url": tracking.run_url(run.experiment_id, run.run_id),
+    }
+
+
+def store_evaluations(lake: LakeResource, results: list[dict]) -> int:
+    """Append the evaluation rows of :func:`train_challenger` results in one commit."""
+    links = ("mlflow_run_url", "model_version_url", "seconds")
+    rows = [{k: v for k, v in r.items() if k not in links} for r in results]
+    return lake.append("gold", "fx_model_evaluations", pl.DataFrame(rows))
+
+
+def reference_spreads(tracking: TrackingResource, run_id: str) -> np.ndarray:
+    """Training distribution of relative spreads stored with a model's run."""
+    return np.load(io.BytesIO(tracking.download_artifact(run_id, REFERENCE_ARTIFACT)))
