@@ -30,10 +30,9 @@ from dagster import AssetCheckKey, DagsterInstance
 class CheckStatus(enum.Enum):
     """Outcome of one recorded check execution, in this platform's own terms."""
 
-    PLANNED = "planned"
+    PLANNED = "planned"  # the run planned it; no result (yet, or ever if the run died)
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,6 @@ def _status(record_status: Any) -> CheckStatus:
         AssetCheckExecutionRecordStatus.PLANNED: CheckStatus.PLANNED,
         AssetCheckExecutionRecordStatus.SUCCEEDED: CheckStatus.SUCCEEDED,
         AssetCheckExecutionRecordStatus.FAILED: CheckStatus.FAILED,
-        AssetCheckExecutionRecordStatus.SKIPPED: CheckStatus.SKIPPED,
     }[record_status]
 
 

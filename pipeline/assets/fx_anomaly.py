@@ -100,6 +100,11 @@ def fx_challenger_model(
                 )
             )
     fx_training.store_evaluations(lake, evaluations)
+    return MaterializeResult(metadata=challenger_metadata(evaluations))
+
+
+def challenger_metadata(evaluations: list[dict]) -> dict:
+    """Per-symbol evaluations, where the time went, and links for a single symbol."""
     table = pl.DataFrame(evaluations).select(
         "symbol",
         pl.col("model_version").alias("version"),
@@ -128,7 +133,7 @@ def fx_challenger_model(
                 "registered_model": MetadataValue.url(e["model_version_url"]),
             }
         )
-    return MaterializeResult(metadata=metadata)
+    return metadata
 
 
 @asset(

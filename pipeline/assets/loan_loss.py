@@ -19,7 +19,11 @@ from pydantic import Field
 
 from pipeline import keys
 from pipeline.gates import require_gate
-from pipeline.jobs.loan_loss_simulation import SimulationSettings, simulate_valuation_date
+from pipeline.jobs.loan_loss_simulation import (
+    SimulatedDate,
+    SimulationSettings,
+    simulate_valuation_date,
+)
 from pipeline.metadata import column_schema, markdown_table, png_markdown
 from pipeline.partitions import valuation_date_partitions
 from pipeline.policies import MODEL_POOL, domain_errors_are_final, gated_eager, model_retry_policy
@@ -78,16 +82,14 @@ def loan_loss_distribution(
                 what="a loss distribution",
             )
         where = {"valuation_date": valuation_date}
+        versions = {t: lake.version("curated", t) for t in ("loan_book", "loan_scenarios")}
         try:
             result = simulate_valuation_date(
                 lake.read("curated", "loan_book", where),
                 lake.read("curated", "loan_scenarios", where),
                 valuation_date=valuation_date,
                 settings=SimulationSettings(**config.model_dump()),
-                input_versions={
-                    table: lake.version("curated", table)
-                    for table in ("loan_book", "loan_scenarios")
-                },
+                input_versions=versions,
                 compute=compute,
                 lake=lake,
                 tracking=tracking,
@@ -99,27 +101,30 @@ def loan_loss_distribution(
             # credentials is reported, not resubmitted: each attempt costs a cluster run.
             # Network errors reaching the workspace are still retried.
             raise Failure(description=str(exc), allow_retries=False) from exc
+    return MaterializeResult(metadata=distribution_metadata(result, n_sims=config.n_sims))
+
+
+def distribution_metadata(result: SimulatedDate, *, n_sims: int) -> dict:
+    """What the UI shows for one valuation date: summary table, histogram, links, versions."""
     summary = result.summary
     shown = "baseline" if "baseline" in result.histograms else next(iter(result.histograms))
-    return MaterializeResult(
-        metadata={
-            "dagster/row_count": summary.height,
-            "dagster/column_schema": column_schema(summary),
-            "scenarios": summary.height,
-            "n_sims": config.n_sims,
-            "summary": MetadataValue.md(
-                markdown_table(
-                    summary.select(*SUMMARY_PREVIEW, "se_expected_loss"), float_fmt="{:,.0f}"
-                )
-            ),
-            f"histogram_{shown}": png_markdown(result.histograms[shown], f"{shown} histogram"),
-            "samples": MetadataValue.path(result.samples_uri),
-            "delta_version": result.delta_version,
-            "loan_book_version": int(summary["loan_book_version"][0]),
-            "scenario_version": int(summary["scenario_version"][0]),
-            "mlflow_run": MetadataValue.url(result.mlflow_run_url),
-        }
-    )
+    return {
+        "dagster/row_count": summary.height,
+        "dagster/column_schema": column_schema(summary),
+        "scenarios": summary.height,
+        "n_sims": n_sims,
+        "summary": MetadataValue.md(
+            markdown_table(
+                summary.select(*SUMMARY_PREVIEW, "se_expected_loss"), float_fmt="{:,.0f}"
+            )
+        ),
+        f"histogram_{shown}": png_markdown(result.histograms[shown], f"{shown} histogram"),
+        "samples": MetadataValue.path(result.samples_uri),
+        "delta_version": result.delta_version,
+        "loan_book_version": int(summary["loan_book_version"][0]),
+        "scenario_version": int(summary["scenario_version"][0]),
+        "mlflow_run": MetadataValue.url(result.mlflow_run_url),
+    }
 
 
 loan_loss_assets = [loan_loss_distribution]
