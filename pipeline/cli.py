@@ -1,6 +1,7 @@
 """The ``pipeline`` command: seed demo drops, run the demo, start the UIs."""
 
 import argparse
+import datetime
 import os
 import shutil
 import signal
@@ -9,19 +10,36 @@ import sys
 import time
 from collections.abc import Sequence
 
-from pipeline.settings import Settings, ensure_dagster_home, get_settings
+from pipeline.settings import (
+    PARTITIONS_START_FILE,
+    Settings,
+    ensure_dagster_home,
+    get_settings,
+    record_partitions_start,
+)
 
 
-def seed_landing(settings: Settings, *, force: bool = False) -> int:
-    """Write the seeded demo drops under the landing folder; return files written."""
-    from pipeline.domain.demo_data import write_demo_landing
+def seed_landing(
+    settings: Settings, *, force: bool = False, today: datetime.date | None = None
+) -> int:
+    """Write the seeded demo drops under the landing folder; return files written.
+
+    The drops are dated relative to ``today`` (default: today in UTC), see
+    :func:`pipeline.domain.demo_data.demo_calendar`. The first day of their
+    earliest month is recorded as the home's partitions start, so the Dagster UI
+    shows the demo's partitions rather than a year of empty days.
+    """
+    from pipeline.domain.demo_data import demo_calendar, utc_today, write_demo_landing
 
     marker = settings.landing_dir / "_truth" / "claims_truth.json"
     if marker.exists() and not force:
         print(f"landing files already present under {settings.landing_dir} (use --force)")
         return 0
-    files = write_demo_landing(settings.landing_dir)
+    today = today or utc_today()
+    files = write_demo_landing(settings.landing_dir, today=today)
+    recorded = record_partitions_start(settings.home, demo_calendar(today).partitions_start)
     print(f"wrote {len(files)} landing files under {settings.landing_dir}")
+    print(f"partitions start {recorded} (recorded in {settings.home / PARTITIONS_START_FILE})")
     return len(files)
 
 
@@ -30,6 +48,7 @@ def demo(settings: Settings) -> None:
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     ensure_dagster_home(settings)
     seed_landing(settings)
+    # imported after seeding: pipeline.partitions reads the start seeding recorded
     from pipeline.demo import run_demo
 
     # the demo prints a summary; MLflow's INFO notices would bury it

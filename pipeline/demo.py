@@ -5,17 +5,16 @@ run, materialisation and check result appears in ``make dev`` afterwards, exactl
 as if a user had launched them from the UI.
 """
 
-from collections.abc import Iterable, Sequence
-
 import dagster as dg
 
 from pipeline import keys
 from pipeline.domain.contracts import try_normalise_symbol
 from pipeline.domain.landing import partition_key_of, read_as_text
-from pipeline.partitions import symbol_date_key, symbol_partitions
-from pipeline.settings import Settings
+from pipeline.partitions import PARTITIONS_START, symbol_date_key, symbol_partitions
+from pipeline.runs import materialize_partitions, materialize_range
+from pipeline.settings import Settings, SettingsError
 
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+LAUNCHED_BY_DEMO = {"pipeline/launched_by": "demo"}
 
 
 def landing_partitions(settings: Settings, source: str) -> list[str]:
@@ -38,58 +37,13 @@ def landing_symbols(settings: Settings) -> list[str]:
     return sorted(symbols)
 
 
-def materialize_partitions(
-    defs: dg.Definitions,
-    instance: dg.DagsterInstance,
-    asset_keys: Sequence[dg.AssetKey],
-    partition_keys: Iterable[str | dg.MultiPartitionKey],
-    *,
-    raise_on_error: bool = True,
-) -> list[dg.ExecuteInProcessResult]:
-    """Materialise ``asset_keys`` (with their checks) once per partition key."""
-    results = []
-    assets = [*defs.assets, *(defs.asset_checks or [])]
-    for partition_key in partition_keys:
-        results.append(
-            dg.materialize(
-                assets,
-                selection=dg.AssetSelection.assets(*asset_keys),
-                partition_key=str(partition_key),
-                resources=defs.resources,
-                instance=instance,
-                raise_on_error=raise_on_error,
-                tags={"pipeline/launched_by": "demo"},
-                run_config=QUIET,
-            )
-        )
-    return results
-
-
-def materialize_range(
-    defs: dg.Definitions,
-    instance: dg.DagsterInstance,
-    asset_keys: Sequence[dg.AssetKey],
-    start: str | dg.MultiPartitionKey,
-    end: str | dg.MultiPartitionKey,
-    *,
-    raise_on_error: bool = True,
-) -> dg.ExecuteInProcessResult:
-    """Materialise a partition range in one run, as a single-run backfill does.
-
-    For symbol × date partitions the range is the box between the two corners.
-    """
-    return dg.materialize(
-        [*defs.assets, *(defs.asset_checks or [])],
-        selection=dg.AssetSelection.assets(*asset_keys),
-        resources=defs.resources,
-        instance=instance,
-        raise_on_error=raise_on_error,
-        run_config=QUIET,
-        tags={
-            "dagster/asset_partition_range_start": str(start),
-            "dagster/asset_partition_range_end": str(end),
-            "pipeline/launched_by": "demo",
-        },
+def partitions_before_start(settings: Settings) -> list[str]:
+    """Partition keys of landing files that fall before the first partition of the graph."""
+    return sorted(
+        key
+        for source in ("claims", "fx_ticks", "loan_book", "loan_scenarios")
+        for key in landing_partitions(settings, source)
+        if key < PARTITIONS_START[: len(key)]
     )
 
 
@@ -97,6 +51,13 @@ def run_demo(settings: Settings, instance: dg.DagsterInstance | None = None) -> 
     """Materialise every asset for the demo partitions; return a summary."""
     from pipeline.definitions import build_definitions
 
+    early = partitions_before_start(settings)
+    if early:
+        raise SettingsError(
+            f"the landing zone holds partitions {', '.join(early)} before the first partition "
+            f"{PARTITIONS_START}; set PIPELINE_PARTITIONS_START={min(early)[:7]}-01 "
+            f"(or earlier)"
+        )
     defs = build_definitions(settings)
     instance = instance or dg.DagsterInstance.get()
     summary: list[str] = []
@@ -113,23 +74,34 @@ def run_demo(settings: Settings, instance: dg.DagsterInstance | None = None) -> 
         ("loan_scenarios", keys.BRONZE_LOAN_SCENARIOS, keys.LOAN_SCENARIOS),
     ):
         partitions = landing_partitions(settings, source)
-        materialize_partitions(defs, instance, [bronze_key, curated_key], partitions)
+        materialize_partitions(
+            defs, instance, [bronze_key, curated_key], partitions, tags=LAUNCHED_BY_DEMO
+        )
         summary.append(f"{curated_key.to_user_string()}: {', '.join(partitions)}")
 
     dates = landing_partitions(settings, "fx_ticks")
-    materialize_partitions(defs, instance, [keys.BRONZE_FX_TICKS], dates)
+    materialize_partitions(defs, instance, [keys.BRONZE_FX_TICKS], dates, tags=LAUNCHED_BY_DEMO)
     first, last = symbol_date_key(symbols[0], dates[0]), symbol_date_key(symbols[-1], dates[-1])
-    materialize_range(defs, instance, [keys.FX_SPREADS], first, last)
+    materialize_range(defs, instance, [keys.FX_SPREADS], first, last, tags=LAUNCHED_BY_DEMO)
     summary.append(f"curated/fx_spreads: {len(symbols)} symbols x {len(dates)} dates (one run)")
 
     for month in landing_partitions(settings, "claims"):
         materialize_partitions(
-            defs, instance, [keys.CREDIBILITY_POSTERIOR, keys.CREDIBILITY_TABLE], [month]
+            defs,
+            instance,
+            [keys.CREDIBILITY_POSTERIOR, keys.CREDIBILITY_TABLE],
+            [month],
+            tags=LAUNCHED_BY_DEMO,
         )
     summary.append("gold/credibility_posterior + credibility_table: every claims month")
 
     materialize_range(
-        defs, instance, [keys.FX_CHALLENGER_MODEL, keys.FX_CHAMPION_MODEL], symbols[0], symbols[-1]
+        defs,
+        instance,
+        [keys.FX_CHALLENGER_MODEL, keys.FX_CHAMPION_MODEL],
+        symbols[0],
+        symbols[-1],
+        tags=LAUNCHED_BY_DEMO,
     )
     summary.append(f"models/fx_challenger_model + fx_champion_model: {len(symbols)} symbols")
     scored = dates[-3:]
@@ -139,10 +111,13 @@ def run_demo(settings: Settings, instance: dg.DagsterInstance | None = None) -> 
         [keys.FX_ANOMALY_SCORES, keys.FX_MODEL_MONITOR],
         symbol_date_key(symbols[0], scored[0]),
         symbol_date_key(symbols[-1], scored[-1]),
+        tags=LAUNCHED_BY_DEMO,
     )
     summary.append(f"gold/fx_anomaly_scores + fx_model_monitor: {scored[0]}..{scored[-1]}")
 
     valuation_dates = landing_partitions(settings, "loan_book")
-    materialize_partitions(defs, instance, [keys.LOAN_LOSS_DISTRIBUTION], valuation_dates)
+    materialize_partitions(
+        defs, instance, [keys.LOAN_LOSS_DISTRIBUTION], valuation_dates, tags=LAUNCHED_BY_DEMO
+    )
     summary.append(f"gold/loan_loss_distribution: {', '.join(valuation_dates)}")
     return summary

@@ -4,6 +4,11 @@ Symbols are dynamic: a new currency pair appears when the landing sensor sees it
 in a drop. Every symbol passes :func:`pipeline.domain.contracts.normalise_symbol`
 before it becomes a partition key, so only ``[A-Z0-9]{3,12}`` ever reaches a
 path, a Delta predicate or an MLflow model name.
+
+Daily partitions start on :func:`pipeline.settings.partitions_start` (the
+``PIPELINE_PARTITIONS_START`` variable, else the start the demo seeding recorded in
+the home, else 2026-01-01), read once at import; monthly partitions start on the
+first of that month.
 """
 
 from dagster import (
@@ -14,9 +19,11 @@ from dagster import (
     MultiPartitionsDefinition,
 )
 
-PARTITIONS_START = "2026-01-01"
+from pipeline.settings import partitions_start
 
-month_partitions = MonthlyPartitionsDefinition(start_date="2026-01", fmt="%Y-%m")
+PARTITIONS_START = partitions_start()
+
+month_partitions = MonthlyPartitionsDefinition(start_date=PARTITIONS_START[:7], fmt="%Y-%m")
 date_partitions = DailyPartitionsDefinition(start_date=PARTITIONS_START)
 valuation_date_partitions = DailyPartitionsDefinition(start_date=PARTITIONS_START)
 symbol_partitions = DynamicPartitionsDefinition(name="symbol")

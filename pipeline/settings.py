@@ -7,15 +7,24 @@ settings: credentials for object stores and Databricks are read by the client
 libraries (or by ``dagster.EnvVar`` in resources) from their standard variables.
 """
 
+import datetime as dt
 import functools
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 COMPUTE_BACKENDS = ("local", "spark", "databricks")
 _UC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+DEFAULT_PARTITIONS_START = "2026-01-01"
+"""First daily partition when neither the environment nor the home names one."""
+
+PARTITIONS_START_FILE = "partitions_start"
+"""File under ``PIPELINE_HOME`` in which ``pipeline seed-landing`` records the demo's start."""
 
 
 class SettingsError(ValueError):
@@ -64,7 +73,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         When ``COMPUTE`` or a Unity Catalog name is not usable.
     """
     env = dict(os.environ if environ is None else environ)
-    home = Path(env.get("PIPELINE_HOME", ".pipeline")).expanduser().resolve()
+    home = _home(env)
     compute = env.get("COMPUTE", "local").strip().lower()
     if compute not in COMPUTE_BACKENDS:
         raise SettingsError(f"COMPUTE={compute!r} is not one of {', '.join(COMPUTE_BACKENDS)}")
@@ -91,6 +100,94 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         databricks_new_cluster=env.get("DATABRICKS_NEW_CLUSTER") or None,
         databricks_job_python_file=env.get("DATABRICKS_JOB_PYTHON_FILE") or None,
     )
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("PIPELINE_HOME", ".pipeline")).expanduser().resolve()
+
+
+def _iso_date(value: str, source: str) -> str:
+    """``value`` stripped if it is a calendar date ``YYYY-MM-DD``, else :class:`SettingsError`."""
+    text = value.strip()
+    if _ISO_DATE.match(text):
+        try:
+            return dt.date.fromisoformat(text).isoformat()
+        except ValueError:
+            pass
+    raise SettingsError(f"{source}={value!r} is not an ISO date YYYY-MM-DD")
+
+
+def partitions_start(environ: Mapping[str, str] | None = None) -> str:
+    """First day of the daily partitions; monthly partitions start on the first of its month.
+
+    Resolved, in this order, from
+
+    1. ``PIPELINE_PARTITIONS_START`` when set (and not blank);
+    2. the start recorded in ``$PIPELINE_HOME/partitions_start`` by
+       :func:`record_partitions_start` (``pipeline seed-landing`` and ``pipeline demo``
+       write the first day of the earliest demo month there);
+    3. :data:`DEFAULT_PARTITIONS_START`.
+
+    Definitions read it once, when :mod:`pipeline.partitions` is imported, so a code
+    location keeps the same partitions for a given home.
+
+    Parameters
+    ----------
+    environ
+        Mapping to read; tests pass their own so nothing leaks between them.
+
+    Returns
+    -------
+    str
+        The start as ``YYYY-MM-DD``.
+
+    Raises
+    ------
+    SettingsError
+        When the variable or the recorded file does not hold an ISO date.
+    """
+    env = os.environ if environ is None else environ
+    configured = env.get("PIPELINE_PARTITIONS_START")
+    if configured and configured.strip():
+        return _iso_date(configured, "PIPELINE_PARTITIONS_START")
+    recorded = _home(env) / PARTITIONS_START_FILE
+    if recorded.is_file():
+        return _iso_date(recorded.read_text(), str(recorded))
+    return DEFAULT_PARTITIONS_START
+
+
+def record_partitions_start(home: Path, start: str) -> str:
+    """Record ``start`` as the partitions start of ``home``, unless an earlier one is recorded.
+
+    The recorded start only ever moves back, so partitions that a home already
+    holds stay partitions of its definitions after a later re-seed.
+
+    Parameters
+    ----------
+    home
+        The ``PIPELINE_HOME`` to record in.
+    start
+        First day of the earliest partition the caller delivers, ``YYYY-MM-DD``.
+
+    Returns
+    -------
+    str
+        The start recorded after the call.
+
+    Raises
+    ------
+    SettingsError
+        When ``start`` or an already recorded start is not an ISO date.
+    """
+    start = _iso_date(start, "partitions start")
+    path = home / PARTITIONS_START_FILE
+    if path.is_file():
+        start = min(start, _iso_date(path.read_text(), str(path)))
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{start}\n")
+    tmp.replace(path)
+    return start
 
 
 @functools.cache

@@ -25,9 +25,8 @@ import numpy as np
 import polars as pl
 
 DEMO_SEED = 20261125
-CLAIMS_MONTHS = ("2026-07", "2026-08", "2026-09")
-FX_DATES = tuple((dt.date(2026, 9, 1) + dt.timedelta(days=i)).isoformat() for i in range(14))
-VALUATION_DATES = ("2026-09-30",)
+N_CLAIMS_MONTHS = 3
+N_FX_DAYS = 14
 
 # symbol as upstream sends it -> (mid price level, spread level in bps)
 FX_SYMBOLS: dict[str, tuple[float, float]] = {
@@ -40,6 +39,54 @@ FX_SYMBOLS: dict[str, tuple[float, float]] = {
     "NZD/USD": (0.60, 2.0),
     "eur/gbp": (0.85, 1.2),
 }
+
+
+@dataclass(frozen=True)
+class DemoCalendar:
+    """The partitions a demo seeded on one day delivers.
+
+    Attributes
+    ----------
+    claims_months
+        The last :data:`N_CLAIMS_MONTHS` complete months, ``YYYY-MM``, oldest first.
+    fx_dates
+        The last :data:`N_FX_DAYS` complete UTC days, ending yesterday, ``YYYY-MM-DD``.
+    valuation_dates
+        The last month end, ``YYYY-MM-DD``.
+    """
+
+    claims_months: tuple[str, ...]
+    fx_dates: tuple[str, ...]
+    valuation_dates: tuple[str, ...]
+
+    @property
+    def partitions_start(self) -> str:
+        """First day of the earliest month any of the drops belongs to, ``YYYY-MM-DD``."""
+        months = [*self.claims_months, *(d[:7] for d in (*self.fx_dates, *self.valuation_dates))]
+        return f"{min(months)}-01"
+
+
+def utc_today() -> dt.date:
+    """Today's date in UTC, the time zone of the daily partitions."""
+    return dt.datetime.now(dt.UTC).date()
+
+
+def demo_calendar(today: dt.date | None = None) -> DemoCalendar:
+    """Dates of the demo drops for a demo seeded on ``today`` (default: :func:`utc_today`).
+
+    Only complete periods are delivered, as upstream systems do: for 2026-12-01 the
+    claims months 2026-09, 2026-10 and 2026-11, the FX days 2026-11-17 to 2026-11-30
+    and the loan book of 2026-11-30.
+    """
+    today = today or utc_today()
+    month_start = today.replace(day=1)
+    month_index = month_start.year * 12 + month_start.month - 1
+    months = tuple(
+        f"{i // 12:04d}-{i % 12 + 1:02d}" for i in range(month_index - N_CLAIMS_MONTHS, month_index)
+    )
+    days = tuple((today - dt.timedelta(days=n)).isoformat() for n in range(N_FX_DAYS, 0, -1))
+    last_month_end = (month_start - dt.timedelta(days=1)).isoformat()
+    return DemoCalendar(claims_months=months, fx_dates=days, valuation_dates=(last_month_end,))
 
 
 @dataclass(frozen=True)
@@ -204,24 +251,32 @@ def generate_loan_scenarios() -> pl.DataFrame:
 def write_demo_landing(
     landing_dir: Path,
     *,
+    today: dt.date | None = None,
     seed: int = DEMO_SEED,
     n_policies: int = 60_000,
     ticks_per_symbol: int = 1_500,
-    fx_dates: tuple[str, ...] = FX_DATES,
-    claims_months: tuple[str, ...] = CLAIMS_MONTHS,
-    valuation_dates: tuple[str, ...] = VALUATION_DATES,
+    fx_dates: tuple[str, ...] | None = None,
+    claims_months: tuple[str, ...] | None = None,
+    valuation_dates: tuple[str, ...] | None = None,
     inject_defects: bool = True,
 ) -> list[Path]:
     """Write every demo drop and its truth under ``landing_dir``.
 
-    Files are written to a temporary name and renamed, so a sensor never sees a
-    half-written drop. Returns the data files written (truth files excluded).
+    Dates not given explicitly are those of :func:`demo_calendar` for ``today``
+    (default: today in UTC); values depend on the seed and the date only, so the
+    same date always gives the same drop. Files are written to a temporary name
+    and renamed, so a sensor never sees a half-written drop. Returns the data
+    files written (truth files excluded).
 
     With ``inject_defects`` the first claims month and the first FX day carry the
     defects real drops have (negative and unparseable exposure, a re-sent policy
     row, crossed quotes), so the quarantine has something to show; the list is
     saved as ``_truth/injected_defects.json``.
     """
+    calendar = demo_calendar(today)
+    fx_dates = calendar.fx_dates if fx_dates is None else fx_dates
+    claims_months = calendar.claims_months if claims_months is None else claims_months
+    valuation_dates = calendar.valuation_dates if valuation_dates is None else valuation_dates
     written: list[Path] = []
     truth_dir = landing_dir / "_truth"
     truth_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from deltalake import DeltaTable
 from polars.testing import assert_frame_equal
 
 from pipeline import keys
-from pipeline.demo import landing_symbols
 from pipeline.domain.contracts import normalise_symbol
 from pipeline.domain.demo_data import (
     SCENARIOS,
@@ -28,6 +27,11 @@ from pipeline.domain.demo_data import (
 )
 from pipeline.partitions import symbol_date_key
 from pipeline_tests.conftest import Platform
+from pipeline_tests.sensor_helpers import (
+    added_symbols,
+    evaluate_fx_landing_sensor,
+    register_symbols_with_landing_sensor,
+)
 
 MONTH = "2026-07"
 DAY = "2026-09-01"
@@ -51,6 +55,7 @@ def demo(platform: Platform, **sizes) -> None:
         "ticks_per_symbol": TICKS,
         "fx_dates": (DAY,),
         "claims_months": (MONTH,),
+        "valuation_dates": (VALUATION,),
         "inject_defects": False,
     }
     write_demo_landing(platform.settings.landing_dir, **{**defaults, **sizes})
@@ -252,7 +257,7 @@ def test_the_demo_defects_are_quarantined_exactly_where_the_truth_says(
 
     claims = platform.materialize([keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT], MONTH)
     assert_all_checks_passed(claims, keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT)
-    platform.instance.add_dynamic_partitions("symbol", landing_symbols(platform.settings))
+    register_symbols_with_landing_sensor(platform)
     platform.materialize([keys.BRONZE_FX_TICKS], DAY)
     crossed_symbol = normalise_symbol(ticks["symbol"][0])
     fx = platform.materialize([keys.FX_SPREADS], symbol_date_key(crossed_symbol, DAY))
@@ -269,7 +274,7 @@ def test_the_demo_defects_are_quarantined_exactly_where_the_truth_says(
 
 def test_fx_spreads_are_ask_minus_bid_per_normalised_symbol(platform: Platform) -> None:
     demo(platform)
-    symbols = landing_symbols(platform.settings)
+    symbols = register_symbols_with_landing_sensor(platform)
     assert symbols == [
         "AUDUSD",
         "EURGBP",
@@ -280,7 +285,6 @@ def test_fx_spreads_are_ask_minus_bid_per_normalised_symbol(platform: Platform) 
         "USDCHF",
         "USDJPY",
     ]
-    platform.instance.add_dynamic_partitions("symbol", symbols)
     bronze_run = platform.materialize([keys.BRONZE_FX_TICKS], DAY)
     assert_all_checks_passed(bronze_run, keys.BRONZE_FX_TICKS)
 
@@ -314,8 +318,7 @@ def test_spellings_of_one_pair_land_in_one_partition(platform: Platform) -> None
     path = platform.settings.landing_dir / f"fx_ticks/fx_ticks_{DAY}.parquet"
     path.parent.mkdir(parents=True)
     ticks.write_parquet(path)
-    assert landing_symbols(platform.settings) == ["EURUSD"]
-    platform.instance.add_dynamic_partitions("symbol", ["EURUSD"])
+    assert register_symbols_with_landing_sensor(platform) == ["EURUSD"]
     platform.materialize([keys.BRONZE_FX_TICKS], DAY)
     result = platform.materialize([keys.FX_SPREADS], symbol_date_key("EURUSD", DAY))
     assert_all_checks_passed(result, keys.FX_SPREADS)
@@ -549,7 +552,9 @@ def test_unsafe_symbol_in_parquet_is_not_discovered_as_a_partition(platform: Pla
     path = platform.settings.landing_dir / f"fx_ticks/fx_ticks_{DAY}.parquet"
     path.parent.mkdir(parents=True)
     ticks.write_parquet(path)
-    assert landing_symbols(platform.settings) == ["EURUSD"]
+    result = evaluate_fx_landing_sensor(platform.settings, platform.instance, platform.resources)
+    assert added_symbols(result) == ["EURUSD"]
+    assert [r.partition_key for r in result.run_requests] == [DAY]  # the day is still ingested
 
 
 def test_a_non_normalised_symbol_partition_is_refused_before_any_write(

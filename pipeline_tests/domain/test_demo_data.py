@@ -1,5 +1,6 @@
 """Demo drops: seeded, shaped like real deliveries, and faithful to their stated truth."""
 
+import datetime as dt
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,9 @@ from pipeline.domain.demo_data import (
     FX_SYMBOLS,
     SCENARIOS,
     SEGMENT_PROFILES,
+    DemoCalendar,
     claims_truth,
+    demo_calendar,
     generate_claims,
     generate_fx_ticks,
     generate_loan_book,
@@ -107,6 +110,7 @@ def test_loan_book_respects_segment_profiles() -> None:
 def test_write_demo_landing_writes_named_drops_and_truth(tmp_path: Path) -> None:
     written = write_demo_landing(
         tmp_path,
+        today=dt.date(2026, 10, 5),  # the loan book is the month end before it
         n_policies=200,
         ticks_per_symbol=30,
         fx_dates=("2026-09-01", "2026-09-02"),
@@ -136,3 +140,113 @@ def test_write_demo_landing_writes_named_drops_and_truth(tmp_path: Path) -> None
     expected = generate_claims("2026-07", claims_truth(), n_policies=200)
     assert claims["policy_id"].to_list() == expected["policy_id"].to_list()
     assert claims["exposure"].cast(pl.Float64).to_list() == expected["exposure"].to_list()
+
+
+# --- the demo's time axis -----------------------------------------------------------
+
+
+def _days(first: str, last: str) -> tuple[str, ...]:
+    start, end = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
+    return tuple((start + dt.timedelta(days=i)).isoformat() for i in range((end - start).days + 1))
+
+
+@pytest.mark.parametrize(
+    ("today", "expected"),
+    [
+        (  # the first of a month: the month just ended is complete
+            dt.date(2026, 12, 1),
+            DemoCalendar(
+                claims_months=("2026-09", "2026-10", "2026-11"),
+                fx_dates=_days("2026-11-17", "2026-11-30"),
+                valuation_dates=("2026-11-30",),
+            ),
+        ),
+        (  # the last day of a month: that month is not complete yet
+            dt.date(2026, 11, 30),
+            DemoCalendar(
+                claims_months=("2026-08", "2026-09", "2026-10"),
+                fx_dates=_days("2026-11-16", "2026-11-29"),
+                valuation_dates=("2026-10-31",),
+            ),
+        ),
+        (  # a year boundary
+            dt.date(2027, 1, 1),
+            DemoCalendar(
+                claims_months=("2026-10", "2026-11", "2026-12"),
+                fx_dates=_days("2026-12-18", "2026-12-31"),
+                valuation_dates=("2026-12-31",),
+            ),
+        ),
+        (  # claims months reach back into the previous year
+            dt.date(2027, 2, 14),
+            DemoCalendar(
+                claims_months=("2026-11", "2026-12", "2027-01"),
+                fx_dates=_days("2027-01-31", "2027-02-13"),
+                valuation_dates=("2027-01-31",),
+            ),
+        ),
+        (  # a leap-year February ends on the 29th
+            dt.date(2028, 3, 1),
+            DemoCalendar(
+                claims_months=("2027-12", "2028-01", "2028-02"),
+                fx_dates=_days("2028-02-16", "2028-02-29"),
+                valuation_dates=("2028-02-29",),
+            ),
+        ),
+        (  # ... and the FX days run through it
+            dt.date(2028, 3, 5),
+            DemoCalendar(
+                claims_months=("2027-12", "2028-01", "2028-02"),
+                fx_dates=_days("2028-02-20", "2028-03-04"),
+                valuation_dates=("2028-02-29",),
+            ),
+        ),
+    ],
+)
+def test_demo_calendar_delivers_the_last_complete_periods(
+    today: dt.date, expected: DemoCalendar
+) -> None:
+    calendar = demo_calendar(today)
+    assert calendar == expected
+    assert len(calendar.fx_dates) == 14
+    assert calendar.fx_dates[-1] == (today - dt.timedelta(days=1)).isoformat()
+    assert calendar.partitions_start == f"{expected.claims_months[0]}-01"
+
+
+def test_demo_calendar_in_a_non_leap_february() -> None:
+    calendar = demo_calendar(dt.date(2027, 3, 1))
+    assert calendar.valuation_dates == ("2027-02-28",)
+    assert calendar.fx_dates[-2:] == ("2027-02-27", "2027-02-28")
+    assert "2027-02-29" not in calendar.fx_dates
+
+
+def test_partitions_start_is_the_first_day_of_the_earliest_delivered_month() -> None:
+    calendar = DemoCalendar(
+        claims_months=("2026-10",), fx_dates=("2026-09-30",), valuation_dates=("2026-11-30",)
+    )
+    assert calendar.partitions_start == "2026-09-01"
+
+
+def test_write_demo_landing_dates_its_drops_from_today_and_is_seeded(tmp_path: Path) -> None:
+    today = dt.date(2027, 1, 1)
+    sizes = {"n_policies": 100, "ticks_per_symbol": 30, "inject_defects": False}
+    first = write_demo_landing(tmp_path / "a", today=today, **sizes)
+    again = write_demo_landing(tmp_path / "b", today=today, **sizes)
+    later = write_demo_landing(tmp_path / "c", today=dt.date(2027, 1, 2), **sizes)
+    keys = sorted(partition_key_of(p) for p in first)
+    assert keys == sorted(
+        [("claims", m) for m in ("2026-10", "2026-11", "2026-12")]
+        + [("fx_ticks", d) for d in _days("2026-12-18", "2026-12-31")]
+        + [("loan_book", "2026-12-31"), ("loan_scenarios", "2026-12-31")]
+    )
+    # the same day gives the same bytes; the next day shifts the FX window by one day
+    for a, b in zip(first, again, strict=True):
+        assert a.relative_to(tmp_path / "a") == b.relative_to(tmp_path / "b")
+        assert a.read_bytes() == b.read_bytes(), a.name
+    fx_later = sorted(p.name for p in later if p.parent.name == "fx_ticks")
+    fx_first = sorted(p.name for p in first if p.parent.name == "fx_ticks")
+    assert fx_later == [*fx_first[1:], "fx_ticks_2027-01-01.parquet"]
+    shared = tmp_path / "a" / "fx_ticks" / "fx_ticks_2026-12-31.parquet"
+    assert pl.read_parquet(shared).equals(
+        pl.read_parquet(tmp_path / "c" / "fx_ticks" / shared.name)
+    )
