@@ -33,7 +33,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 import sys
 import uuid
 import zipfile
@@ -172,6 +171,9 @@ class ComputeResource(ConfigurableResource):
             "spark.sql.execution.arrow.pyspark.enabled": "true",
             "spark.ui.enabled": "false",
             "spark.sql.shuffle.partitions": "4",
+            # Python workers run this interpreter, where the platform is installed
+            "spark.pyspark.python": sys.executable,
+            "spark.pyspark.driver.python": sys.executable,
         }
 
     def spark_session(self) -> Any:
@@ -182,8 +184,6 @@ class ComputeResource(ConfigurableResource):
         importing dagster-pyspark imports pyspark.
         """
         if self._spark is None:
-            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-            os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
             from dagster_pyspark import LazyPySparkResource
 
             self._spark = LazyPySparkResource(spark_config=self.spark_config())

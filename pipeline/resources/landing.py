@@ -105,8 +105,8 @@ class LandingResource(ConfigurableResource):
             with filesystem.open_input_stream(path) as stream:
                 return stream.read()
         except (FileNotFoundError, OSError) as exc:
-            raise LandingFileError(f"{relative}: cannot be read: {exc}") from exc
+            raise LandingFileError(f"{self.uri(relative)}: cannot be read: {exc}") from exc
 
     def read_as_text(self, file: LandingFile) -> pl.DataFrame:
         """One delivered file with every column as text (see ``parse_as_text``)."""
-        return parse_as_text(file.relative, self.read_bytes(file.relative))
+        return parse_as_text(self.uri(file.relative), self.read_bytes(file.relative))
