@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import dagster as dg
 import pytest
 
-from pipeline.checks.gates import GateClosedError, check_record_failures, require_gate
+from pipeline.gates import GateClosedError, check_record_failures, require_gate
 
 UPSTREAM = dg.AssetKey(["gate_test", "upstream"])
 CHECK = "value_within_bound"
