@@ -27,10 +27,11 @@ from pydantic import Field
 
 from pipeline import keys
 from pipeline.gates import GateClosedError, check_record_failures
-from pipeline.jobs import fx_promotion, fx_scoring, fx_training
+from pipeline.jobs import fx_promotion, fx_scoring, fx_spark, fx_training
 from pipeline.metadata import markdown_table, png_markdown
 from pipeline.partitions import split_symbol_date, symbol_date_partitions, symbol_partitions
 from pipeline.policies import domain_errors_are_final, gated_eager
+from pipeline.resources.compute import ComputeResource
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.landing import LandingResource
 from pipeline.resources.tracking import TrackingResource
@@ -83,12 +84,23 @@ def fx_challenger_model(
     lake: LakeResource,
     landing: LandingResource,
     tracking: TrackingResource,
+    compute: ComputeResource,
 ) -> MaterializeResult:
-    """Train one challenger per requested symbol, all in this run."""
+    """Train one challenger per requested symbol, all in this run, on the compute backend."""
     params = fx_training.TrainingParams(**config.model_dump())
     evaluations = []
     with domain_errors_are_final():
-        for symbol in context.partition_keys:
+        if compute.backend == "spark":  # one applyInPandas group (task) per symbol
+            evaluations = fx_spark.train_challengers(
+                compute.spark_session(),
+                context.partition_keys,
+                lake=lake,
+                landing=landing,
+                params=params,
+                tracking=tracking,
+                dagster_run_id=context.run_id,
+            )
+        for symbol in context.partition_keys if compute.backend == "local" else ():
             evaluations.append(
                 fx_training.train_challenger(
                     store.read_symbol_ticks(lake, symbol),
@@ -204,7 +216,10 @@ def fx_champion_model(
     backfill_policy=BackfillPolicy.single_run(),
 )
 def fx_anomaly_scores(
-    context: AssetExecutionContext, lake: LakeResource, tracking: TrackingResource
+    context: AssetExecutionContext,
+    lake: LakeResource,
+    tracking: TrackingResource,
+    compute: ComputeResource,
 ) -> MaterializeResult:
     """Score every requested (symbol, date) with the champion of its symbol.
 
@@ -219,7 +234,11 @@ def fx_anomaly_scores(
         by_symbol.setdefault(symbol, []).append(date)
     watch, champions, scored = Stopwatch(), {}, {}
     with domain_errors_are_final():
-        for symbol, dates in by_symbol.items():
+        if compute.backend == "spark":  # mapInPandas over the ticks repartitioned by symbol
+            champions, scored = fx_spark.score_symbols(
+                compute.spark_session(), by_symbol, lake=lake, tracking=tracking, watch=watch
+            )
+        for symbol, dates in by_symbol.items() if compute.backend == "local" else ():
             champions[symbol], scored[symbol] = fx_scoring.score_symbol_days(
                 symbol, dates, lake=lake, tracking=tracking, watch=watch
             )
