@@ -12,11 +12,24 @@ import functools
 import json
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 COMPUTE_BACKENDS = ("local", "spark", "databricks")
+EXPERIMENT_ROOT = "/Shared/pipeline"
+BRANCH_VARIABLES = (
+    "PIPELINE_GIT_BRANCH",  # explicit override
+    "GITHUB_HEAD_REF",  # GitHub Actions, pull requests
+    "GITHUB_REF_NAME",  # GitHub Actions, pushes
+    "CI_COMMIT_REF_NAME",  # GitLab CI
+    "BUILD_SOURCEBRANCHNAME",  # Azure Pipelines
+    "BRANCH_NAME",  # Jenkins
+)
+_UNSAFE_SEGMENT = re.compile(r"[^A-Za-z0-9._-]+")
+LANDING_COMPLETION_MODES = ("settle", "marker")
 _UC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -52,6 +65,15 @@ class Settings:
     databricks_cluster_id: str | None = None
     databricks_new_cluster: str | None = None
     databricks_job_python_file: str | None = None
+    databricks_wheel: str | None = None
+    wheel_root: str = "dbfs:/pipeline/wheels"
+    mlflow_experiment_root: str = ""
+    landing_settle_s: int = 15
+    landing_completion: str = "settle"
+    service_timeout_s: int = 30
+    ingest_max_runtime_s: int = 900
+    run_max_runtime_s: int = 21_600
+    vacuum_retention_hours: int = 168
 
     @property
     def lake_is_local(self) -> bool:
@@ -84,6 +106,12 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             raise SettingsError(f"{var}={value!r} is not a valid Unity Catalog identifier")
     if (uc_catalog is None) != (uc_schema is None):
         raise SettingsError("UC_CATALOG and UC_SCHEMA must be set together")
+    completion = env.get("PIPELINE_LANDING_COMPLETION", "").strip().lower() or "settle"
+    if completion not in LANDING_COMPLETION_MODES:
+        raise SettingsError(
+            f"PIPELINE_LANDING_COMPLETION={completion!r} is not one of "
+            f"{', '.join(LANDING_COMPLETION_MODES)}"
+        )
     return Settings(
         home=home,
         lake_uri=env.get("LAKE_URI") or str(home / "lake"),
@@ -99,7 +127,68 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         databricks_cluster_id=env.get("DATABRICKS_CLUSTER_ID") or None,
         databricks_new_cluster=env.get("DATABRICKS_NEW_CLUSTER") or None,
         databricks_job_python_file=env.get("DATABRICKS_JOB_PYTHON_FILE") or None,
+        databricks_wheel=env.get("DATABRICKS_WHEEL") or None,
+        wheel_root=env.get("PIPELINE_WHEEL_ROOT") or "dbfs:/pipeline/wheels",
+        mlflow_experiment_root=(
+            env["MLFLOW_EXPERIMENT_ROOT"].rstrip("/")
+            if "MLFLOW_EXPERIMENT_ROOT" in env
+            else experiment_root(env.get("MLFLOW_TRACKING_URI") or "", env)
+        ),
+        landing_settle_s=_whole_number(env, "PIPELINE_LANDING_SETTLE_S", 15, 0, 86_400),
+        landing_completion=completion,
+        service_timeout_s=_whole_number(env, "PIPELINE_SERVICE_TIMEOUT_S", 30, 3, 600),
+        ingest_max_runtime_s=_whole_number(env, "PIPELINE_INGEST_MAX_RUNTIME_S", 900, 60, 86_400),
+        run_max_runtime_s=_whole_number(env, "PIPELINE_RUN_MAX_RUNTIME_S", 21_600, 60, 604_800),
+        vacuum_retention_hours=_whole_number(env, "PIPELINE_VACUUM_RETENTION_HOURS", 168, 1, 8_760),
     )
+
+
+def _whole_number(env: Mapping[str, str], var: str, default: int, low: int, high: int) -> int:
+    """``env[var]`` as a whole number in ``[low, high]``; ``default`` when unset or blank.
+
+    Raises
+    ------
+    SettingsError
+        Naming the variable, the value and the bounds.
+    """
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise SettingsError(f"{var}={raw!r} is not a whole number in [{low}, {high}]")
+    return int(raw)
+
+
+def git_branch(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> str:
+    """The branch this code is built from: a CI variable when set, else git's HEAD."""
+    env = os.environ if environ is None else environ
+    for variable in BRANCH_VARIABLES:
+        if env.get(variable, "").strip():
+            return env[variable].strip()
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
+    done = subprocess.run(  # noqa: S603  (fixed argv)
+        [git, "rev-parse", "--abbrev-ref", "HEAD"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        cwd=cwd or Path(__file__).resolve().parent,
+        check=False,
+    )
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def sanitise_branch(branch: str) -> str:
+    """A branch name as one path segment: ``feature/FX x`` -> ``feature-FX-x``."""
+    return _UNSAFE_SEGMENT.sub("-", branch).strip("-.") or "unknown"
+
+
+def experiment_root(tracking_uri: str, environ: Mapping[str, str] | None = None) -> str:
+    """``/Shared/pipeline/<branch>`` when tracking on Databricks, else ``""`` (plain names)."""
+    if tracking_uri.split("://")[0] not in ("databricks",):
+        return ""
+    return f"{EXPERIMENT_ROOT}/{sanitise_branch(git_branch(environ))}"
 
 
 def _home(env: Mapping[str, str]) -> Path:
@@ -206,6 +295,22 @@ concurrency:
     max_concurrent_runs: 4
   pools:
     default_limit: 1
+# A run whose process died must not stay STARTED for ever: the daemon fails runs that
+# exceed their max runtime (the run tag dagster/max_runtime, set on ingest runs, else
+# max_runtime_seconds), never resumes them (the default launcher cannot), frees their
+# pool slots, and the run retries below launch one fresh attempt.
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  cancel_timeout_seconds: 180
+  max_runtime_seconds: {max_runtime_s}
+  max_resume_run_attempts: 0
+  poll_interval_seconds: 30
+  free_slots_after_run_end_seconds: 60
+run_retries:
+  enabled: true
+  max_retries: 1
+  retry_on_asset_or_op_failure: false
 telemetry:
   enabled: false
 """
@@ -217,6 +322,13 @@ def ensure_dagster_home(settings: Settings) -> Path:
     The ``model_training`` pool limit of one keeps heavy model runs from
     competing for the two cores of a laptop; raise it with
     ``dagster instance concurrency set model_training N``.
+
+    Run monitoring is on: the default run launcher cannot tell whether a run's
+    process is alive, so a run still ``STARTED`` after its max runtime
+    (``PIPELINE_RUN_MAX_RUNTIME_S``, or the ``dagster/max_runtime`` tag of ingest runs,
+    ``PIPELINE_INGEST_MAX_RUNTIME_S``) is failed by the daemon and retried once
+    (``run_retries`` without ``retry_on_asset_or_op_failure``: a failing asset is not
+    retried, a dead worker is).
     """
     settings.dagster_home.mkdir(parents=True, exist_ok=True)
     config = settings.dagster_home / "dagster.yaml"
@@ -224,5 +336,7 @@ def ensure_dagster_home(settings: Settings) -> Path:
         # JSON string syntax is valid YAML: a quoted path survives spaces and ``#``
         # (which would otherwise start a YAML comment and truncate the path)
         base_dir = json.dumps(str(settings.dagster_home / "storage"))
-        config.write_text(DAGSTER_YAML.format(base_dir=base_dir))
+        config.write_text(
+            DAGSTER_YAML.format(base_dir=base_dir, max_runtime_s=settings.run_max_runtime_s)
+        )
     return settings.dagster_home

@@ -1,7 +1,9 @@
 """Bronze and curated assets: landing files -> Delta, with quarantine.
 
 The feeds, their contracts and the readers live in :mod:`pipeline.stores.sources`;
-these definitions only read, call, write and attach metadata.
+these definitions only read, call, write and attach metadata. Curated rows and their
+quarantine are committed together (one batch, one commit record): a failed write
+leaves the previous outcome of the partition visible, never half of the new one.
 """
 
 from collections import Counter
@@ -29,9 +31,12 @@ from pipeline.resources.lake import LakeResource
 from pipeline.resources.landing import LandingResource
 from pipeline.stores.sources import (
     BRONZE_PARTITION_COLUMN,
+    LANDING_HASHES_METADATA,
     SOURCES,
     Source,
     curate_fx_day,
+    publish_partition,
+    quarantine_fx_day_without_symbols,
     read_delivery,
     reconciliation_metadata,
     split_partition,
@@ -51,18 +56,36 @@ def _bronze_asset(source: Source) -> AssetsDefinition:
         context: AssetExecutionContext, lake: LakeResource, landing: LandingResource
     ) -> MaterializeResult:
         partition_key = context.partition_key
-        delivered = read_delivery(landing, source, partition_key)
+        delivery = read_delivery(landing, source, partition_key)
+        delivered = delivery.rows
         version = lake.overwrite_partition(
             "bronze", source.name, delivered, {BRONZE_PARTITION_COLUMN: partition_key}
         )
-        files = sorted(delivered["_source_file"].unique().to_list())
+        metadata = {}
+        if delivery.undeclared:
+            context.log.warning(
+                f"{source.name} {partition_key}: columns {delivery.undeclared} are not in the "
+                "contract; bronze keeps them as delivered"
+            )
+        if source.name == "fx_ticks":
+            orphaned = quarantine_fx_day_without_symbols(lake, partition_key)
+            if orphaned is not None:
+                context.log.warning(
+                    f"fx_ticks {partition_key}: no tick has a valid symbol; all {orphaned} "
+                    "rows quarantined in quarantine/fx_spreads"
+                )
+                metadata["rows_quarantined_without_symbol"] = orphaned
+        files = sorted(delivery.sha256)
         return MaterializeResult(
             metadata={
                 "dagster/row_count": delivered.height,
                 "dagster/column_schema": column_schema(delivered),
                 "files": MetadataValue.md("\n".join(f"- `{f}`" for f in files)),
+                LANDING_HASHES_METADATA: MetadataValue.text(delivery.hashes_json),
+                "undeclared_columns": MetadataValue.text(", ".join(delivery.undeclared)),
                 "delta_version": version,
                 "table_uri": MetadataValue.path(lake.table_uri("bronze", source.name)),
+                **metadata,
             }
         )
 
@@ -96,13 +119,14 @@ def _curated_asset(
         rows, quarantined, rows_in = split_partition(lake, source, partition_key)
         published = transform(rows, partition_key)
         table = key.path[-1]
-        version = lake.overwrite_partition(
-            "curated", table, published, {partition_column: partition_key}
+        commit = publish_partition(
+            lake, table, published, {partition_column: partition_key}, quarantined, partition_key
         )
-        lake.overwrite_partition("quarantine", table, quarantined, {"partition_key": partition_key})
+        for leftover in commit.leftovers:
+            context.log.warning(leftover)
         context.log.info(
             f"{table} {partition_key}: {rows_in} rows in, {rows.height} curated, "
-            f"{quarantined.height} quarantined"
+            f"{quarantined.height} quarantined (batch {commit.batch_id})"
         )
         return MaterializeResult(
             metadata={
@@ -110,7 +134,8 @@ def _curated_asset(
                 "dagster/column_schema": column_schema(published),
                 **reconciliation_metadata(rows_in, rows.height, quarantined),
                 "preview": MetadataValue.md(markdown_table(published, max_rows=10)),
-                "delta_version": version,
+                "delta_version": commit.versions[f"curated/{table}"],
+                "batch_id": commit.batch_id,
                 "table_uri": MetadataValue.path(lake.table_uri("curated", table)),
             }
         )
@@ -183,8 +208,10 @@ def fx_spreads(context: AssetExecutionContext, lake: LakeResource) -> Materializ
         by_date.setdefault(date, []).append(symbol)
     totals, published = Counter(), pl.DataFrame()
     for date, symbols in sorted(by_date.items()):
-        published, counts = curate_fx_day(lake, date, symbols)
+        published, counts, commit = curate_fx_day(lake, date, symbols)
         totals.update(counts)
+        for leftover in commit.leftovers:
+            context.log.warning(leftover)
         context.log.info(f"fx_spreads {date}: {counts['rows_curated']} ticks of {symbols}")
     metadata = {
         "dagster/row_count": totals["rows_curated"],

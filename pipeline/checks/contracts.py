@@ -5,7 +5,13 @@ rules as the ingestion code (:mod:`pipeline.domain.contracts`), so a check can
 catch a bug in the writer, not only in the delivery. Curated checks are
 blocking: a partition that breaks its contract or fails to reconcile stops every
 downstream model in the same run, and the model assets' own guards hold the line
-in later runs.
+in later runs. Curated and quarantine rows are read through the lake's commit
+point, so a check sees one committed outcome of a partition, never half of one.
+
+Schema drift (columns the contract does not declare) is a **warning**, not a
+failure: bronze keeps such columns as delivered and curated never reads them, so
+the models are unaffected, while the data owner learns which columns appeared.
+A missing declared column fails the blocking schema check.
 """
 
 import datetime as dt
@@ -35,9 +41,12 @@ from pipeline.stores.sources import (
     Source,
     quarantined_symbol,
     read_bronze,
+    undeclared_in_bronze,
 )
 
 MAX_INGEST_LAG = dt.timedelta(hours=24)
+CHECK_NO_UNDECLARED_COLUMNS = "delivered_columns_are_all_declared"
+"""Drift check name (to move to :mod:`pipeline.keys` with the other check names)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,38 @@ def _bronze_checks(source: Source) -> list[AssetChecksDefinition]:
             severity=AssetCheckSeverity.WARN,
         )
 
-    return [schema_check, ingest_lag_check]
+    @asset_check(
+        asset=source.key,
+        name=CHECK_NO_UNDECLARED_COLUMNS,
+        partitions_def=source.partitions_def,
+        description=(
+            "Warns when a delivery carries columns the contract does not declare "
+            "(kept in bronze as delivered, never curated)."
+        ),
+    )
+    def drift_check(context: AssetCheckExecutionContext, lake: LakeResource) -> AssetCheckResult:
+        def evaluate(partition_key: str) -> Verdict:
+            stored = read_bronze(lake, source, partition_key)
+            extra = undeclared_in_bronze(stored, source, partition_key)
+            if not extra:
+                return Verdict(True, "every delivered column is declared", {"undeclared": ""})
+            files = stored.filter(pl.any_horizontal(pl.col(extra).is_not_null()))
+            named = ", ".join(sorted(files["_source_file"].unique().to_list()))
+            return Verdict(
+                False,
+                f"undeclared column(s) {', '.join(extra)} in {named}; kept in bronze",
+                {"undeclared": ", ".join(extra)},
+            )
+
+        result = _combine(context, evaluate)
+        return AssetCheckResult(
+            passed=result.passed,
+            metadata=result.metadata,
+            description=result.description,
+            severity=AssetCheckSeverity.WARN,
+        )
+
+    return [schema_check, ingest_lag_check, drift_check]
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@ from pipeline.domain.errors import DomainError
 
 LINEAGE_COLUMNS = ("_source_file", "_row_number", "_ingested_at", "_delivered_at", "_partition_key")
 QUARANTINE_COLUMNS = ("partition_key", "_source_file", "_row_number", "reason", "record")
+RESERVED_COLUMNS = (*LINEAGE_COLUMNS, "_batch_id")
+"""Column names the platform adds; a delivered column may not take one of them."""
+_UNSTORABLE_CHARACTERS = frozenset(" ,;{}()\n\t=")
+"""Characters a Delta column name may not hold without column mapping (Spark refuses them)."""
 
 SYMBOL_PATTERN = re.compile(r"^[A-Z0-9]{3,12}$")
 
@@ -172,6 +176,44 @@ def check_required_columns(frame: pl.DataFrame, contract: Contract, source_file:
         )
 
 
+def undeclared_columns(frame: pl.DataFrame, contract: Contract) -> list[str]:
+    """Delivered columns the contract does not declare (lineage columns aside), in file order.
+
+    Bronze keeps them as delivered; the bronze drift check names them.
+    """
+    return [c for c in frame.columns if c not in contract.columns and c not in RESERVED_COLUMNS]
+
+
+def check_storable_columns(columns: list[str], source_file: str) -> None:
+    """Fail a file whose column names cannot become bronze columns as they are.
+
+    A name may not repeat another ignoring case (Delta column names are
+    case-insensitive), take a name the platform adds (``_source_file`` …), or hold
+    a character Delta refuses without column mapping (space, ``,;{}()=``, tab,
+    newline).
+
+    Raises
+    ------
+    ContractError
+        Naming the file and every offending column.
+    """
+    problems = []
+    seen: dict[str, str] = {}
+    reserved = {c.lower() for c in RESERVED_COLUMNS}
+    for name in columns:
+        if name.lower() in reserved:
+            problems.append(f"{name!r} is a column the platform adds")
+        elif name.lower() in seen:
+            problems.append(f"{name!r} repeats {seen[name.lower()]!r} (names ignore case)")
+        elif not name or set(name) & _UNSTORABLE_CHARACTERS:
+            problems.append(f"{name!r} is empty or holds one of ' ,;{{}}()=', tab, newline")
+        seen.setdefault(name.lower(), name)
+    if problems:
+        raise ContractError(
+            f"{source_file}: column name(s) cannot be stored in bronze: {'; '.join(problems)}"
+        )
+
+
 def apply_contract(
     bronze: pl.DataFrame, contract: Contract, *, partition_key: str
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -240,6 +282,8 @@ def apply_contract(
         pl.col("_row_number").first().alias("__first_row"),
     )
     passing = passing.join(first_seen, on=key, how="left", nulls_equal=True)
+    derived_names = {e.meta.output_name() for e in contract.derived}
+    undeclared = [c for c in undeclared_columns(bronze, contract) if c not in derived_names]
     is_dup = (pl.col("_source_file") != pl.col("__first_file")) | (
         pl.col("_row_number") != pl.col("__first_row")
     )
@@ -256,17 +300,22 @@ def apply_contract(
     keep = [
         c
         for c in curated.columns
-        if not c.startswith("__") and c not in ("_ingested_at", "_delivered_at", "_partition_key")
+        if not c.startswith("__")
+        and c not in ("_ingested_at", "_delivered_at", "_partition_key", *undeclared)
     ]
     curated = curated.select(keep)
 
+    declared = list(contract.columns)
     rejected_rows = [
-        _to_quarantine(bronze, bad_types.select("_source_file", "_row_number", "reason")),
+        _to_quarantine(bronze, bad_types.select("_source_file", "_row_number", "reason"), declared),
         _to_quarantine(
             bronze,
             as_typed.filter(pl.col("reason") != "").select("_source_file", "_row_number", "reason"),
+            declared,
         ),
-        _to_quarantine(bronze, duplicates.select("_source_file", "_row_number", "reason")),
+        _to_quarantine(
+            bronze, duplicates.select("_source_file", "_row_number", "reason"), declared
+        ),
     ]
     quarantined = pl.concat(rejected_rows).with_columns(
         pl.lit(partition_key).alias("partition_key")
@@ -280,9 +329,16 @@ def apply_contract(
     return curated, quarantined
 
 
-def _to_quarantine(bronze: pl.DataFrame, rejected: pl.DataFrame) -> pl.DataFrame:
-    """Attach the delivered record (as JSON) to rejected row ids."""
-    raw_cols = [c for c in bronze.columns if c not in LINEAGE_COLUMNS]
+def _to_quarantine(
+    bronze: pl.DataFrame, rejected: pl.DataFrame, declared: list[str]
+) -> pl.DataFrame:
+    """Attach the delivered record (as JSON) to rejected row ids.
+
+    The record holds every declared column and the undeclared columns the row's
+    file delivered (bronze holds the union of the files' columns; a column another
+    file delivered is null here and left out).
+    """
+    raw_cols = [c for c in bronze.columns if c not in RESERVED_COLUMNS]
     if rejected.height == 0:
         return pl.DataFrame(
             schema={
@@ -297,7 +353,10 @@ def _to_quarantine(bronze: pl.DataFrame, rejected: pl.DataFrame) -> pl.DataFrame
         on=["_source_file", "_row_number"],
         how="left",
     )
-    records = [json.dumps(r, default=str) for r in joined.select(raw_cols).iter_rows(named=True)]
+    records = [
+        json.dumps({k: v for k, v in r.items() if v is not None or k in declared}, default=str)
+        for r in joined.select(raw_cols).iter_rows(named=True)
+    ]
     return joined.select(
         pl.col("_source_file"),
         pl.col("_row_number").cast(pl.Int64),

@@ -1,9 +1,16 @@
-"""Reading landing files exactly as delivered.
+"""Landing files: what their names mean, when they are complete, and reading them as delivered.
 
 Every value is kept as text: bronze must hold what arrived, including values a
 contract will later reject (``"abc"`` in a numeric column, ``"1e400"``), and a
 column whose type differs between two drops must not break the bronze table's
 schema. Typing happens once, in :func:`pipeline.domain.contracts.apply_contract`.
+
+A file the platform cannot place is never ignored: :func:`landing_name_problem`
+says what is wrong with a name (another separator, an upper-case or compressed
+extension, a date written another way, another source's file), and the landing
+sensor reports it. A file is ingested only once complete
+(:func:`is_settled`, :func:`parquet_footer_intact`, or an upstream ``<name>.done``
+marker).
 """
 
 import io
@@ -15,6 +22,17 @@ import polars as pl
 from pipeline.domain.errors import DomainError
 
 LANDING_SOURCES = ("claims", "fx_ticks", "loan_book", "loan_scenarios")
+KEY_FORMATS = {
+    "claims": "YYYY-MM",
+    "fx_ticks": "YYYY-MM-DD",
+    "loan_book": "YYYY-MM-DD",
+    "loan_scenarios": "YYYY-MM-DD",
+}
+"""How each source writes its partition in a file name."""
+COMPLETION_MARKER = ".done"
+"""Suffix of the empty file an upstream writes once ``<name>`` is complete."""
+COMPRESSED_SUFFIXES = (".gz", ".gzip", ".zip", ".bz2", ".xz", ".zst", ".7z", ".tgz", ".lz4")
+_PARQUET_MAGIC = b"PAR1"
 _FILE_KEY = re.compile(
     r"^(?P<source>[a-z_]+?)_(?P<key>\d{4}-\d{2}(?:-\d{2})?)(?P<suffix>[A-Za-z0-9_.-]*)"
     r"\.(?P<ext>csv|parquet)$"
@@ -37,6 +55,63 @@ def partition_key_of(path: Path) -> tuple[str, str] | None:
     if not match or match["source"] not in LANDING_SOURCES:
         return None
     return match["source"], match["key"]
+
+
+def expected_name(source: str) -> str:
+    """The naming convention of ``source``, as written in messages."""
+    return f"{source}_<{KEY_FORMATS.get(source, 'YYYY-MM-DD')}>[_suffix].csv|parquet"
+
+
+def landing_name_problem(source: str, name: str) -> str | None:
+    """Why ``name`` in the landing folder of ``source`` names no partition of it, if it does not.
+
+    Returns ``None`` for a name that follows the convention, else one sentence a
+    data owner can act on: the extension is upper-case or compressed, the separator
+    after the source is not ``_``, the date is written another way, or the file
+    belongs to another source's folder.
+    """
+    parsed = partition_key_of(Path(name))
+    if parsed is not None and parsed[0] == source:
+        return None
+    expected = f"expected {expected_name(source)}"
+    if parsed is not None:
+        return f"names source {parsed[0]!r} but lies in the {source!r} folder; {expected}"
+    suffix = Path(name).suffix
+    lowered = name.lower()
+    if lowered.endswith(COMPRESSED_SUFFIXES):
+        return f"compressed ({suffix}): deliver uncompressed .csv or .parquet; {expected}"
+    if lowered.endswith((".csv", ".parquet")) and not name.endswith((".csv", ".parquet")):
+        return f"extension {suffix!r} must be lower-case .csv or .parquet; {expected}"
+    if not lowered.endswith((".csv", ".parquet")):
+        return f"extension {suffix or '(none)'!r} is not .csv or .parquet; {expected}"
+    if not name.startswith(f"{source}_"):
+        if lowered.startswith(source):
+            return f"the separator after {source!r} must be '_'; {expected}"
+        return f"does not start with '{source}_'; {expected}"
+    return f"no {KEY_FORMATS.get(source, 'YYYY-MM-DD')} date right after '{source}_'; {expected}"
+
+
+def is_settled(*, first_seen_s: float, mtime_ns: int, now_s: float, settle_s: float) -> bool:
+    """Whether a file's size and modification time have been stable for ``settle_s``.
+
+    Stable since the sensor first saw this ``(size, mtime)`` (``first_seen_s``, the
+    sensor's clock), or last modified at least ``settle_s`` ago by the file's own
+    time: a copy in progress keeps moving its modification time, and a copy that
+    preserves an old one (``cp -p``, ``rsync -t``) sets it only once complete.
+    """
+    return now_s - first_seen_s >= settle_s or now_s - mtime_ns / 1e9 >= settle_s
+
+
+def parquet_footer_intact(payload: bytes) -> bool:
+    """Whether ``payload`` ends with a whole Parquet footer.
+
+    Parquet is self-delimiting: a writer appends the footer (its length and the
+    ``PAR1`` magic) last, so a file written in place without one is incomplete.
+    """
+    if len(payload) < 12 or payload[:4] != _PARQUET_MAGIC or payload[-4:] != _PARQUET_MAGIC:
+        return False
+    footer_length = int.from_bytes(payload[-8:-4], "little")
+    return 0 < footer_length <= len(payload) - 12
 
 
 def read_as_text(path: Path) -> pl.DataFrame:

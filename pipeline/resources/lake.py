@@ -5,18 +5,54 @@ write leaves the previous version readable, and a partition-scoped overwrite
 (``replaceWhere`` via ``predicate``) rewrites one partition without touching the
 others. The root may be a local folder or an object-store URI (``s3://``,
 ``abfss://``); credentials come from the standard environment variables that
-delta-rs and pyarrow read, never from configuration.
+delta-rs and pyarrow read, never from configuration. Requests to an object store
+are bounded (``PIPELINE_SERVICE_TIMEOUT_S``): an unreachable store fails the step
+with :class:`LakeUnavailableError` instead of hanging.
+
+Outcomes committed together (curated rows and their quarantine)
+-----------------------------------------------------------------
+Delta has no multi-table transaction, so :meth:`LakeResource.commit_outcome` uses a
+*commit point*. Every row written carries a batch id (``_batch_id``, time-ordered);
+the tables are only **appended** to, and then one append to ``ops/ingest_commits``
+names the batch for every partition written. That single Delta commit is the
+moment the outcome becomes visible: :meth:`LakeResource.read` shows, per partition,
+the newest committed batch whose rows are present (or that committed no rows), and
+hides every other batch. A writer killed before the commit record leaves invisible
+rows; a failure to write the quarantine leaves the previous curated rows visible.
+Two writers of different partitions never conflict (appends), and two writers of
+the same partition cannot mix their rows (one batch is visible per partition).
+After committing, a writer deletes the superseded batches of its partitions
+(``_batch_id`` below its own), which keeps plain Delta readers of a table close to
+what the platform shows; ``pipeline maintenance`` removes whatever a killed writer
+or a lost race left. Only the tables written through ``commit_outcome`` (those
+with a ``_batch_id`` column) are filtered; the others read as stored.
+
+A single table holding both outcomes with a status column was the alternative; it
+would have changed the schema every reader of the curated tables relies on.
 """
 
+import datetime as dt
+import json
 import re
+import secrets
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import polars as pl
 from dagster import ConfigurableResource
 from pydantic import Field
 
-LAYERS = ("bronze", "curated", "quarantine", "gold")
+if TYPE_CHECKING:
+    from deltalake import DeltaTable
+
+LAYERS = ("bronze", "curated", "quarantine", "gold", "ops")
+BATCH_COLUMN = "_batch_id"
+COMMITS_TABLE = "ingest_commits"
+"""``ops/ingest_commits``: one row per partition and committed batch."""
+_BATCH = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{8}$")
+_BATCH_METADATA_KEY = "pipeline.batch_id"
 _TABLE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _PREDICATE_VALUE = re.compile(r"^[A-Za-z0-9_.:\- |]{1,64}$")
 _COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -24,6 +60,59 @@ _COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 class LakeError(ValueError):
     """A table name, layer or partition value is not acceptable."""
+
+
+class LakeUnavailableError(OSError):
+    """The object store behind the lake did not answer within the configured bound."""
+
+
+def new_batch_id(now: dt.datetime | None = None) -> str:
+    """A batch id that sorts by creation time: ``YYYYMMDDTHHMMSSffffffZ-<8 hex>``."""
+    stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y%m%dT%H%M%S%f")
+    return f"{stamp}Z-{secrets.token_hex(4)}"
+
+
+def batch_time(batch_id: str) -> dt.datetime:
+    """The UTC time (naive) encoded in a batch id."""
+    return dt.datetime.strptime(batch_id[:21], "%Y%m%dT%H%M%S%f")
+
+
+@dataclass(frozen=True)
+class PartitionWrite:
+    """Rows of some partitions of one table, part of one :meth:`LakeResource.commit_outcome`.
+
+    Attributes
+    ----------
+    partitions
+        Partition column-to-value mappings; every row of ``frame`` must belong to
+        one of them, and a partition listed without rows ends up empty.
+    """
+
+    layer: str
+    table: str
+    frame: pl.DataFrame
+    partitions: Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class BatchCommit:
+    """What :meth:`LakeResource.commit_outcome` committed.
+
+    Attributes
+    ----------
+    versions
+        ``layer/table`` to the Delta version of its append.
+    commit_version
+        Version of ``ops/ingest_commits`` holding the commit record.
+    leftovers
+        Superseded batches a lost race kept from being deleted (still invisible;
+        ``pipeline maintenance`` removes them).
+    """
+
+    batch_id: str
+    versions: dict[str, int]
+    commit_version: int
+    leftovers: list[str] = field(default_factory=list)
 
 
 class LakeResource(ConfigurableResource):
@@ -37,11 +126,81 @@ class LakeResource(ConfigurableResource):
         Non-secret delta-rs storage options (e.g. ``AWS_REGION``).
     commit_retries
         Attempts when a concurrent writer wins the commit race.
+    service_timeout_s
+        Bound on one operation against an object store (seconds); ``None`` reads
+        ``PIPELINE_SERVICE_TIMEOUT_S``. Local folders are not bounded.
     """
 
     root_uri: str
     storage_options: dict[str, str] = Field(default_factory=dict)
     commit_retries: int = 5
+    service_timeout_s: int | None = None
+
+    # --- object-store bounds ----------------------------------------------------------
+    @property
+    def is_local(self) -> bool:
+        """Whether the lake root is a folder on this machine."""
+        return "://" not in self.root_uri or self.root_uri.startswith("file://")
+
+    def _bound_s(self) -> int:
+        if self.service_timeout_s is not None:
+            return self.service_timeout_s
+        from pipeline.settings import get_settings
+
+        return get_settings().service_timeout_s
+
+    def _delta_options(self) -> dict[str, str] | None:
+        """delta-rs storage options: the configured ones plus request bounds for object stores.
+
+        Each request may take a third of the bound and is retried twice, all within
+        the bound (``retry_timeout``); options set in ``storage_options`` win.
+        """
+        if self.is_local:
+            return self.storage_options or None
+        bound = self._bound_s()
+        per_request = max(1, bound // 3)
+        return {
+            "timeout": f"{per_request}s",
+            "connect_timeout": f"{min(5, per_request)}s",
+            "max_retries": "2",
+            "retry_timeout": f"{bound}s",
+            **self.storage_options,
+        }
+
+    def _polars_options(self) -> dict[str, str] | None:
+        """The same bounds spelled for polars' reader of the data files."""
+        if self.is_local:
+            return self.storage_options or None
+        bound = self._bound_s()
+        per_request = max(1, bound // 3)
+        return {
+            "timeout": f"{per_request}s",
+            "connect_timeout": f"{min(5, per_request)}s",
+            "max_retries": "2",
+            "retry_timeout_ms": str(bound * 1000),
+            **self.storage_options,
+        }
+
+    def _unavailable(self, uri: str, exc: BaseException) -> LakeUnavailableError:
+        return LakeUnavailableError(
+            f"{uri}: the object store failed or did not answer within the bound of "
+            f"{self._bound_s()} s (PIPELINE_SERVICE_TIMEOUT_S): {type(exc).__name__}: "
+            f"{str(exc)[:500]}"
+        )
+
+    def _load(self, uri: str) -> "DeltaTable | None":
+        """The table at ``uri``, or ``None`` when there is none."""
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+
+        try:
+            return DeltaTable(uri, storage_options=self._delta_options())
+        except TableNotFoundError:
+            return None
+        except OSError as exc:
+            if self.is_local:
+                raise
+            raise self._unavailable(uri, exc) from exc
 
     # --- naming -----------------------------------------------------------------
     def table_uri(self, layer: str, table: str) -> str:
@@ -64,19 +223,20 @@ class LakeResource(ConfigurableResource):
         """Whether a Delta table exists at that location."""
         from deltalake import DeltaTable
 
-        return DeltaTable.is_deltatable(
-            self.table_uri(layer, table), storage_options=self.storage_options or None
-        )
+        uri = self.table_uri(layer, table)
+        try:
+            return DeltaTable.is_deltatable(uri, storage_options=self._delta_options())
+        except OSError as exc:
+            if self.is_local:
+                raise
+            raise self._unavailable(uri, exc) from exc
 
     def version(self, layer: str, table: str) -> int | None:
         """Current Delta version, or ``None`` when the table does not exist."""
-        from deltalake import DeltaTable
-
         if not self.exists(layer, table):
             return None
-        return DeltaTable(
-            self.table_uri(layer, table), storage_options=self.storage_options or None
-        ).version()
+        loaded = self._load(self.table_uri(layer, table))
+        return None if loaded is None else loaded.version()
 
     def read(
         self,
@@ -85,23 +245,60 @@ class LakeResource(ConfigurableResource):
         where: Mapping[str, str | list[str]] | None = None,
         *,
         columns: list[str] | None = None,
+        committed: bool = True,
     ) -> pl.DataFrame:
         """Read a table, optionally filtered by equality on partition columns.
 
         Returns an empty frame when the table does not exist yet, because a
         partition that was never written has no rows, which callers decide about.
+
+        Parameters
+        ----------
+        committed
+            For tables written by :meth:`commit_outcome`: only the committed batch
+            of each partition, without the ``_batch_id`` column (the default), or
+            every stored row with it (``False``: maintenance and tests).
         """
         if not self.exists(layer, table):
             return pl.DataFrame()
-        lazy = pl.scan_delta(
-            self.table_uri(layer, table), storage_options=self.storage_options or None
-        )
+        uri = self.table_uri(layer, table)
+        loaded = self._load(uri)
+        if loaded is None:
+            return pl.DataFrame()
+        if self.is_local:
+            lazy = pl.scan_delta(loaded)
+        else:
+            lazy = pl.scan_delta(
+                uri, version=loaded.version(), storage_options=self._polars_options()
+            )
         for col, value in (where or {}).items():
             values = value if isinstance(value, list) else [value]
             lazy = lazy.filter(pl.col(col).is_in(values))
-        if columns:
-            lazy = lazy.select(columns)
-        return lazy.collect()
+        names = lazy.collect_schema().names()
+        if BATCH_COLUMN not in names or not committed:
+            return (lazy.select(columns) if columns else lazy).collect()
+        keys = list(loaded.metadata().partition_columns)
+        wanted = [*dict.fromkeys([*(columns or names), *keys, BATCH_COLUMN])]
+        rows = visible_rows(lazy.select(wanted).collect(), self.commits(layer, table), keys)
+        return rows.select(columns) if columns else rows.drop(BATCH_COLUMN)
+
+    def commits(self, layer: str, table: str) -> pl.DataFrame:
+        """Commit records of one table: partition columns, ``_batch_id`` and ``rows``.
+
+        The commit table is read after the data table (see :meth:`read`), so a batch
+        committed in between is either present in the rows read or ignored.
+        """
+        records = self.read("ops", COMMITS_TABLE, {"layer": layer, "table": table}, committed=False)
+        if records.height == 0:
+            return pl.DataFrame(schema={BATCH_COLUMN: pl.String, "rows": pl.Int64})
+        partitions = pl.DataFrame([json.loads(p) for p in records["partition"]])
+        return pl.concat(
+            [
+                partitions.cast(pl.String),
+                records.select(pl.col("batch_id").alias(BATCH_COLUMN), pl.col("rows")),
+            ],
+            how="horizontal",
+        )
 
     def overwrite_partition(
         self, layer: str, table: str, frame: pl.DataFrame, partition: Mapping[str, str]
@@ -147,6 +344,32 @@ class LakeResource(ConfigurableResource):
         int
             The Delta version written.
         """
+        columns, allowed = self._partitions_of(layer, table, frame, partitions)
+        return self._write(
+            layer,
+            table,
+            frame,
+            mode="overwrite",
+            predicate=_predicate(allowed),
+            partition_by=columns,
+        )
+
+    def _partitions_of(
+        self,
+        layer: str,
+        table: str,
+        frame: pl.DataFrame,
+        partitions: Sequence[Mapping[str, str]],
+    ) -> tuple[list[str], pl.DataFrame]:
+        """Validate partitions and rows; return the partition columns and distinct values.
+
+        Raises
+        ------
+        LakeError
+            When a name or value is unsafe, the partitions disagree on their
+            columns, or a row lies outside them.
+        """
+        self.table_uri(layer, table)
         if not partitions:
             raise LakeError(f"{layer}/{table}: overwrite_partitions needs partitions")
         columns = list(partitions[0])
@@ -161,14 +384,18 @@ class LakeResource(ConfigurableResource):
                 # folder name ``col=value``: neither may carry quotes, operators or ``..``
                 if not _COLUMN.match(col):
                     raise LakeError(f"{layer}/{table}: partition column {col!r} is not safe")
-                if not _PREDICATE_VALUE.match(value) or ".." in value:
+                if (
+                    not isinstance(value, str)
+                    or not _PREDICATE_VALUE.match(value)
+                    or (".." in value)
+                ):
                     raise LakeError(f"{layer}/{table}: partition value {value!r} is not safe")
         missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise LakeError(f"{layer}/{table}: frame lacks partition column(s) {missing}")
         allowed = pl.DataFrame(
             [dict(p) for p in partitions], schema={c: pl.String for c in columns}
-        ).unique()
+        ).unique(maintain_order=True)
         stray = frame.select(pl.col(c).cast(pl.String) for c in columns).join(
             allowed, on=columns, how="anti"
         )
@@ -178,31 +405,139 @@ class LakeResource(ConfigurableResource):
                 f"{layer}/{table}: {stray.height} row(s) lie outside the partitions being "
                 f"written (e.g. {first}); refusing to write outside them"
             )
-        predicate = " OR ".join(
-            "(" + " AND ".join(f"{col} = '{value}'" for col, value in p.items()) + ")"
-            for p in allowed.iter_rows(named=True)
+        return columns, allowed
+
+    # --- outcomes committed together --------------------------------------------------
+    def commit_outcome(self, writes: Sequence[PartitionWrite]) -> BatchCommit:
+        """Write partitions of several tables so that they become visible together.
+
+        Every write is validated before anything is written; then each table gets
+        one append of its rows tagged with a new batch id, and one append to
+        ``ops/ingest_commits`` makes all of them visible at once (see the module
+        docstring). Finally the superseded batches of the written partitions are
+        deleted.
+
+        Raises
+        ------
+        LakeError
+            When a name, a partition value or a row's partition is not acceptable
+            (nothing is written).
+        """
+        if not writes:
+            raise LakeError("commit_outcome needs at least one write")
+        prepared = []
+        for write in writes:
+            if BATCH_COLUMN in write.frame.columns:
+                raise LakeError(f"{write.layer}/{write.table}: frame already has {BATCH_COLUMN}")
+            columns, allowed = self._partitions_of(
+                write.layer, write.table, write.frame, write.partitions
+            )
+            prepared.append((write, columns, allowed))
+        batch = new_batch_id()
+        versions: dict[str, int] = {}
+        records = []
+        for write, columns, allowed in prepared:
+            tagged = write.frame.with_columns(pl.lit(batch).alias(BATCH_COLUMN))
+            versions[f"{write.layer}/{write.table}"] = self._write(
+                write.layer, write.table, tagged, mode="append", partition_by=columns, batch=batch
+            )
+            counts = dict(
+                write.frame.select(pl.col(c).cast(pl.String) for c in columns)
+                .group_by(columns)
+                .len()
+                .select(pl.concat_str(columns, separator="\x1f"), "len")
+                .iter_rows()
+            )
+            for partition in allowed.iter_rows(named=True):
+                key = "\x1f".join(partition[c] for c in columns)
+                records.append(
+                    {
+                        "layer": write.layer,
+                        "table": write.table,
+                        "partition": json.dumps(partition, sort_keys=True),
+                        "batch_id": batch,
+                        "rows": int(counts.get(key, 0)),
+                        "committed_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+                    }
+                )
+        commit_version = self._write(
+            "ops", COMMITS_TABLE, pl.DataFrame(records), mode="append", batch=batch
         )
-        return self._write(
-            layer, table, frame, mode="overwrite", predicate=predicate, partition_by=columns
+        leftovers = []
+        for write, _, allowed in prepared:
+            leftover = self.drop_superseded(write.layer, write.table, allowed, batch)
+            if leftover:
+                leftovers.append(leftover)
+        return BatchCommit(batch, versions, commit_version, leftovers)
+
+    def drop_superseded(
+        self, layer: str, table: str, partitions: pl.DataFrame, batch: str
+    ) -> str | None:
+        """Delete rows of batches older than ``batch`` in ``partitions`` of one table.
+
+        Rows of an older batch are never visible once ``batch`` is committed, and a
+        concurrent writer's uncommitted batch is older only if it started earlier, in
+        which case its commit would not be the newest either. Lost commit races are
+        retried; if they keep failing the rows stay (invisible) and a description is
+        returned for the caller to log.
+        """
+        from deltalake.exceptions import CommitFailedError
+
+        if not _BATCH.match(batch):
+            raise LakeError(f"batch id {batch!r} is not one this lake writes")
+        uri = self.table_uri(layer, table)
+        predicate = (
+            f"({_predicate(partitions)}) AND ({BATCH_COLUMN} < '{batch}' OR {BATCH_COLUMN} IS NULL)"
         )
+        for attempt in range(self.commit_retries):
+            loaded = self._load(uri)
+            if loaded is None:
+                return None
+            try:
+                loaded.delete(predicate)
+                return None
+            except CommitFailedError as exc:
+                if attempt == self.commit_retries - 1:
+                    return f"{layer}/{table}: batches before {batch} not deleted yet ({exc})"
+                time.sleep(0.2 * 2**attempt)
+        return None
 
     def append(self, layer: str, table: str, frame: pl.DataFrame) -> int:
         """Append rows (event logs such as ``gold/model_events``)."""
         return self._write(layer, table, frame, mode="append")
 
-    def _write(self, layer: str, table: str, frame: pl.DataFrame, **kwargs) -> int:
-        from deltalake import DeltaTable, write_deltalake
+    def _write(
+        self, layer: str, table: str, frame: pl.DataFrame, *, batch: str | None = None, **kwargs
+    ) -> int:
+        """One Delta write, retried when a concurrent writer wins the commit race.
+
+        Each attempt re-reads the table (``write_deltalake`` loads it from the URI),
+        so a retried partition overwrite applies to what the winner left. A write
+        tagged with ``batch`` records it in its commit's metadata; before a retry,
+        a commit already carrying it means the lost race was only reported lost,
+        and the rows are not appended twice.
+        """
+        import deltalake
+        from deltalake import CommitProperties
         from deltalake.exceptions import CommitFailedError
 
         uri = self.table_uri(layer, table)
         data = frame.to_arrow()
+        properties = CommitProperties(
+            custom_metadata={_BATCH_METADATA_KEY: batch} if batch else None
+        )
         for attempt in range(self.commit_retries):
+            if attempt and batch and self._has_commit(uri, batch):
+                break
             try:
-                write_deltalake(
+                deltalake.write_deltalake(
                     uri,
                     data,
-                    schema_mode="merge" if kwargs.get("mode") == "append" else None,
-                    storage_options=self.storage_options or None,
+                    schema_mode="merge"
+                    if kwargs.get("mode") == "append" or layer == "bronze"
+                    else None,
+                    storage_options=self._delta_options(),
+                    commit_properties=properties,
                     **kwargs,
                 )
                 break
@@ -210,7 +545,18 @@ class LakeResource(ConfigurableResource):
                 if attempt == self.commit_retries - 1:
                     raise
                 time.sleep(0.2 * 2**attempt)
-        return DeltaTable(uri, storage_options=self.storage_options or None).version()
+            except OSError as exc:
+                if self.is_local:
+                    raise
+                raise self._unavailable(uri, exc) from exc
+        loaded = self._load(uri)
+        return -1 if loaded is None else loaded.version()
+
+    def _has_commit(self, uri: str, batch: str) -> bool:
+        loaded = self._load(uri)
+        if loaded is None:
+            return False
+        return any(entry.get(_BATCH_METADATA_KEY) == batch for entry in loaded.history(20))
 
     # --- files --------------------------------------------------------------------
     def write_bytes(self, uri: str, payload: bytes) -> str:
@@ -240,3 +586,57 @@ class LakeResource(ConfigurableResource):
 
         filesystem, path = fs.FileSystem.from_uri(uri)
         return filesystem.get_file_info(path).type == fs.FileType.File
+
+
+def _predicate(partitions: pl.DataFrame) -> str:
+    """``(a = 'x' AND b = 'y') OR ...`` over validated partition values."""
+    return " OR ".join(
+        "(" + " AND ".join(f"{col} = '{value}'" for col, value in p.items()) + ")"
+        for p in partitions.iter_rows(named=True)
+    )
+
+
+def visible_rows(rows: pl.DataFrame, commits: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The rows a reader sees: per partition, the newest committed batch that is present.
+
+    A committed batch counts when its rows are among ``rows`` (read before the
+    commit records, so a batch committed meanwhile but not read is skipped) or when
+    it committed no rows (an emptied partition). Rows without a batch id predate
+    commit points and show only in partitions without a counted batch.
+
+    Parameters
+    ----------
+    rows
+        Stored rows with the partition columns ``keys`` and ``_batch_id``.
+    commits
+        :meth:`LakeResource.commits` of the same table.
+    """
+    if not keys:
+        raise LakeError("a table written by commit_outcome must be partitioned")
+    as_text = [pl.col(k).cast(pl.String).alias(f"__key_{k}") for k in keys]
+    key_cols = [f"__key_{k}" for k in keys]
+    tagged = rows.with_columns(as_text)
+    present = (
+        tagged.select(*key_cols, BATCH_COLUMN)
+        .unique()
+        .with_columns(pl.lit(True).alias("__present"))
+    )
+    if commits.height == 0:
+        chosen = pl.DataFrame(schema={**{k: pl.String for k in key_cols}, BATCH_COLUMN: pl.String})
+    else:
+        chosen = (
+            commits.select(
+                *[pl.col(k).cast(pl.String).alias(f"__key_{k}") for k in keys],
+                BATCH_COLUMN,
+                "rows",
+            )
+            .join(present, on=[*key_cols, BATCH_COLUMN], how="left")
+            .filter(pl.col("__present").fill_null(False) | (pl.col("rows") == 0))
+            .group_by(key_cols)
+            .agg(pl.col(BATCH_COLUMN).max())
+        )
+    visible = tagged.join(chosen, on=[*key_cols, BATCH_COLUMN], how="semi")
+    legacy = tagged.filter(pl.col(BATCH_COLUMN).is_null()).join(
+        chosen.select(key_cols), on=key_cols, how="anti"
+    )
+    return pl.concat([visible, legacy]).drop(key_cols)

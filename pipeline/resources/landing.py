@@ -7,13 +7,19 @@ layer, as the lake's artefact files are; credentials come from the standard vari
 the filesystem reads, never from configuration.
 """
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 from dagster import ConfigurableResource
 
-from pipeline.domain.landing import LandingFileError, parse_as_text, partition_key_of
+from pipeline.domain.landing import (
+    COMPLETION_MARKER,
+    LandingFileError,
+    parse_as_text,
+    partition_key_of,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,16 @@ class LandingFile:
         parsed = partition_key_of(Path(self.name))
         return parsed[1] if parsed and parsed[0] == self.source else None
 
+    @property
+    def is_temporary(self) -> bool:
+        """A hidden file (``.name.tmp``): by convention a drop still being written."""
+        return self.name.startswith(".")
+
+    @property
+    def is_marker(self) -> bool:
+        """An upstream completion marker ``<name>.done``."""
+        return self.name.endswith(COMPLETION_MARKER)
+
 
 class LandingResource(ConfigurableResource):
     """Folder of delivered files, one sub-folder per source.
@@ -45,9 +61,30 @@ class LandingResource(ConfigurableResource):
     path
         Root of the landing zone: a local folder (``$PIPELINE_HOME/landing`` by
         default) or an object-store URI.
+    settle_s
+        Seconds a file's size and modification time must stay unchanged before it
+        counts as complete; ``None`` reads ``PIPELINE_LANDING_SETTLE_S``.
+    completion
+        ``"settle"`` (a settled file, a Parquet file with its footer, or a
+        ``<name>.done`` marker) or ``"marker"`` (only the marker); ``None`` reads
+        ``PIPELINE_LANDING_COMPLETION``.
     """
 
     path: str
+    settle_s: int | None = None
+    completion: str | None = None
+
+    def completion_policy(self) -> tuple[str, int]:
+        """``(completion mode, settle seconds)``, from this resource or the settings."""
+        from pipeline.settings import get_settings
+
+        if self.settle_s is None or self.completion is None:
+            settings = get_settings()
+            return (
+                self.completion or settings.landing_completion,
+                settings.landing_settle_s if self.settle_s is None else self.settle_s,
+            )
+        return self.completion, self.settle_s
 
     @property
     def root(self) -> Path:
@@ -80,6 +117,11 @@ class LandingResource(ConfigurableResource):
     def partition_files(self, source: str, partition_key: str) -> list[LandingFile]:
         """Files of ``source`` whose names name ``partition_key``, in name order."""
         return [f for f in self.files(source) if f.partition_key == partition_key]
+
+    @staticmethod
+    def sha256(payload: bytes) -> str:
+        """Content hash of a delivered file: what decides whether it changed."""
+        return hashlib.sha256(payload).hexdigest()
 
     def uri(self, relative: str) -> str:
         """Where ``relative`` lives, for messages."""

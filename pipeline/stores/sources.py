@@ -1,12 +1,16 @@
 """The four upstream feeds: where they land, how bronze stores them, how curated splits them.
 
 Bronze keeps every delivered value as text plus lineage columns, one Delta partition
-per landing partition. Curated applies the source's contract
+per landing partition, including columns the contract does not declare (the bronze
+drift check names them). Curated applies the source's contract
 (:mod:`pipeline.domain.contracts`): typed, clean rows are published and every rejected
-row goes to ``quarantine/<table>`` with its reason, file and row number.
+row goes to ``quarantine/<table>`` with its reason, file and row number. Both are
+committed together (:meth:`pipeline.resources.lake.LakeResource.commit_outcome`):
+readers see the curated rows and the quarantined rows of one batch, or neither.
 """
 
 import datetime as dt
+import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,13 +20,15 @@ from dagster import AssetKey, Failure, MetadataValue, PartitionsDefinition
 
 from pipeline import keys
 from pipeline.domain import contracts
-from pipeline.domain.landing import LandingFileError
+from pipeline.domain.landing import LandingFileError, parse_as_text
 from pipeline.metadata import counts_table
 from pipeline.partitions import date_partitions, month_partitions, valuation_date_partitions
-from pipeline.resources.lake import LakeResource
+from pipeline.resources.lake import BatchCommit, LakeResource, PartitionWrite
 from pipeline.resources.landing import LandingResource
 
 BRONZE_PARTITION_COLUMN = "_partition_key"
+LANDING_HASHES_METADATA = "landing_sha256"
+"""Materialisation metadata of a bronze partition: JSON of file -> content hash read."""
 FX_SPREAD_COLUMNS = ("symbol", "date", "ts", "bid", "ask", "spread")
 
 
@@ -69,14 +75,41 @@ SOURCES = {
 }
 
 
-def read_delivery(landing: LandingResource, source: Source, partition_key: str) -> pl.DataFrame:
+@dataclass(frozen=True)
+class Delivery:
+    """What bronze stores for one partition, and what it was read from.
+
+    Attributes
+    ----------
+    rows
+        Every delivered column as text (the union over the partition's files) plus
+        lineage columns.
+    sha256
+        Relative file name to the content hash of the bytes read; the landing
+        sensor compares it with what is in the landing folder now.
+    undeclared
+        Delivered columns the contract does not declare, in first-seen order.
+    """
+
+    rows: pl.DataFrame
+    sha256: dict[str, str]
+    undeclared: list[str]
+
+    @property
+    def hashes_json(self) -> str:
+        """:attr:`sha256` as sorted JSON (materialisation metadata)."""
+        return json.dumps(self.sha256, sort_keys=True)
+
+
+def read_delivery(landing: LandingResource, source: Source, partition_key: str) -> Delivery:
     """All files of one landing partition as text, with lineage columns.
 
     Raises
     ------
     Failure
-        When no file was delivered, or a file is unreadable or lacks a contract
-        column; the message names the file and the problem.
+        When no file was delivered, or a file is unreadable, lacks a contract
+        column or has column names bronze cannot store; the message names the file
+        and the problem.
     """
     files = landing.partition_files(source.name, partition_key)
     if not files:
@@ -85,20 +118,24 @@ def read_delivery(landing: LandingResource, source: Source, partition_key: str) 
             f"{source.name}_{partition_key}*.csv|parquet under {landing.uri(source.name)}"
         )
     contract = source.contract(partition_key)
-    frames = []
+    frames, hashes, undeclared = [], {}, {}
     ingested_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     for file in files:
         try:
-            frame = landing.read_as_text(file)
+            payload = landing.read_bytes(file.relative)
+            frame = parse_as_text(landing.uri(file.relative), payload)
             contracts.check_required_columns(frame, contract, file.relative)
+            contracts.check_storable_columns(frame.columns, file.relative)
         except (LandingFileError, contracts.ContractError) as exc:
             raise Failure(
                 f"{source.name} partition {partition_key}: {exc}",
                 metadata={"file": file.relative},
             ) from exc
+        hashes[file.relative] = landing.sha256(payload)
+        undeclared.update(dict.fromkeys(contracts.undeclared_columns(frame, contract)))
         delivered_at = dt.datetime.fromtimestamp(file.mtime_ns / 1e9, dt.UTC).replace(tzinfo=None)
         frames.append(
-            frame.select(contract.required_columns).with_columns(
+            frame.with_columns(
                 pl.lit(file.relative).alias("_source_file"),
                 pl.int_range(1, frame.height + 1, dtype=pl.Int64).alias("_row_number"),
                 pl.lit(ingested_at).alias("_ingested_at"),
@@ -106,7 +143,27 @@ def read_delivery(landing: LandingResource, source: Source, partition_key: str) 
                 pl.lit(partition_key).alias(BRONZE_PARTITION_COLUMN),
             )
         )
-    return pl.concat(frames)
+    rows = pl.concat(frames, how="diagonal")
+    declared = list(contract.required_columns)
+    extra = list(undeclared)
+    rows = rows.select(
+        *declared, *extra, *[c for c in rows.columns if c not in (*declared, *extra)]
+    )
+    return Delivery(rows, hashes, extra)
+
+
+def undeclared_in_bronze(stored: pl.DataFrame, source: Source, partition_key: str) -> list[str]:
+    """Undeclared columns holding a value in a stored bronze partition.
+
+    The bronze table's schema is the union over every partition ever stored, so a
+    column is drift *for this partition* only where one of its rows has a value.
+    """
+    contract = source.contract(partition_key)
+    return [
+        c
+        for c in contracts.undeclared_columns(stored, contract)
+        if stored[c].null_count() < stored.height
+    ]
 
 
 def read_bronze(lake: LakeResource, source: Source, partition_key: str) -> pl.DataFrame:
@@ -131,6 +188,23 @@ def split_partition(
         bronze, source.contract(partition_key), partition_key=partition_key
     )
     return curated, quarantined, bronze.height
+
+
+def publish_partition(
+    lake: LakeResource,
+    table: str,
+    published: pl.DataFrame,
+    partition: dict[str, str],
+    quarantined: pl.DataFrame,
+    partition_key: str,
+) -> BatchCommit:
+    """Commit one curated partition and its quarantine together (all or nothing)."""
+    return lake.commit_outcome(
+        [
+            PartitionWrite("curated", table, published, [partition]),
+            PartitionWrite("quarantine", table, quarantined, [{"partition_key": partition_key}]),
+        ]
+    )
 
 
 def reconciliation_metadata(rows_in: int, curated_rows: int, quarantined: pl.DataFrame) -> dict:
@@ -161,29 +235,48 @@ def bronze_symbols(lake: LakeResource, date: str) -> list[str]:
 
 def curate_fx_day(
     lake: LakeResource, date: str, symbols: list[str]
-) -> tuple[pl.DataFrame, Counter]:
-    """Curate the requested symbols of one FX day: quarantine, then one atomic commit.
+) -> tuple[pl.DataFrame, Counter, BatchCommit]:
+    """Curate the requested symbols of one FX day and its quarantine in one commit point.
 
-    The day's ticks are read and split once for all its symbols.
+    The day's ticks are read and split once for all its symbols. With no symbol
+    (a day none of whose ticks carries a valid symbol), only the quarantine is
+    committed: every row is still accounted for.
 
     Returns
     -------
-    tuple of (published rows, counts)
+    tuple of (published rows, counts, commit)
         ``counts`` has ``rows_curated`` and ``rows_quarantined_for_symbol`` (requested
         symbols only), ``rows_in_days`` and ``rows_quarantined_days`` (whole day).
     """
     rows, quarantined, rows_in = split_partition(lake, SOURCES["fx_ticks"], date)
-    lake.overwrite_partition("quarantine", "fx_spreads", quarantined, {"partition_key": date})
     published = (
         rows.filter(pl.col("symbol").is_in(symbols)).select(FX_SPREAD_COLUMNS).sort("symbol", "ts")
     )
-    lake.overwrite_partitions(
-        "curated", "fx_spreads", published, [{"symbol": s, "date": date} for s in symbols]
-    )
+    writes = [PartitionWrite("quarantine", "fx_spreads", quarantined, [{"partition_key": date}])]
+    if symbols:
+        curated = [{"symbol": s, "date": date} for s in symbols]
+        writes.insert(0, PartitionWrite("curated", "fx_spreads", published, curated))
+    commit = lake.commit_outcome(writes)
     q_symbols = quarantined_symbol(quarantined)
-    return published, Counter(
+    counts = Counter(
         rows_curated=published.height,
         rows_quarantined_for_symbol=int(q_symbols.is_in(symbols).sum()),
         rows_in_days=rows_in,
         rows_quarantined_days=quarantined.height,
     )
+    return published, counts, commit
+
+
+def quarantine_fx_day_without_symbols(lake: LakeResource, date: str) -> int | None:
+    """Quarantine a bronze FX day none of whose ticks has a valid symbol.
+
+    No ``(symbol, date)`` partition exists for such a day, so no fx_spreads run
+    would ever account for its rows; the bronze run commits their quarantine
+    instead. Returns the number of rows quarantined, or ``None`` when the day has a
+    valid symbol (its fx_spreads runs quarantine the rest).
+    """
+    raw = bronze_symbols(lake, date)
+    if any(contracts.try_normalise_symbol(s) for s in raw):
+        return None
+    _, counts, _ = curate_fx_day(lake, date, [])
+    return counts["rows_quarantined_days"]

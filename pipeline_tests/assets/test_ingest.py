@@ -16,6 +16,7 @@ from deltalake import DeltaTable
 from polars.testing import assert_frame_equal
 
 from pipeline import keys
+from pipeline.checks.contracts import CHECK_NO_UNDECLARED_COLUMNS
 from pipeline.domain.contracts import normalise_symbol
 from pipeline.domain.demo_data import (
     SCENARIOS,
@@ -39,7 +40,7 @@ VALUATION = "2026-09-30"
 N_POLICIES = 300
 TICKS = 40
 
-BRONZE_CHECKS = {keys.CHECK_FILE_SCHEMA, keys.CHECK_INGEST_LAG}
+BRONZE_CHECKS = {keys.CHECK_FILE_SCHEMA, keys.CHECK_INGEST_LAG, CHECK_NO_UNDECLARED_COLUMNS}
 CURATED_CHECKS = {keys.CHECK_CURATED_CONTRACT, keys.CHECK_RECONCILES}
 CLAIMS_CSV = f"claims/claims_{MONTH}.csv"
 CLAIMS_COLUMNS = ["policy_id", "district", "valuation_month", "exposure", "claim_count"]
@@ -404,10 +405,15 @@ def test_rematerialising_a_partition_is_idempotent(platform: Platform) -> None:
     assert bronze.height == 4
     assert bronze["_row_number"].is_unique().all()
     assert metadata(results[0], keys.CLAIMS_BY_DISTRICT)["rows_in"] == 4
-    assert metadata(results[1], keys.CLAIMS_BY_DISTRICT) | {
-        "delta_version": None,
-        "table_uri": None,
-    } == metadata(results[0], keys.CLAIMS_BY_DISTRICT) | {"delta_version": None, "table_uri": None}
+    volatile = {"delta_version": None, "table_uri": None, "batch_id": None}
+    assert metadata(results[1], keys.CLAIMS_BY_DISTRICT) | volatile == (
+        metadata(results[0], keys.CLAIMS_BY_DISTRICT) | volatile
+    )
+    # the second run's batch superseded the first, whose rows were deleted
+    stored = platform.lake.read("curated", "claims_by_district", committed=False)
+    assert stored["_batch_id"].unique().to_list() == [
+        metadata(results[1], keys.CLAIMS_BY_DISTRICT)["batch_id"]
+    ]
 
 
 # --- the bad-input corpus ---------------------------------------------------------------
