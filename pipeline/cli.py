@@ -193,6 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev_parser.add_argument("--dagster-port", type=int, default=3000)
     dev_parser.add_argument("--mlflow-port", type=int, default=5000)
     sub.add_parser("reset", help="delete PIPELINE_HOME (lake, landing, MLflow, Dagster state)")
+    deploy_parser = sub.add_parser(
+        "deploy", help="build the wheel and upload it to the Databricks workspace"
+    )
+    deploy_parser.add_argument("--root", help="wheel folder (default PIPELINE_WHEEL_ROOT)")
+    deploy_parser.add_argument("--build-only", action="store_true", help="build, do not upload")
     graph = sub.add_parser("graph", help="print the asset graph as Mermaid")
     graph.add_argument("--update-readme", metavar="PATH", help="rewrite the graph block of PATH")
     args = parser.parse_args(argv)
@@ -215,6 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             path.write_text(readme_with_graph(path.read_text(), mermaid))
         else:
             print(mermaid)
+    elif args.command == "deploy":
+        import json
+
+        from pipeline.deploy import deploy
+
+        print(json.dumps(deploy(root=args.root, upload=not args.build_only), indent=2))
     elif args.command == "reset":
         shutil.rmtree(settings.home, ignore_errors=True)
         print(f"removed {settings.home}")

@@ -58,7 +58,7 @@ class SparkTaskDomainError(DomainError):
 
 def tracking_fields(tracking: TrackingResource) -> dict[str, Any]:
     """The configuration of a tracking resource, to rebuild it inside a task."""
-    return {name: getattr(tracking, name) for name in TrackingResource.model_fields}
+    return {name: getattr(tracking, name) for name in type(tracking).model_fields}
 
 
 def encode(frame: pl.DataFrame) -> tuple[Any, dict[str, pl.DataType]]:
@@ -122,7 +122,7 @@ def train_challengers(
     ticks = pl.concat([store.read_symbol_ticks(lake, s) for s in symbols], how="vertical")
     labels = {s: store.read_labels(landing, s)["ts"].cast(pl.Int64).to_list() for s in symbols}
     pdf, schema = encode(ticks)
-    fields = tracking_fields(tracking)
+    fields, tracking_class = tracking_fields(tracking), type(tracking)
     tracking.experiment_id(fx_training.EXPERIMENT)  # created once, not raced by tasks
 
     def train_group(key: tuple, group: Any) -> Any:
@@ -135,7 +135,7 @@ def train_challengers(
                 ),
                 symbol=symbol,
                 params=params,
-                tracking=TrackingResource(**fields),
+                tracking=tracking_class(**fields),
                 dagster_run_id=dagster_run_id,
             )
         except DomainError as exc:
@@ -200,7 +200,7 @@ def score_symbols(
             [store.scoring_ticks(lake, s, list(d)).select(_INPUT) for s, d in by_symbol.items()]
         )
     with watch("score"):
-        scored = _score_on_spark(spark, ticks, by_symbol, versions, tracking_fields(tracking))
+        scored = _score_on_spark(spark, ticks, by_symbol, versions, tracking)
     out: dict[str, pl.DataFrame] = {}
     with watch("write"):
         for symbol, dates in by_symbol.items():
@@ -222,10 +222,11 @@ def _score_on_spark(
     ticks: pl.DataFrame,
     by_symbol: Mapping[str, Sequence[str]],
     versions: Mapping[str, str],
-    fields: Mapping[str, Any],
+    tracking: TrackingResource,
 ) -> pl.DataFrame:
     """``mapInPandas`` over the ticks repartitioned by symbol; scored rows of requested days."""
     pdf, schema = encode(ticks)
+    fields, tracking_class = tracking_fields(tracking), type(tracking)
     dates = {s: list(d) for s, d in by_symbol.items()}
     versions = dict(versions)
     out_schema = ", ".join(f"{c} {_SPARK_TYPES[type(t)]}" for c, t in _SCORED_SCHEMA.items())
@@ -235,7 +236,7 @@ def _score_on_spark(
 
         from pipeline.domain import fx_anomaly
 
-        tracking = TrackingResource(**fields)
+        task_tracking = tracking_class(**fields)
         # a symbol's rows may span several Arrow batches; its features need them all
         parts = list(batches)
         if not parts:
@@ -244,8 +245,8 @@ def _score_on_spark(
         for (symbol,), ticks_ in frame.group_by("symbol", maintain_order=True):
             ticks_ = ticks_.sort("ts")
             # once per task and symbol, by the version the driver resolved
-            model = tracking.load_sklearn(
-                tracking.model_name(str(symbol)), version=versions[str(symbol)]
+            model = task_tracking.load_sklearn(
+                task_tracking.model_name(str(symbol)), version=versions[str(symbol)]
             )
             features = fx_anomaly.spread_features(ticks_.select(fx_anomaly.TICK_COLUMNS))
             features = features.with_columns(ticks_["date"]).filter(

@@ -9,6 +9,22 @@ from pipeline.resources.tracking import TrackingResource
 from pipeline.settings import Settings
 
 
+class BranchTrackingResource(TrackingResource):
+    """:class:`TrackingResource` whose experiments live under ``experiment_root``.
+
+    On a Databricks tracking server ``experiment_root`` is ``/Shared/pipeline/<branch>``
+    (:func:`pipeline.settings.experiment_root`), so each branch logs to its own experiments;
+    empty elsewhere, where experiment names stay as the jobs give them.
+    """
+
+    experiment_root: str = ""
+
+    def experiment_id(self, name: str) -> str:
+        """Id of experiment ``<experiment_root>/<name>`` (created when missing)."""
+        root = self.experiment_root.rstrip("/")
+        return super().experiment_id(f"{root}/{name}" if root else name)
+
+
 def build_resources(settings: Settings) -> dict[str, object]:
     """Resources for ``settings``: tests pass settings pointing at a temp folder."""
     compute_kwargs: dict[str, object] = {
@@ -23,10 +39,13 @@ def build_resources(settings: Settings) -> dict[str, object]:
         compute_kwargs["databricks_cluster_id"] = settings.databricks_cluster_id
         compute_kwargs["databricks_new_cluster"] = settings.databricks_new_cluster
         compute_kwargs["databricks_job_python_file"] = settings.databricks_job_python_file
+        compute_kwargs["databricks_wheel"] = settings.databricks_wheel
+        compute_kwargs["databricks_wheel_root"] = settings.wheel_root
     return {
         "lake": LakeResource(root_uri=settings.lake_uri),
         "landing": LandingResource(path=str(settings.landing_dir)),
-        "tracking": TrackingResource(
+        "tracking": BranchTrackingResource(
+            experiment_root=settings.mlflow_experiment_root,
             tracking_uri=settings.mlflow_tracking_uri,
             artifact_root=settings.mlflow_artifact_root,
             ui_url=settings.mlflow_ui_url,

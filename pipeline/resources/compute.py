@@ -110,6 +110,12 @@ class ComputeResource(ConfigurableResource):
         PyPI requirements installed on the cluster for the job; ``None`` pins
         :data:`JOB_PYPI_DISTRIBUTIONS` to the versions of this environment, ``[]``
         installs nothing (the cluster has them already).
+    databricks_wheel
+        ``libraries: [{"whl": ...}]`` instead of the zip bundle: the workspace path of a
+        wheel uploaded by ``pipeline deploy``, or ``"build"`` to build this checkout's
+        wheel and upload it (once per content hash) on first use.
+    databricks_wheel_root
+        DBFS folder of uploaded wheels (``"build"`` uploads there).
     databricks_poll_interval_seconds
         How often the run state is polled.
     databricks_timeout_seconds
@@ -125,6 +131,8 @@ class ComputeResource(ConfigurableResource):
     databricks_job_python_file: str | None = None
     databricks_dbfs_root: str = DEFAULT_DBFS_ROOT
     databricks_pypi_packages: list[str] | None = None
+    databricks_wheel: str | None = None
+    databricks_wheel_root: str = "dbfs:/pipeline/wheels"
     databricks_poll_interval_seconds: float = 5.0
     databricks_timeout_seconds: int = 3600
 
@@ -275,6 +283,7 @@ class ComputeResource(ConfigurableResource):
         uploaded_inputs = False
         try:
             python_file, bundle = self._deploy(workspace, script, root)
+            wheel = self.deployed_wheel(workspace)
             stage = "uploading the job inputs"
             uploaded_inputs = True
             input_paths = {name: f"{exchange}/{name}" for name in inputs}
@@ -285,12 +294,12 @@ class ComputeResource(ConfigurableResource):
             stage = "running the job"
             invocation = pipes.run(
                 context=context,
-                task=self._task(script, python_file),
+                task=self._task(script, python_file, wheel),
                 extras={
                     **extras,
                     "inputs": input_paths,
                     "outputs": output_paths,
-                    "code_bundle": bundle,
+                    "code_bundle": None if wheel else bundle,
                 },
                 submit_args={"run_name": run_name},
             )
@@ -321,17 +330,44 @@ class ComputeResource(ConfigurableResource):
             if uploaded_inputs:
                 _remove_exchange(workspace, exchange, context)
 
-    def _task(self, script: str, python_file: str) -> Any:
-        """The ``SubmitTask``: the script on the configured cluster with its libraries."""
+    def deployed_wheel(self, workspace: Any) -> str | None:
+        """The wheel tasks install, or ``None`` for the zip bundle (see ``databricks_wheel``).
+
+        With ``"build"`` the checkout's wheel is built and uploaded once per process; an
+        identical build already in the workspace is not uploaded again.
+        """
+        if self.databricks_wheel != "build":
+            return self.databricks_wheel
+        if "wheel" not in self._deployed:
+            import tempfile
+
+            from pipeline import deploy
+
+            with tempfile.TemporaryDirectory(prefix="pipeline-deploy-") as tmp:
+                try:
+                    wheel = deploy.build_wheel(Path(tmp))
+                    path, _ = deploy.upload_wheel(workspace, wheel, self.databricks_wheel_root)
+                except deploy.DeployError as exc:
+                    raise ComputeError(f"cannot deploy the wheel: {exc}") from exc
+            self._deployed["wheel"] = path
+        return self._deployed["wheel"]
+
+    def _task(self, script: str, python_file: str, wheel: str | None = None) -> Any:
+        """The ``SubmitTask``: the script on the configured cluster with its libraries.
+
+        With a wheel the task installs it (its dependencies come with it); otherwise the
+        pinned PyPI packages the zip bundle's code needs.
+        """
         from databricks.sdk.service import compute, jobs
 
         packages = self.databricks_pypi_packages
         if packages is None:
             packages = [f"{name}=={metadata.version(name)}" for name in JOB_PYPI_DISTRIBUTIONS]
+        libraries = [{"pypi": {"package": p}} for p in packages]
         task: dict[str, Any] = {
             "task_key": _path_safe(Path(script).stem),
             "spark_python_task": {"python_file": python_file, "parameters": []},
-            "libraries": [{"pypi": {"package": p}} for p in packages],
+            "libraries": [{"whl": wheel}] if wheel else libraries,
             "timeout_seconds": int(self.databricks_timeout_seconds),
         }
         if self.databricks_cluster_id:
@@ -353,15 +389,20 @@ class ComputeResource(ConfigurableResource):
             )
         return jobs.SubmitTask.from_dict(task)
 
-    def _deploy(self, workspace: Any, script: str, root: str) -> tuple[str, str]:
+    def _deploy(self, workspace: Any, script: str, root: str) -> tuple[str, str | None]:
         """Upload the code bundle and (unless configured elsewhere) the script, once.
+
+        With ``databricks_wheel`` set no bundle is uploaded (the bundle path is ``None``).
 
         Returns the task's ``python_file`` and the bundle's DBFS path. Both are compared
         with what DBFS holds, so a shared workspace is only written when the code changed.
         """
-        bundle_bytes = code_bundle()
-        bundle = f"{root}/jobs/pipeline-code-{hashlib.sha256(bundle_bytes).hexdigest()[:16]}.zip"
-        if bundle not in self._deployed:
+        bundle = None
+        if not self.databricks_wheel:
+            bundle_bytes = code_bundle()
+            digest = hashlib.sha256(bundle_bytes).hexdigest()[:16]
+            bundle = f"{root}/jobs/pipeline-code-{digest}.zip"
+        if bundle is not None and bundle not in self._deployed:
             _ensure_file(workspace, bundle, bundle_bytes)
             self._deployed[bundle] = bundle
         if self.databricks_job_python_file:

@@ -1,0 +1,234 @@
+"""Ship the project to a Databricks workspace: the wheel, and where runs are tracked.
+
+``pipeline deploy`` builds the project's wheel with ``uv build`` (offline: the build
+backend comes from this virtualenv, no index is asked) and uploads it, over the DBFS API
+of the Databricks SDK's ``WorkspaceClient``, to
+
+    <root>/<version>/<content hash>/pipeline-<version>-py3-none-any.whl
+
+The content hash covers the wheel's entries (names and bytes), not the zip's timestamps,
+so rebuilding unchanged code gives the same path, and a path that already holds a file of
+the same size is not uploaded again. Job tasks name the path in ``libraries: [{"whl":
+...}]``, so a cluster runs exactly the code of that build.
+
+Experiments on a Databricks tracking server are named after the git branch: see
+:func:`pipeline.settings.experiment_root`.
+"""
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_WHEEL_ROOT = "dbfs:/pipeline/wheels"
+_BUILD_TIMEOUT_SECONDS = 300
+_SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip entry can hold
+
+
+class DeployError(RuntimeError):
+    """The wheel cannot be built or uploaded."""
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """A built wheel and its identity.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The wheel file.
+    version : str
+        The project version in its name.
+    content_hash : str
+        SHA-256 over the sorted entries (name and bytes), independent of zip timestamps.
+    """
+
+    path: Path
+    version: str
+    content_hash: str
+
+    def target(self, root: str = DEFAULT_WHEEL_ROOT) -> str:
+        """Where the wheel goes under ``root``: named by version and content hash."""
+        return f"{root.rstrip('/')}/{self.version}/{self.content_hash[:16]}/{self.path.name}"
+
+
+def project_root() -> Path:
+    """The checkout this package is imported from (it holds ``pyproject.toml``).
+
+    Raises
+    ------
+    DeployError
+        When the package is installed from a wheel, not run from a checkout.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise DeployError(f"{root} holds no pyproject.toml: deploy from a checkout")
+    return root
+
+
+def content_hash(wheel: bytes) -> str:
+    """SHA-256 of a wheel's entries (sorted names and bytes), not of the zip itself."""
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(io.BytesIO(wheel)) as archive:
+        for name in sorted(archive.namelist()):
+            data = archive.read(name)
+            digest.update(f"{name}\0{len(data)}\0".encode())
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def build_wheel(out_dir: Path, root: Path | None = None) -> Wheel:
+    """Build the project's wheel into ``out_dir`` with ``uv build``, offline.
+
+    The sources are copied to a temporary folder first (tracked layout only: the
+    package, ``pyproject.toml``, README), so no ``build/`` leftovers of an earlier build
+    end up in the wheel and nothing is written to the checkout.
+
+    Raises
+    ------
+    DeployError
+        When ``uv`` is missing or the build fails (its output is in the message).
+    """
+    root = root or project_root()
+    uv = shutil.which("uv")
+    if uv is None:
+        raise DeployError("`uv` is not on PATH; install it (pip install uv) to build the wheel")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pipeline-wheel-") as tmp:
+        source = Path(tmp) / "src"
+        source.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(root / name, source / name)
+        shutil.copytree(
+            root / "pipeline", source / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        done = subprocess.run(  # noqa: S603  (fixed argv: uv, this interpreter, a temp folder)
+            [
+                uv,
+                "build",
+                "--wheel",
+                "--offline",
+                "--no-build-isolation",
+                "--python",
+                sys.executable,
+                "--out-dir",
+                str(Path(tmp) / "dist"),
+                str(source),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=_BUILD_TIMEOUT_SECONDS,
+            # fixed zip timestamps: unchanged code gives the same bytes, not only entries
+            env={**os.environ, "SOURCE_DATE_EPOCH": _SOURCE_DATE_EPOCH},
+            check=False,
+        )
+        if done.returncode != 0:
+            raise DeployError(f"uv build failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        (built,) = (Path(tmp) / "dist").glob("*.whl")
+        target = out_dir / built.name
+        shutil.copy2(built, target)
+    data = target.read_bytes()
+    return Wheel(path=target, version=target.name.split("-")[1], content_hash=content_hash(data))
+
+
+def upload_wheel(workspace: Any, wheel: Wheel, root: str = DEFAULT_WHEEL_ROOT) -> tuple[str, bool]:
+    """Upload ``wheel`` under ``root`` unless the same build is there already.
+
+    Parameters
+    ----------
+    workspace
+        A ``databricks.sdk.WorkspaceClient``.
+    root
+        A DBFS folder, ``dbfs:/...``.
+
+    Returns
+    -------
+    tuple of (str, bool)
+        The wheel's workspace path (for ``libraries: [{"whl": path}]``) and whether it was
+        uploaded (``False``: an identical build was found).
+
+    Raises
+    ------
+    DeployError
+        When ``root`` is not a DBFS path.
+    """
+    from databricks.sdk.errors import NotFound
+
+    if not root.startswith("dbfs:/"):
+        raise DeployError(f"wheel root {root!r} is not a DBFS path (dbfs:/...)")
+    target = wheel.target(root)
+    api_path = target.removeprefix("dbfs:")
+    size = wheel.path.stat().st_size
+    try:
+        status = workspace.dbfs.get_status(api_path)
+    except NotFound:
+        status = None
+    if status is not None and not status.is_dir and status.file_size == size:
+        return target, False
+    with wheel.path.open("rb") as f:
+        workspace.dbfs.upload(api_path, f, overwrite=True)
+    return target, True
+
+
+def deploy(
+    environ: Mapping[str, str] | None = None,
+    *,
+    root: str | None = None,
+    out_dir: Path | None = None,
+    upload: bool = True,
+) -> dict[str, Any]:
+    """Build the wheel and upload it to the workspace of ``DATABRICKS_HOST``.
+
+    Parameters
+    ----------
+    environ
+        Where ``DATABRICKS_HOST``, ``DATABRICKS_TOKEN`` and ``PIPELINE_WHEEL_ROOT`` are
+        read (default: the process environment).
+    root
+        Folder of the wheels (default ``PIPELINE_WHEEL_ROOT``, else
+        :data:`DEFAULT_WHEEL_ROOT`).
+    out_dir
+        Where the wheel is kept locally (default ``$PIPELINE_HOME/dist``).
+    upload
+        ``False`` builds only (no workspace needed).
+
+    Returns
+    -------
+    dict
+        ``wheel`` (local file), ``version``, ``content_hash``, ``path`` (workspace path for
+        ``libraries: [{"whl": path}]``) and ``uploaded``.
+
+    Raises
+    ------
+    DeployError
+        When the build fails, or the host or token is not set for an upload.
+    """
+    env = os.environ if environ is None else environ
+    root = root or env.get("PIPELINE_WHEEL_ROOT") or DEFAULT_WHEEL_ROOT
+    home = Path(env.get("PIPELINE_HOME", ".pipeline")).expanduser().resolve()
+    wheel = build_wheel(out_dir or home / "dist")
+    result: dict[str, Any] = {
+        "wheel": str(wheel.path),
+        "version": wheel.version,
+        "content_hash": wheel.content_hash,
+        "path": wheel.target(root),
+        "uploaded": False,
+    }
+    if not upload:
+        return result
+    host, token = env.get("DATABRICKS_HOST"), env.get("DATABRICKS_TOKEN")
+    if not host or not token:
+        raise DeployError("set DATABRICKS_HOST and DATABRICKS_TOKEN to upload the wheel")
+    from databricks.sdk import WorkspaceClient
+
+    workspace = WorkspaceClient(host=host, token=token, auth_type="pat")
+    result["path"], result["uploaded"] = upload_wheel(workspace, wheel, root)
+    return result

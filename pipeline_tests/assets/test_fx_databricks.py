@@ -1,0 +1,125 @@
+"""``pipeline deploy`` and wheel-based Databricks tasks, against the loopback fake (issue 10).
+
+The wheel is built once per module with ``uv build`` (offline, ~5 s) and uploaded to the
+fake workspace's DBFS; a second deploy of unchanged code finds it and uploads nothing.
+"""
+
+import re
+import subprocess
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from databricks.sdk import WorkspaceClient
+
+from pipeline import deploy
+from pipeline.resources import build_resources
+from pipeline.resources.compute import ComputeResource
+from pipeline.settings import experiment_root, load_settings, sanitise_branch
+from pipeline_tests.fakes.databricks_server import FakeDatabricksWorkspace
+
+CLUSTER = "0930-120000-fakeclu1"
+ROOT = "dbfs:/pipeline/wheels"
+
+
+@pytest.fixture
+def token() -> str:
+    return f"dapi-fake-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, token: str) -> Iterator[FakeDatabricksWorkspace]:
+    with FakeDatabricksWorkspace(tmp_path / "workspace", token=token, cluster_ids=(CLUSTER,)) as ws:
+        yield ws
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> deploy.Wheel:
+    return deploy.build_wheel(tmp_path_factory.mktemp("dist"))
+
+
+def test_wheel_holds_the_platform_and_is_named_by_content(
+    wheel: deploy.Wheel, tmp_path: Path
+) -> None:
+    with zipfile.ZipFile(wheel.path) as archive:
+        names = set(archive.namelist())
+    assert {"pipeline/jobs/fx_spark.py", "pipeline/jobs/fx_training.py"} <= names
+    assert "pipeline/remote/loan_loss_job.py" in names
+    assert not any(n.startswith("pipeline_tests/") for n in names)
+    assert re.fullmatch(
+        rf"{ROOT}/{wheel.version}/[0-9a-f]{{16}}/pipeline-{wheel.version}-py3-none-any\.whl",
+        wheel.target(ROOT),
+    )
+    # the name depends on the entries, not on when the zip was written
+    rebuilt = deploy.build_wheel(tmp_path / "again")
+    assert rebuilt.content_hash == wheel.content_hash
+
+
+def test_deploy_uploads_a_build_once(
+    workspace: FakeDatabricksWorkspace, token: str, tmp_path: Path, wheel: deploy.Wheel
+) -> None:
+    env = {"DATABRICKS_HOST": workspace.host, "DATABRICKS_TOKEN": token}
+    first = deploy.deploy(env, root=ROOT, out_dir=tmp_path / "dist")
+    client = WorkspaceClient(host=workspace.host, token=token, auth_type="pat")
+    path, uploaded = deploy.upload_wheel(client, wheel, ROOT)  # the same code, built again
+
+    assert first["uploaded"] and not uploaded
+    assert first["path"] == path
+    remote = workspace.local_path(path)
+    assert remote.read_bytes() == Path(first["wheel"]).read_bytes() == wheel.path.read_bytes()
+    assert workspace.dbfs_files() == [first["path"].removeprefix("dbfs:")]
+    writes = [r for r in workspace.requests if r.endpoint in ("dbfs/put", "dbfs/create")]
+    assert len(writes) == 1  # the second deploy only asked for the file's status
+    assert all(r.authorized for r in workspace.requests)
+
+
+def test_deploy_command_builds_without_a_workspace(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [".venv/bin/pipeline", "deploy", "--build-only"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+        env={"PATH": "/usr/bin:/bin:/root/.local/bin:" + _uv_dir(), "PIPELINE_HOME": str(tmp_path)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"uploaded": false' in done.stdout
+    assert list((tmp_path / "dist").glob("pipeline-*.whl"))
+
+
+def _uv_dir() -> str:
+    import shutil
+
+    uv = shutil.which("uv")
+    assert uv is not None
+    return str(Path(uv).parent)
+
+
+def test_tasks_install_the_wheel_instead_of_the_bundle() -> None:
+    compute = ComputeResource(
+        backend="databricks", databricks_cluster_id=CLUSTER, databricks_wheel=f"{ROOT}/x.whl"
+    )
+    task = compute._task("fx_train_job.py", "dbfs:/pipeline/jobs/fx_train_job.py", f"{ROOT}/x.whl")
+    assert [lib.as_dict() for lib in task.libraries] == [{"whl": f"{ROOT}/x.whl"}]
+
+
+def test_experiments_are_named_after_the_branch_on_databricks(tmp_path: Path) -> None:
+    assert sanitise_branch("feature/FX spark #10") == "feature-FX-spark-10"
+    ci = {"GITHUB_HEAD_REF": "feature/fx-spark"}
+    assert experiment_root("databricks", ci) == "/Shared/pipeline/feature-fx-spark"
+    assert experiment_root("sqlite:///x.db", ci) == ""
+    head = subprocess.run(
+        ["git", "rev-parse", "--abbrev-ref", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert experiment_root("databricks", {}) == f"/Shared/pipeline/{sanitise_branch(head)}"
+
+    settings = load_settings(
+        {"PIPELINE_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": "databricks", **ci}
+    )
+    tracking = build_resources(settings)["tracking"]
+    assert tracking.experiment_root == "/Shared/pipeline/feature-fx-spark"
+    local = build_resources(load_settings({"PIPELINE_HOME": str(tmp_path)}))["tracking"]
+    assert local.experiment_root == ""
