@@ -31,6 +31,7 @@ from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from pipeline.cli import ui_commands
+from pipeline.domain.landing import partition_key_of
 from pipeline.settings import ensure_dagster_home, load_settings
 from pipeline_tests.e2e.conftest import (
     ARTIFACTS,
@@ -56,7 +57,6 @@ CREDIBILITY_CHECKS = (
     "posterior_rhat_below_1_01",
 )
 CHALLENGER_CHECK = "challenger_beats_champion"
-BACKFILL_DATES = ("2026-09-01", "2026-09-14")  # the days `pipeline demo` delivers
 BACKFILL_SYMBOLS = ("EURUSD", "GBPUSD", "USDJPY")
 REGISTERED_MODEL = "fx_spread_eurusd"
 # Facets that make asset nodes taller without telling a README reader anything more
@@ -65,11 +65,25 @@ GRAPH_FACETS_OFF = ("Sync status tags", "Latest event", "Kind tag", "Automation"
 
 @dataclass(frozen=True)
 class Servers:
-    """URLs of the running UIs and a GraphQL client of the Dagster one."""
+    """URLs of the running UIs, a GraphQL client of the Dagster one, the demo's FX days."""
 
     dagster_url: str
     mlflow_url: str
     client: DagsterGraphQL
+    fx_days: tuple[str, str]  # first and last day the demo delivered (relative to its date)
+
+
+def delivered_fx_days(landing_dir: Path) -> tuple[str, str]:
+    """First and last day of the FX tick files in ``landing_dir``."""
+    folder = landing_dir / "fx_ticks"
+    days = sorted(
+        parsed[1]
+        for path in (folder.iterdir() if folder.is_dir() else [])
+        if (parsed := partition_key_of(path)) is not None and parsed[0] == "fx_ticks"
+    )
+    if not days:
+        raise FileNotFoundError(f"{folder} holds no FX tick files; run `pipeline demo` first")
+    return days[0], days[-1]
 
 
 def _mlflow_ready(url: str) -> bool | None:
@@ -116,7 +130,7 @@ def running_servers(home: Path, log_dir: Path) -> Iterator[Servers]:
         started = time.monotonic()
         wait_for(ready, timeout=START_TIMEOUT_S, interval=1.0, what="dagster dev and mlflow ui")
         print(f"servers ready in {time.monotonic() - started:.0f} s: {dagster_url} {mlflow_url}")
-        yield Servers(dagster_url, mlflow_url, client)
+        yield Servers(dagster_url, mlflow_url, client, delivered_fx_days(settings.landing_dir))
     finally:
         for proc in reversed(procs):
             stop_session(proc)
@@ -198,7 +212,8 @@ def backfill_by_date(page: Page, servers: Servers, out: Path) -> Path:
     """The Materialize dialog of ``fx_anomaly_scores``: a date range, every symbol."""
     dialog = _open_materialize_dialog(page, servers, ANOMALY_SCORES)
     dates = dialog.get_by_placeholder(re.compile("^ex: "))
-    dates.fill(f"[{BACKFILL_DATES[0]}...{BACKFILL_DATES[1]}]")
+    first, last = servers.fx_days
+    dates.fill(f"[{first}...{last}]")
     dates.press("Enter")
     dialog.get_by_role("button", name="All", exact=True).last.click()  # the symbol dimension
     expect(dialog.get_by_text(re.compile(r"^\d+ partitions selected$"))).to_be_visible()
