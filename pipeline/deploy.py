@@ -18,6 +18,7 @@ Experiments on a Databricks tracking server are named after the git branch: see
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -232,3 +233,80 @@ def deploy(
     workspace = WorkspaceClient(host=host, token=token, auth_type="pat")
     result["path"], result["uploaded"] = upload_wheel(workspace, wheel, root)
     return result
+
+
+POSTGRES_DAGSTER_YAML = """\
+# Dagster instance shared by more than one machine (webserver, daemon, run workers):
+# runs, event logs and schedules/sensors in PostgreSQL (dagster-postgres). The password
+# is read from the environment of each process, never written here.
+storage:
+  postgres:
+    postgres_db:
+      hostname: {hostname}
+      port: {port}
+      db_name: {db_name}
+      username: {username}
+      password:
+        env: {password_env}
+      # psycopg2 (dagster-postgres' driver): SQLAlchemy's default for `postgresql` is psycopg 3
+      scheme: postgresql+psycopg2
+run_monitoring:
+  enabled: true
+telemetry:
+  enabled: false
+"""
+
+
+def write_postgres_instance(
+    dagster_home: Path,
+    *,
+    hostname: str,
+    port: int,
+    db_name: str,
+    username: str,
+    password_env: str = "DAGSTER_PG_PASSWORD",  # noqa: S107  (a variable name, not a secret)
+) -> Path:
+    """Write the ``dagster.yaml`` of a Postgres-backed instance into ``dagster_home``."""
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    path = dagster_home / "dagster.yaml"
+    values = {"hostname": hostname, "db_name": db_name, "username": username}
+    for key, value in values.items():
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise DeployError(f"Postgres {key} {value!r} is not a plain name")
+    path.write_text(
+        POSTGRES_DAGSTER_YAML.format(**values, port=int(port), password_env=password_env)
+    )
+    return path
+
+
+def postgres_instance(dagster_home: Path) -> Any:
+    """The Dagster instance of ``dagster_home``, checked to keep everything in Postgres.
+
+    Raises
+    ------
+    DeployError
+        When its run, event log or schedule storage is not dagster-postgres.
+    """
+    import dagster as dg
+    from dagster_postgres import (
+        PostgresEventLogStorage,
+        PostgresRunStorage,
+        PostgresScheduleStorage,
+    )
+
+    instance = dg.DagsterInstance.from_config(str(dagster_home))
+    expected = {
+        "run": (instance.run_storage, PostgresRunStorage),
+        "event log": (instance.event_log_storage, PostgresEventLogStorage),
+        "schedule": (instance.schedule_storage, PostgresScheduleStorage),
+    }
+    wrong = [
+        f"{name} storage is {type(storage).__name__}"
+        for name, (storage, kind) in expected.items()
+        if not isinstance(getattr(storage, "_storage", storage), kind)
+        and not isinstance(storage, kind)
+    ]
+    if wrong:
+        instance.dispose()
+        raise DeployError(f"{dagster_home}/dagster.yaml: " + "; ".join(wrong))
+    return instance
