@@ -3,8 +3,17 @@
 How work is triggered, in one place:
 
 * **Landing sensors** (one per source) watch ``$PIPELINE_HOME/landing/<source>``.
-  A file is *new or changed* when its ``(mtime_ns, size)`` differs from what the
-  sensor's cursor remembers, and a run is requested only for the partition named
+  Every file there is either ingested or reported (a warning in the sensor log and
+  a row in ``ops/landing_rejects``: unknown name, partition outside the definition,
+  unreadable, abandoned temporary file). A file is ingested once *complete*: its
+  size and modification time stable for ``PIPELINE_LANDING_SETTLE_S``, a Parquet
+  footer in place, or an upstream ``<name>.done`` marker (the only signal with
+  ``PIPELINE_LANDING_COMPLETION=marker``). It is ingested again whenever its
+  *content* changes: a changed ``(mtime_ns, size)`` makes the sensor read and hash
+  the file, and the run key and the "already ingested" test use the hash (bronze
+  records the hashes it read), so a corrected re-delivery that keeps an older
+  modification time (``cp -p``) is ingested, and a file that changed while its run
+  was reading it is ingested again. A run is requested only for the partition named
   in the file name. Claims and loan files share a partitions definition with
   their curated table, so one run ingests bronze and publishes curated, with the
   checks in between. FX tick files register their symbols as dynamic partitions
@@ -14,7 +23,9 @@ How work is triggered, in one place:
   has been materialised *and its blocking checks passed in that run*, it requests
   each ``(symbol, date)`` partition of ``curated/fx_spreads`` present in that day.
   Requesting both from the landing sensor would race (the curated run can start
-  before bronze is written) and would bypass the bronze gate.
+  before bronze is written) and would bypass the bronze gate. A bronze run that
+  never finishes (its process died) is waited for only up to its max runtime;
+  run monitoring (``dagster.yaml``) marks it failed and run retries relaunch it.
 * **automation** is the declarative-automation sensor: it evaluates every asset's
   ``automation_condition`` (e.g. :func:`gated_eager` on model assets).
 * **Schedules**: the credibility model monthly (for the month that closed), FX
@@ -30,9 +41,11 @@ starting the UI after ``make demo`` does not redo the demo's work.
 import datetime as dt
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import polars as pl
 from dagster import (
     AssetKey,
     AssetRecordsFilter,
@@ -58,14 +71,21 @@ from dagster import (
 from pipeline import keys
 from pipeline.dagster_private import latest_check_records
 from pipeline.domain.contracts import try_normalise_symbol
-from pipeline.domain.landing import LandingFileError
+from pipeline.domain.landing import (
+    COMPLETION_MARKER,
+    LandingFileError,
+    is_settled,
+    landing_name_problem,
+    parquet_footer_intact,
+    parse_as_text,
+)
 from pipeline.gates import check_record_failures
 from pipeline.partitions import symbol_date_key, symbol_partitions
 from pipeline.policies import INGEST_RUN_CONFIG
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.landing import LandingFile, LandingResource
-from pipeline.settings import SettingsError
-from pipeline.stores.sources import SOURCES, bronze_symbols
+from pipeline.settings import SettingsError, get_settings
+from pipeline.stores.sources import LANDING_HASHES_METADATA, SOURCES, bronze_symbols
 
 # --- knobs ---------------------------------------------------------------------------
 
@@ -94,17 +114,68 @@ def sensor_interval_seconds(environ: Mapping[str, str] | None = None) -> int:
     return int(raw)
 
 
-# --- landing sensors -----------------------------------------------------------------
+MAX_RUNTIME_TAG = "dagster/max_runtime"
+"""Run tag read by Dagster's run monitoring: a run older than this many seconds is failed."""
 
-FileSignature = tuple[int, int]
+
+def ingest_max_runtime_seconds() -> int:
+    """Max runtime of a sensor-launched ingest run (``PIPELINE_INGEST_MAX_RUNTIME_S``).
+
+    Set as the ``dagster/max_runtime`` tag of every ingest run: run monitoring fails a
+    run whose process died once it is this old, and :func:`bronze_gate_status` stops
+    waiting for it.
+    """
+    return get_settings().ingest_max_runtime_s
+
+
+# --- landing sensors -----------------------------------------------------------------
 
 
 class SensorCursorError(ValueError):
     """A sensor cursor cannot be decoded (written by an incompatible version)."""
 
 
-def decode_file_cursor(cursor: str | None) -> dict[str, FileSignature]:
-    """Decode a landing cursor: file name -> ``(mtime_ns, size)``.
+WAITING, DONE, REJECTED, OUTSIDE = "waiting", "done", "rejected", "outside"
+"""What a landing sensor remembers of a file: not complete yet; ingested or requested;
+reported as a reject; named a partition that does not exist (re-checked every tick)."""
+
+ABANDONED_TEMPORARY_S = 24 * 3600
+"""A hidden temporary file (``.name.tmp``) untouched for this long is reported."""
+
+REJECTS_TABLE = "landing_rejects"
+"""``ops/landing_rejects``: every landing file the platform cannot place, and why."""
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What a landing sensor remembers about one file between ticks.
+
+    Attributes
+    ----------
+    first_seen_s
+        Sensor time (epoch seconds) when this ``(mtime_ns, size)`` was first seen:
+        the start of the settle interval.
+    sha256
+        Content hash once the file was complete and read.
+    """
+
+    mtime_ns: int
+    size: int
+    first_seen_s: float
+    status: str
+    sha256: str | None = None
+
+    @property
+    def signature(self) -> tuple[int, int]:
+        """``(mtime_ns, size)``: what tells the sensor to look at the content again."""
+        return self.mtime_ns, self.size
+
+
+def decode_file_cursor(cursor: str | None) -> dict[str, FileState]:
+    """Decode a landing cursor: file name -> :class:`FileState`.
+
+    Cursors of the previous version (``name -> [mtime_ns, size]``) decode as files
+    already handled, so an upgrade does not ingest everything again.
 
     Raises
     ------
@@ -115,65 +186,196 @@ def decode_file_cursor(cursor: str | None) -> dict[str, FileSignature]:
         return {}
     try:
         raw = json.loads(cursor)
-        return {str(name): (int(sig[0]), int(sig[1])) for name, sig in raw.items()}
+        decoded = {}
+        for name, value in raw.items():
+            if len(value) == 2:
+                decoded[str(name)] = FileState(int(value[0]), int(value[1]), 0.0, DONE)
+                continue
+            mtime_ns, size, first_seen, status, sha = value
+            if status not in (WAITING, DONE, REJECTED, OUTSIDE):
+                raise ValueError(f"unknown status {status!r}")
+            decoded[str(name)] = FileState(int(mtime_ns), int(size), float(first_seen), status, sha)
+        return decoded
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise SensorCursorError(
             f"landing sensor cursor {cursor[:200]!r} is not a JSON object of "
-            f"file name -> [mtime_ns, size]; reset the cursor in the UI"
+            f"file name -> [mtime_ns, size, first_seen_s, status, sha256]; reset the cursor "
+            f"in the UI"
         ) from exc
 
 
-def encode_file_cursor(files: Mapping[str, FileSignature]) -> str:
+def encode_file_cursor(files: Mapping[str, FileState]) -> str:
     """Encode a landing cursor deterministically (sorted keys, no spaces)."""
     return json.dumps(
-        {name: list(sig) for name, sig in sorted(files.items())}, separators=(",", ":")
+        {
+            name: [s.mtime_ns, s.size, round(s.first_seen_s, 3), s.status, s.sha256]
+            for name, s in sorted(files.items())
+        },
+        separators=(",", ":"),
     )
 
 
-def scan_landing(landing: LandingResource, source: str) -> dict[str, LandingFile]:
-    """The delivered files of ``source``, by name.
+@dataclass(frozen=True)
+class Observation:
+    """One file as a landing sensor tick sees it.
 
-    Only names that name a partition of ``source``
-    (:func:`~pipeline.domain.landing.partition_key_of`) count, so temporary
-    ``.name.tmp`` files of a drop in progress and stray files are never ingested.
+    Attributes
+    ----------
+    state
+        What to remember (``None``: nothing, e.g. a marker beside its file).
+    reject
+        Why the file is reported, when it is newly reported.
+    frame
+        The file read as text, when it is newly complete and readable.
     """
-    return {f.name: f for f in landing.files(source) if f.partition_key is not None}
+
+    state: FileState | None
+    reject: str | None = None
+    frame: pl.DataFrame | None = None
 
 
-def landing_run_key(source: str, partition_key: str, files: Mapping[str, FileSignature]) -> str:
-    """Run key of one ingestion: the source, partition and every changed file's signature.
+def observe_file(
+    landing: LandingResource,
+    target: "LandingTarget",
+    file: LandingFile,
+    previous: FileState | None,
+    names: set[str],
+    now_s: float,
+) -> Observation:
+    """Decide what one tick does with one landing file.
 
-    The same delivery always yields the same key, so Dagster itself drops a
-    duplicate request even if a cursor is lost or reset.
+    A file is read (and hashed) only when its size or modification time changed
+    since the last tick, or while it is not complete yet: hashing costs a full read.
     """
-    parts = [f"{name}@{mtime}:{size}" for name, (mtime, size) in sorted(files.items())]
-    return f"{source}:{partition_key}:" + "+".join(parts)
+    mode, settle_s = landing.completion_policy()
+    same = previous is not None and previous.signature == (file.mtime_ns, file.size)
+    first_seen = previous.first_seen_s if same and previous else now_s
+
+    def state(status: str, sha256: str | None = None) -> FileState:
+        return FileState(file.mtime_ns, file.size, first_seen, status, sha256)
+
+    if same and previous and previous.status in (DONE, REJECTED):
+        return Observation(previous)
+    if file.is_marker:
+        if file.name.removesuffix(COMPLETION_MARKER) in names:
+            return Observation(None)
+        return Observation(state(REJECTED), "incomplete: completion marker without its file")
+    if file.is_temporary:
+        if now_s - file.mtime_ns / 1e9 < ABANDONED_TEMPORARY_S:
+            return Observation(None)  # a drop still being written under a temporary name
+        hours = ABANDONED_TEMPORARY_S // 3600
+        return Observation(state(REJECTED), f"incomplete: temporary file untouched for {hours} h")
+    problem = landing_name_problem(target.source, file.name)
+    if problem:
+        return Observation(state(REJECTED), f"unknown name: {problem}")
+    partition_key = file.partition_key or ""
+    if not target.partitions_def.has_partition_key(partition_key):
+        if same and previous and previous.status == OUTSIDE:
+            return Observation(previous)  # reported once; placed once the partition exists
+        return Observation(
+            state(OUTSIDE),
+            f"partition outside the definition: {partition_key!r} is not a partition of "
+            f"{target.bronze.to_user_string()} (not ingested until it is)",
+        )
+    payload = None
+    complete = f"{file.name}{COMPLETION_MARKER}" in names or (
+        mode == "settle"
+        and is_settled(
+            first_seen_s=first_seen, mtime_ns=file.mtime_ns, now_s=now_s, settle_s=settle_s
+        )
+    )
+    if not complete and mode == "settle" and file.name.endswith(".parquet"):
+        payload = landing.read_bytes(file.relative)
+        complete = parquet_footer_intact(payload)
+    if not complete:
+        return Observation(state(WAITING))
+    try:
+        payload = landing.read_bytes(file.relative) if payload is None else payload
+        frame = parse_as_text(landing.uri(file.relative), payload)
+    except LandingFileError as exc:
+        return Observation(state(REJECTED), f"unreadable: {exc}")
+    return Observation(state(DONE, landing.sha256(payload)), frame=frame)
+
+
+def record_rejects(
+    context: SensorEvaluationContext,
+    lake: LakeResource,
+    source: str,
+    rejects: Mapping[LandingFile, str],
+) -> None:
+    """Log each rejected file and append it to ``ops/landing_rejects``."""
+    if not rejects:
+        return
+    detected_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    for file, reason in rejects.items():
+        context.log.warning(f"landing/{file.relative} is not ingested: {reason}")
+    lake.append(
+        "ops",
+        REJECTS_TABLE,
+        pl.DataFrame(
+            {
+                "file": [f.relative for f in rejects],
+                "source": [source] * len(rejects),
+                "reason": list(rejects.values()),
+                "detected_at": [detected_at] * len(rejects),
+                "size": [f.size for f in rejects],
+                "mtime_ns": [f.mtime_ns for f in rejects],
+            },
+            schema={
+                "file": pl.String,
+                "source": pl.String,
+                "reason": pl.String,
+                "detected_at": pl.Datetime("us"),
+                "size": pl.Int64,
+                "mtime_ns": pl.Int64,
+            },
+        ),
+    )
+
+
+def ingested_hashes(record: EventLogRecord | None) -> dict[str, str]:
+    """File -> content hash a bronze materialisation read (empty when unknown)."""
+    if record is None or record.asset_materialization is None:
+        return {}
+    value = record.asset_materialization.metadata.get(LANDING_HASHES_METADATA)
+    if value is None:
+        return {}
+    try:
+        return {str(k): str(v) for k, v in json.loads(str(value.value)).items()}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def landing_run_key(
+    source: str, partition_key: str, files: Mapping[str, FileState], after: int
+) -> str:
+    """Run key of one ingestion: source, partition, every changed file's content hash.
+
+    ``after`` is the storage id of the bronze materialisation being superseded
+    (0 for none): the same delivery over the same bronze state always yields the
+    same key, so Dagster drops a duplicate request even if the cursor is lost,
+    while content that comes back after another delivery is a new key.
+    """
+    parts = [f"{name}#{(state.sha256 or '')[:16]}" for name, state in sorted(files.items())]
+    return f"{source}:{partition_key}:" + "+".join(parts) + f":after@{after}"
 
 
 def read_landing_symbols(landing: LandingResource, file: LandingFile) -> list[str]:
     """Distinct raw ``symbol`` values of one FX tick file."""
-    frame = landing.read_as_text(file)
-    if "symbol" not in frame.columns:
-        raise LandingFileError(f"{file.relative}: no symbol column")
-    return sorted({str(v) for v in frame["symbol"].drop_nulls().unique().to_list()})
+    return symbols_of(landing.read_as_text(file), file.relative)
 
 
-def _symbols_or_log(
-    context: SensorEvaluationContext, landing: LandingResource, file: LandingFile
-) -> list[str]:
-    """Raw symbols of a tick file; an unreadable file is logged and ingested anyway.
+def symbols_of(frame: pl.DataFrame, relative: str) -> list[str]:
+    """Distinct raw ``symbol`` values of one FX tick file read as text.
 
-    The bronze run still goes ahead: it fails with the file and the problem in
-    its message, visible in the UI, instead of every sensor tick erroring.
+    Raises
+    ------
+    LandingFileError
+        When the file has no ``symbol`` column.
     """
-    try:
-        return read_landing_symbols(landing, file)
-    except LandingFileError as exc:
-        context.log.warning(
-            f"fx_ticks: cannot read the symbols of {file.name} ({exc}); "
-            "its bronze run will report the problem"
-        )
-        return []
+    if "symbol" not in frame.columns:
+        raise LandingFileError(f"{relative}: no symbol column")
+    return sorted({str(v) for v in frame["symbol"].drop_nulls().unique().to_list()})
 
 
 def normalise_symbols(raw: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -233,49 +435,77 @@ LANDING_TARGETS = {
 
 
 def evaluate_landing(
-    context: SensorEvaluationContext, landing: LandingResource, target: LandingTarget
+    context: SensorEvaluationContext,
+    landing: LandingResource,
+    lake: LakeResource,
+    target: LandingTarget,
+    *,
+    now_s: float | None = None,
 ) -> SensorResult:
-    """One evaluation of a landing sensor (see :func:`build_landing_sensor`)."""
-    seen = decode_file_cursor(context.cursor)
-    found = scan_landing(landing, target.source)
-    current = {name: (f.mtime_ns, f.size) for name, f in found.items()}
-    changed = {name: sig for name, sig in current.items() if seen.get(name) != sig}
-    next_cursor = dict(current)
+    """One evaluation of a landing sensor (see :func:`build_landing_sensor`).
 
-    by_partition: dict[str, dict[str, FileSignature]] = {}
-    for name, sig in sorted(changed.items()):
-        partition_key = found[name].partition_key or ""
-        if not target.partitions_def.has_partition_key(partition_key):
-            # Not remembered: once the partition exists (a future date), it is picked up.
-            context.log.warning(
-                f"{target.source}: {name} names partition {partition_key!r}, which is not a "
-                f"partition of {target.bronze.to_user_string()}; not ingested yet"
-            )
-            next_cursor.pop(name)
+    Parameters
+    ----------
+    now_s
+        The sensor's clock (epoch seconds); tests pass one to step through a
+        settle interval without waiting.
+    """
+    now_s = time.time() if now_s is None else now_s
+    seen = decode_file_cursor(context.cursor)
+    files = landing.files(target.source)
+    names = {f.name for f in files}
+    next_cursor: dict[str, FileState] = {}
+    rejects: dict[LandingFile, str] = {}
+    by_partition: dict[str, dict[str, FileState]] = {}
+    frames: dict[str, pl.DataFrame] = {}
+    for file in files:
+        seen_before = seen.get(file.name)
+        observed = observe_file(landing, target, file, seen_before, names, now_s)
+        if observed.state is None:
             continue
-        by_partition.setdefault(partition_key, {})[name] = sig
+        next_cursor[file.name] = observed.state
+        if observed.reject:
+            rejects[file] = observed.reject
+        if observed.state.status == WAITING and (
+            seen_before is None or seen_before.signature != observed.state.signature
+        ):
+            context.log.info(f"landing/{file.relative}: waiting until it is complete")
+        if observed.frame is not None:
+            by_partition.setdefault(file.partition_key or "", {})[file.name] = observed.state
+            frames[file.name] = observed.frame
+    record_rejects(context, lake, target.source, rejects)
 
     run_requests: list[RunRequest] = []
     raw_symbols: set[str] = set()
-    for partition_key, files in sorted(by_partition.items()):
-        newest_ns = max(mtime for mtime, _ in files.values())
+    for partition_key, changed in sorted(by_partition.items()):
         ingested = latest_materialization(context.instance, target.bronze, partition_key)
-        if ingested is not None and ingested.timestamp * 1e9 > newest_ns:
+        read = ingested_hashes(ingested)
+        if ingested is not None and all(
+            read.get(f"{target.source}/{name}") == state.sha256 for name, state in changed.items()
+        ):
             context.log.info(
-                f"{target.source} {partition_key}: already ingested by run {ingested.run_id} "
-                f"after {', '.join(sorted(files))} last changed"
+                f"{target.source} {partition_key}: {', '.join(sorted(changed))} already "
+                f"ingested with this content by run {ingested.run_id}"
             )
             continue
         if target.source == "fx_ticks":
-            for name in files:
-                raw_symbols.update(_symbols_or_log(context, landing, found[name]))
+            for name in changed:
+                try:
+                    raw_symbols.update(symbols_of(frames[name], f"fx_ticks/{name}"))
+                except LandingFileError as exc:
+                    context.log.warning(f"fx_ticks: {exc}; its bronze run will report it")
         run_requests.append(
             RunRequest(
-                run_key=landing_run_key(target.source, partition_key, files),
+                run_key=landing_run_key(
+                    target.source, partition_key, changed, ingested.storage_id if ingested else 0
+                ),
                 asset_selection=target.assets,
                 partition_key=partition_key,
                 run_config=INGEST_RUN_CONFIG,
-                tags={"pipeline/trigger": f"landing:{target.source}"},
+                tags={
+                    "pipeline/trigger": f"landing:{target.source}",
+                    MAX_RUNTIME_TAG: str(ingest_max_runtime_seconds()),
+                },
             )
         )
 
@@ -296,7 +526,7 @@ def evaluate_landing(
     cursor = encode_file_cursor(next_cursor)
     if not run_requests and not partition_requests:
         return SensorResult(
-            skip_reason=SkipReason(f"no new or changed {target.source} files to ingest"),
+            skip_reason=SkipReason(f"no new or changed complete {target.source} files to ingest"),
             cursor=cursor,
         )
     return SensorResult(
@@ -309,8 +539,9 @@ def evaluate_landing(
 def build_landing_sensor(target: LandingTarget, interval_s: int) -> SensorDefinition:
     """A cursor-based sensor over one landing folder.
 
-    Each new or changed file requests one run of its partition, keyed by
-    :func:`landing_run_key`. Re-evaluating with the same cursor requests nothing.
+    Each new or changed file, once complete, requests one run of its partition,
+    keyed by :func:`landing_run_key`; every file it cannot place is reported.
+    Re-evaluating with the same cursor requests nothing.
     """
 
     @sensor(
@@ -319,24 +550,44 @@ def build_landing_sensor(target: LandingTarget, interval_s: int) -> SensorDefini
         minimum_interval_seconds=interval_s,
         default_status=DefaultSensorStatus.RUNNING,
         description=(
-            f"Ingests new or changed files under landing/{target.source}: "
+            f"Ingests new or changed complete files under landing/{target.source}: "
             + ", ".join(k.to_user_string() for k in target.assets)
-            + " for the partition named in the file name."
+            + " for the partition named in the file name; reports any other file in "
+            "ops/landing_rejects."
         ),
     )
-    def landing_sensor(context: SensorEvaluationContext, landing: LandingResource) -> SensorResult:
-        return evaluate_landing(context, landing, target)
+    def landing_sensor(
+        context: SensorEvaluationContext, landing: LandingResource, lake: LakeResource
+    ) -> SensorResult:
+        return evaluate_landing(context, landing, lake, target)
 
     return landing_sensor
 
 
 # --- fx_spreads follows bronze FX days ----------------------------------------------
 
+RUN_MONITORING_GRACE_S = 60
+"""Slack beyond a run's max runtime: two polls of run monitoring (every 30 s)."""
+
+
+def run_max_runtime(tags: Mapping[str, str]) -> int:
+    """Max runtime of a run in seconds: its ``dagster/max_runtime`` tag, else the ingest bound."""
+    raw = tags.get(MAX_RUNTIME_TAG, "")
+    try:
+        return int(float(raw))
+    except ValueError:
+        return ingest_max_runtime_seconds()
+
+
 BRONZE_FX_GATE = (keys.CHECK_FILE_SCHEMA,)
 
 
 def bronze_gate_status(
-    instance: DagsterInstance, record: EventLogRecord, check_names: Iterable[str]
+    instance: DagsterInstance,
+    record: EventLogRecord,
+    check_names: Iterable[str],
+    *,
+    now_s: float | None = None,
 ) -> tuple[str, str]:
     """Whether the blocking checks passed on the run that wrote ``record``.
 
@@ -346,6 +597,16 @@ def bronze_gate_status(
     evaluations made in that run: a pass left by an earlier delivery must not
     open the gate for a new one.
 
+    A run that never finishes (its process was killed after the materialisation)
+    is not waited for forever: once it is older than its max runtime (the
+    ``dagster/max_runtime`` tag, else ``PIPELINE_INGEST_MAX_RUNTIME_S``) plus one
+    run-monitoring poll, it counts as failed, as run monitoring will mark it.
+
+    Parameters
+    ----------
+    now_s
+        Clock of the evaluation (epoch seconds); tests pass one.
+
     Returns
     -------
     tuple of (status, reason)
@@ -353,8 +614,18 @@ def bronze_gate_status(
         going, so its checks may not have been evaluated yet).
     """
     partition_key = str(record.partition_key)
-    run = instance.get_run_by_id(record.run_id)
+    run_record = instance.get_run_record_by_id(record.run_id)
+    run = run_record.dagster_run if run_record is not None else None
     if run is not None and not run.is_finished:
+        started = run_record.start_time or run_record.create_timestamp.timestamp()
+        age = (time.time() if now_s is None else now_s) - started
+        bound = run_max_runtime(run.tags)
+        if age > bound + RUN_MONITORING_GRACE_S:
+            return "failed", (
+                f"run {record.run_id} that wrote {partition_key} is still {run.status.value} "
+                f"after {age:.0f} s, beyond its max runtime of {bound} s: its process is taken "
+                "as dead (run monitoring marks it failed); the day waits for a new ingestion"
+            )
         return "pending", f"run {record.run_id} that wrote {partition_key} is {run.status.value}"
     check_names = tuple(check_names)
     check_keys = [keys.check_key(keys.BRONZE_FX_TICKS, name) for name in check_names]
@@ -412,7 +683,10 @@ def evaluate_fx_spreads(context: SensorEvaluationContext, lake: LakeResource) ->
                     asset_selection=[keys.FX_SPREADS],
                     partition_key=partition_key,
                     run_config=INGEST_RUN_CONFIG,
-                    tags={"pipeline/trigger": "bronze:fx_ticks"},
+                    tags={
+                        "pipeline/trigger": "bronze:fx_ticks",
+                        MAX_RUNTIME_TAG: str(ingest_max_runtime_seconds()),
+                    },
                 )
             )
     known = set(context.instance.get_dynamic_partitions(symbol_partitions.name))

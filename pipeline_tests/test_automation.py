@@ -6,7 +6,10 @@ and the new cursor of one evaluation with ``build_sensor_context``.
 """
 
 import datetime as dt
+import hashlib
+import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,7 @@ T0 = 1_790_000_000_000_000_000  # 2026-09-21T21:33:20Z in ns
 T1 = T0 + 3_600 * 10**9
 ROWS_A = "policy_id,district\nP1,D001\n"
 ROWS_B = "policy_id,district\nP1,D001\nP2,D002\n"
+ROWS_C = "policy_id,district\nP1,D009\n"  # same size as ROWS_A, other content
 
 
 def _sensor(name: str) -> dg.SensorDefinition:
@@ -41,54 +45,88 @@ def _write(folder: Path, name: str, content: str, mtime_ns: int) -> None:
     os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
-def _evaluate(sensor_name: str, landing_root: Path, cursor: str | None, instance=None):
+def _sha(content: str) -> str:
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def _resources(landing_root: Path, *, settle_s: int = 0, completion: str = "settle") -> dict:
+    return {
+        "landing": LandingResource(
+            path=str(landing_root), settle_s=settle_s, completion=completion
+        ),
+        "lake": LakeResource(root_uri=str(landing_root.parent / "lake"), service_timeout_s=30),
+    }
+
+
+def _evaluate(
+    sensor_name: str,
+    landing_root: Path,
+    cursor: str | None,
+    instance=None,
+    *,
+    now_s: float | None = None,
+    **policy,
+) -> dg.SensorResult:
+    """One evaluation, through the sensor definition or, given ``now_s``, its function."""
     instance = instance or dg.DagsterInstance.ephemeral()
-    context = dg.build_sensor_context(
-        cursor=cursor,
-        instance=instance,
-        resources={"landing": LandingResource(path=str(landing_root))},
+    resources = _resources(landing_root, **policy)
+    context = dg.build_sensor_context(cursor=cursor, instance=instance, resources=resources)
+    if now_s is None:
+        return _sensor(sensor_name)(context)
+    target = automation.LANDING_TARGETS[sensor_name.removesuffix("_landing")]
+    return automation.evaluate_landing(
+        context, resources["landing"], resources["lake"], target, now_s=now_s
     )
-    return _sensor(sensor_name)(context)
+
+
+def _rejects(landing_root: Path) -> list[tuple[str, str]]:
+    lake = LakeResource(root_uri=str(landing_root.parent / "lake"))
+    rows = lake.read("ops", automation.REJECTS_TABLE)
+    return sorted(rows.select("file", "reason").rows()) if rows.height else []
+
+
+def _done(content: str, mtime_ns: int) -> automation.FileState:
+    return automation.FileState(mtime_ns, len(content), 0.0, automation.DONE, _sha(content))
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """One landing-folder state, one cursor, what one evaluation must request."""
+    """One landing-folder state, one cursor, what one evaluation must request and report."""
 
     files: dict[str, tuple[str, int]]  # name -> (content, mtime_ns)
-    cursor: dict[str, tuple[int, int]] | None
+    cursor: dict[str, automation.FileState] | None
     requested: dict[str, list[str]]  # partition -> files in the run key
     remembered: list[str] = field(default_factory=list)  # file names in the new cursor
+    rejected: dict[str, str] = field(default_factory=dict)  # file -> start of the reason
 
 
-SIG_A = (T0, len(ROWS_A))
 CLAIMS_SCENARIOS = {
     "empty folder requests nothing": Scenario({}, None, {}, []),
     "new file requests its partition": Scenario(
         {"claims_2026-07.csv": (ROWS_A, T0)},
         None,
-        {"2026-07": [f"claims_2026-07.csv@{T0}:{len(ROWS_A)}"]},
+        {"2026-07": ["claims_2026-07.csv"]},
         ["claims_2026-07.csv"],
     ),
     "same cursor again requests nothing": Scenario(
         {"claims_2026-07.csv": (ROWS_A, T0)},
-        {"claims_2026-07.csv": SIG_A},
+        {"claims_2026-07.csv": _done(ROWS_A, T0)},
         {},
         ["claims_2026-07.csv"],
     ),
-    "new mtime re-requests": Scenario(
-        {"claims_2026-07.csv": (ROWS_A, T1)},
-        {"claims_2026-07.csv": SIG_A},
-        {"2026-07": [f"claims_2026-07.csv@{T1}:{len(ROWS_A)}"]},
+    "new content with an older mtime (cp -p) re-requests": Scenario(
+        {"claims_2026-07.csv": (ROWS_C, T0 - 10**9)},
+        {"claims_2026-07.csv": _done(ROWS_A, T0)},
+        {"2026-07": ["claims_2026-07.csv"]},
         ["claims_2026-07.csv"],
     ),
     "new size with same mtime re-requests": Scenario(
         {"claims_2026-07.csv": (ROWS_B, T0)},
-        {"claims_2026-07.csv": SIG_A},
-        {"2026-07": [f"claims_2026-07.csv@{T0}:{len(ROWS_B)}"]},
+        {"claims_2026-07.csv": _done(ROWS_A, T0)},
+        {"2026-07": ["claims_2026-07.csv"]},
         ["claims_2026-07.csv"],
     ),
-    "temp, stray and foreign files are ignored": Scenario(
+    "stray, foreign and abandoned temporary files are reported, not ingested": Scenario(
         {
             ".claims_2026-08.csv.tmp": (ROWS_A, T0),
             "claims_notes.txt": (ROWS_A, T0),
@@ -96,96 +134,285 @@ CLAIMS_SCENARIOS = {
         },
         None,
         {},
-        [],
+        [".claims_2026-08.csv.tmp", "claims_notes.txt", "fx_ticks_2026-09-01.csv"],
+        {
+            "claims/.claims_2026-08.csv.tmp": "incomplete: temporary file untouched for 24 h",
+            "claims/claims_notes.txt": "unknown name: extension '.txt' is not .csv or .parquet",
+            "claims/fx_ticks_2026-09-01.csv": "unknown name: names source 'fx_ticks'",
+        },
     ),
     "a resend of one partition is one run": Scenario(
         {"claims_2026-07.csv": (ROWS_A, T0), "claims_2026-07_resend.csv": (ROWS_B, T1)},
-        {"claims_2026-07.csv": SIG_A},
-        {"2026-07": [f"claims_2026-07_resend.csv@{T1}:{len(ROWS_B)}"]},
+        {"claims_2026-07.csv": _done(ROWS_A, T0)},
+        {"2026-07": ["claims_2026-07_resend.csv"]},
         ["claims_2026-07.csv", "claims_2026-07_resend.csv"],
     ),
     "two partitions are two runs": Scenario(
-        {"claims_2026-07.csv": (ROWS_A, T0), "claims_2026-08.parquet": (ROWS_B, T0)},
+        {"claims_2026-07.csv": (ROWS_A, T0), "claims_2026-08.parquet": ("", T0)},
         None,
-        {
-            "2026-07": [f"claims_2026-07.csv@{T0}:{len(ROWS_A)}"],
-            "2026-08": [f"claims_2026-08.parquet@{T0}:{len(ROWS_B)}"],
-        },
+        {"2026-07": ["claims_2026-07.csv"]},
         ["claims_2026-07.csv", "claims_2026-08.parquet"],
+        {"claims/claims_2026-08.parquet": "unreadable: "},
     ),
-    "a month outside the partitions is not ingested nor remembered": Scenario(
-        {"claims_2025-12.csv": (ROWS_A, T0)}, None, {}, []
+    "a month outside the partitions is reported and remembered": Scenario(
+        {"claims_2025-12.csv": (ROWS_A, T0)},
+        None,
+        {},
+        ["claims_2025-12.csv"],
+        {"claims/claims_2025-12.csv": "partition outside the definition: '2025-12'"},
     ),
-    "a deleted file leaves the cursor": Scenario({}, {"claims_2026-07.csv": SIG_A}, {}, []),
+    "a deleted file leaves the cursor": Scenario(
+        {}, {"claims_2026-07.csv": _done(ROWS_A, T0)}, {}, []
+    ),
 }
 
 
 @pytest.mark.parametrize("scenario", CLAIMS_SCENARIOS.values(), ids=CLAIMS_SCENARIOS.keys())
 def test_claims_landing_sensor(tmp_path: Path, scenario: Scenario) -> None:
+    landing = tmp_path / "landing"
     for name, (content, mtime) in scenario.files.items():
-        _write(tmp_path / "claims", name, content, mtime)
+        _write(landing / "claims", name, content, mtime)
     cursor = None if scenario.cursor is None else encode_file_cursor(scenario.cursor)
 
-    result = _evaluate("claims_landing", tmp_path, cursor)
+    result = _evaluate("claims_landing", landing, cursor)
 
     got = {r.partition_key: r.run_key for r in result.run_requests or []}
-    expected = {pk: f"claims:{pk}:" + "+".join(files) for pk, files in scenario.requested.items()}
+    expected = {
+        pk: f"claims:{pk}:"
+        + "+".join(f"{n}#{_sha(scenario.files[n][0])[:16]}" for n in names)
+        + ":after@0"
+        for pk, names in scenario.requested.items()
+    }
     assert got == expected
     for request in result.run_requests or []:
         assert request.asset_selection == [keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT]
         assert request.run_config == automation.INGEST_RUN_CONFIG
+        assert request.tags[automation.MAX_RUNTIME_TAG] == str(
+            automation.ingest_max_runtime_seconds()
+        )
     assert sorted(decode_file_cursor(result.cursor)) == scenario.remembered
+    rejects = _rejects(landing)
+    assert [f for f, _ in rejects] == sorted(scenario.rejected)
+    for file, reason in rejects:
+        assert reason.startswith(scenario.rejected[file]), reason
     if not scenario.requested:
         assert result.skip_reason is not None
 
 
-def test_ingest_runs_execute_in_process() -> None:
-    from pipeline.definitions import defs
+NEAR_MISSES = {
+    "claims-2026-07.csv": "the separator after 'claims' must be '_'",
+    "claims.2026-07.csv": "the separator after 'claims' must be '_'",
+    "claims_2026-07.CSV": "extension '.CSV' must be lower-case .csv or .parquet",
+    "claims_2026-07.csv.gz": "compressed (.gz): deliver uncompressed .csv or .parquet",
+    "claims_2026-07.zip": "compressed (.zip)",
+    "claims_202607.csv": "no YYYY-MM date right after 'claims_'",
+    "claims_07-2026.csv": "no YYYY-MM date right after 'claims_'",
+    "claims_2026_07.csv": "no YYYY-MM date right after 'claims_'",
+    "Claims_2026-07.csv": "must start with 'claims_' in lower case",
+    "payments_2026-07.csv": "does not start with 'claims_'",
+    "claims_2026-07-01.csv": "partition outside the definition: '2026-07-01'",
+}
 
-    job = defs.resolve_implicit_global_asset_job_def()
-    resolved = dg.validate_run_config(job, automation.INGEST_RUN_CONFIG)
-    assert list(resolved["execution"]["multi_or_in_process_executor"]) == ["in_process"]
+
+def test_near_miss_names_are_reported_once_with_what_is_wrong(tmp_path: Path) -> None:
+    landing = tmp_path / "landing"
+    for name in NEAR_MISSES:
+        _write(landing / "claims", name, ROWS_A, T0)
+
+    first = _evaluate("claims_landing", landing, None)
+
+    assert not first.run_requests
+    rows = dict(_rejects(landing))
+    assert sorted(rows) == sorted(f"claims/{n}" for n in NEAR_MISSES)
+    for name, problem in NEAR_MISSES.items():
+        assert problem in rows[f"claims/{name}"], rows[f"claims/{name}"]
+        if "outside" not in problem:
+            assert "expected claims_<YYYY-MM>[_suffix].csv|parquet" in rows[f"claims/{name}"]
+    stored = LakeResource(root_uri=str(tmp_path / "lake")).read("ops", automation.REJECTS_TABLE)
+    assert set(stored["source"]) == {"claims"}
+    assert stored["detected_at"].null_count() == 0
+    assert stored["size"].to_list() == [len(ROWS_A)] * len(NEAR_MISSES)
+
+    # reported once: the next tick remembers them and reports nothing new
+    again = _evaluate("claims_landing", landing, first.cursor)
+    assert not again.run_requests
+    assert len(_rejects(landing)) == len(NEAR_MISSES)
+
+
+def test_a_file_written_in_place_waits_for_the_settle_interval(tmp_path: Path) -> None:
+    landing = tmp_path / "landing"
+    now = time.time()
+    _write(landing / "claims", "claims_2026-07.csv", ROWS_A, int(now * 1e9))
+
+    early = _evaluate("claims_landing", landing, None, now_s=now + 1, settle_s=30)
+    assert not early.run_requests
+    assert decode_file_cursor(early.cursor)["claims_2026-07.csv"].status == automation.WAITING
+
+    # the writer appends more rows: the settle interval starts again
+    _write(landing / "claims", "claims_2026-07.csv", ROWS_B, int((now + 10) * 1e9))
+    growing = _evaluate("claims_landing", landing, early.cursor, now_s=now + 31, settle_s=30)
+    assert not growing.run_requests
+    state = decode_file_cursor(growing.cursor)["claims_2026-07.csv"]
+    assert (state.status, state.first_seen_s) == (automation.WAITING, pytest.approx(now + 31))
+
+    settled = _evaluate("claims_landing", landing, growing.cursor, now_s=now + 62, settle_s=30)
+    assert [r.partition_key for r in settled.run_requests] == ["2026-07"]
+    assert _sha(ROWS_B)[:16] in settled.run_requests[0].run_key
+    assert _rejects(landing) == []
+
+
+def test_a_parquet_file_is_complete_once_its_footer_is_written(tmp_path: Path) -> None:
+    landing = tmp_path / "landing"
+    folder = landing / "loan_book"
+    folder.mkdir(parents=True)
+    whole = tmp_path / "whole.parquet"
+    pl.DataFrame({"loan_id": [f"L{i}" for i in range(200)]}).write_parquet(whole)
+    payload = whole.read_bytes()
+    path = folder / "loan_book_2026-09-30.parquet"
+    now = time.time()
+    path.write_bytes(payload[: len(payload) // 2])  # a copy in progress
+
+    half = _evaluate("loan_book_landing", landing, None, now_s=now, settle_s=60)
+    assert not half.run_requests
+
+    path.write_bytes(payload)
+    whole_now = _evaluate("loan_book_landing", landing, half.cursor, now_s=now + 1, settle_s=60)
+    assert [r.partition_key for r in whole_now.run_requests] == ["2026-09-30"]
+
+    # a Parquet file that never gets its footer is reported once it has settled
+    path.write_bytes(payload[:-3])
+    torn = _evaluate("loan_book_landing", landing, whole_now.cursor, now_s=now + 2, settle_s=60)
+    assert not torn.run_requests and _rejects(landing) == []
+    later = _evaluate("loan_book_landing", landing, torn.cursor, now_s=now + 70, settle_s=60)
+    assert not later.run_requests
+    (reject,) = _rejects(landing)
+    assert reject[0] == "loan_book/loan_book_2026-09-30.parquet"
+    assert reject[1].startswith("unreadable: ")
+
+
+def test_in_marker_mode_a_file_waits_for_its_done_marker(tmp_path: Path) -> None:
+    landing = tmp_path / "landing"
+    _write(landing / "claims", "claims_2026-07.csv", ROWS_A, T0)  # old, but no marker yet
+    waiting = _evaluate("claims_landing", landing, None, completion="marker")
+    assert not waiting.run_requests
+    _write(landing / "claims", "claims_2026-07.csv.done", "", T1)
+    marked = _evaluate("claims_landing", landing, waiting.cursor, completion="marker")
+    assert [r.partition_key for r in marked.run_requests] == ["2026-07"]
+    assert list(decode_file_cursor(marked.cursor)) == ["claims_2026-07.csv"]
+    # a marker whose file is gone is reported
+    (landing / "claims" / "claims_2026-07.csv").unlink()
+    orphan = _evaluate("claims_landing", landing, marked.cursor, completion="marker")
+    assert not orphan.run_requests
+    assert _rejects(landing) == [
+        ("claims/claims_2026-07.csv.done", "incomplete: completion marker without its file")
+    ]
 
 
 def test_replaying_the_new_cursor_requests_nothing(tmp_path: Path) -> None:
-    _write(tmp_path / "loan_book", "loan_book_2026-09-30.parquet", ROWS_A, T0)
-    _write(tmp_path / "loan_book", "loan_book_2026-10-31.parquet", ROWS_B, T0)
-    first = _evaluate("loan_book_landing", tmp_path, None)
+    landing = tmp_path / "landing"
+    _write(landing / "loan_scenarios", "loan_scenarios_2026-09-30.csv", ROWS_A, T0)
+    _write(landing / "loan_scenarios", "loan_scenarios_2026-10-31.csv", ROWS_B, T0)
+    first = _evaluate("loan_scenarios_landing", landing, None)
     assert sorted(r.partition_key for r in first.run_requests) == ["2026-09-30", "2026-10-31"]
     assert all(
-        r.asset_selection == [keys.BRONZE_LOAN_BOOK, keys.LOAN_BOOK] for r in first.run_requests
+        r.asset_selection == [keys.BRONZE_LOAN_SCENARIOS, keys.LOAN_SCENARIOS]
+        for r in first.run_requests
     )
 
-    again = _evaluate("loan_book_landing", tmp_path, first.cursor)
+    again = _evaluate("loan_scenarios_landing", landing, first.cursor)
     assert not again.run_requests
     assert again.cursor == first.cursor
 
     # a lost cursor yields byte-identical run keys, which Dagster de-duplicates
-    replay = _evaluate("loan_book_landing", tmp_path, None)
+    replay = _evaluate("loan_scenarios_landing", landing, None)
     assert [r.run_key for r in replay.run_requests] == [r.run_key for r in first.run_requests]
 
 
-def test_partition_ingested_after_the_file_changed_is_skipped(tmp_path: Path) -> None:
-    old_ns = dt.datetime(2026, 10, 1, tzinfo=dt.UTC).timestamp() * 10**9
-    _write(tmp_path / "claims", "claims_2026-07.csv", ROWS_A, int(old_ns))
-    instance = dg.DagsterInstance.ephemeral()
-    instance.report_runless_asset_event(
-        dg.AssetMaterialization(asset_key=keys.BRONZE_CLAIMS, partition="2026-07")
-    )
-
-    skipped = _evaluate("claims_landing", tmp_path, None, instance)
-    assert not skipped.run_requests
-    assert list(decode_file_cursor(skipped.cursor)) == ["claims_2026-07.csv"]
-
-    future_ns = int((dt.datetime.now(dt.UTC).timestamp() + 60) * 10**9)
-    os.utime(tmp_path / "claims" / "claims_2026-07.csv", ns=(future_ns, future_ns))
-    redelivered = _evaluate("claims_landing", tmp_path, skipped.cursor, instance)
-    assert [r.partition_key for r in redelivered.run_requests] == ["2026-07"]
+def test_a_cursor_of_the_previous_version_counts_its_files_as_handled(tmp_path: Path) -> None:
+    landing = tmp_path / "landing"
+    _write(landing / "claims", "claims_2026-07.csv", ROWS_A, T0)
+    legacy = json.dumps({"claims_2026-07.csv": [T0, len(ROWS_A)]})
+    result = _evaluate("claims_landing", landing, legacy)
+    assert not result.run_requests
+    assert decode_file_cursor(result.cursor)["claims_2026-07.csv"].status == automation.DONE
 
 
 def test_corrupt_cursor_is_an_error_not_a_rescan(tmp_path: Path) -> None:
     with pytest.raises(automation.SensorCursorError, match="not a JSON object"):
-        _evaluate("claims_landing", tmp_path, "[1, 2")
+        _evaluate("claims_landing", tmp_path / "landing", "[1, 2")
+
+
+# --- content hashes against what bronze read -------------------------------------------------
+
+CLAIMS_HEADER = "policy_id,district,valuation_month,exposure,claim_count\n"
+
+
+def _claims_rows(n: int, district: str = "D1") -> str:
+    return CLAIMS_HEADER + "".join(f"P{i},{district},2026-07,0.5,0\n" for i in range(n))
+
+
+def test_content_bronze_already_read_is_not_requested_again(platform) -> None:
+    """After ``make demo`` the UI's sensors start with no cursor: nothing is redone."""
+    landing = platform.settings.landing_dir
+    _write(landing / "claims", "claims_2026-07.csv", _claims_rows(3), T0)
+    assert platform.materialize([keys.BRONZE_CLAIMS], "2026-07").success
+    resources = {**platform.resources, "landing": LandingResource(path=str(landing), settle_s=0)}
+    context = dg.build_sensor_context(instance=platform.instance, resources=resources)
+    target = automation.LANDING_TARGETS["claims"]
+
+    skipped = automation.evaluate_landing(
+        context, resources["landing"], platform.lake, target, now_s=time.time()
+    )
+    assert not skipped.run_requests
+
+    # a corrected re-delivery copied with its older modification time (cp -p)
+    _write(landing / "claims", "claims_2026-07.csv", _claims_rows(3, "D2"), T0 - 10**9)
+    context = dg.build_sensor_context(
+        instance=platform.instance, resources=resources, cursor=skipped.cursor
+    )
+    corrected = automation.evaluate_landing(
+        context, resources["landing"], platform.lake, target, now_s=time.time()
+    )
+    assert [r.partition_key for r in corrected.run_requests] == ["2026-07"]
+    bronze = latest_bronze(platform.instance, "2026-07")
+    assert corrected.run_requests[0].run_key.endswith(f":after@{bronze.storage_id}")
+
+
+def test_a_file_that_grew_while_its_run_read_it_is_ingested_again(platform) -> None:
+    landing = platform.settings.landing_dir
+    path = landing / "claims" / "claims_2026-07.csv"
+    _write(landing / "claims", path.name, _claims_rows(2), T0)
+    resources = {**platform.resources, "landing": LandingResource(path=str(landing), settle_s=0)}
+    target = automation.LANDING_TARGETS["claims"]
+
+    def tick(cursor: str | None) -> dg.SensorResult:
+        context = dg.build_sensor_context(
+            instance=platform.instance, resources=resources, cursor=cursor
+        )
+        return automation.evaluate_landing(
+            context, resources["landing"], platform.lake, target, now_s=time.time()
+        )
+
+    first = tick(None)
+    assert len(first.run_requests) == 1
+    # the run reads the file while the writer is still appending: it sees 5 rows
+    _write(landing / "claims", path.name, _claims_rows(5), T0 + 10**9)
+    assert platform.materialize([keys.BRONZE_CLAIMS], "2026-07").success
+    # the writer finishes: 8 rows. The next tick sees new content, not "already ingested"
+    _write(landing / "claims", path.name, _claims_rows(8), T0 + 2 * 10**9)
+    second = tick(first.cursor)
+    assert [r.partition_key for r in second.run_requests] == ["2026-07"]
+    assert second.run_requests[0].run_key != first.run_requests[0].run_key
+    # once bronze holds the whole file, the same content is not requested again
+    assert platform.materialize([keys.BRONZE_CLAIMS], "2026-07").success
+    assert not tick(None).run_requests
+    assert platform.lake.read("bronze", "claims").height == 8
+
+
+def latest_bronze(instance: dg.DagsterInstance, partition: str) -> dg.EventLogRecord:
+    record = automation.latest_materialization(instance, keys.BRONZE_CLAIMS, partition)
+    assert record is not None
+    return record
 
 
 # --- FX: symbols become dynamic partitions -------------------------------------------
@@ -206,10 +433,11 @@ def _added_symbols(result: dg.SensorResult) -> list[str]:
 
 
 def test_fx_landing_registers_new_symbols_and_skips_invalid_ones(tmp_path: Path) -> None:
-    _write_fx(tmp_path, "2026-09-01")
+    landing = tmp_path / "landing"
+    _write_fx(landing, "2026-09-01")
     instance = dg.DagsterInstance.ephemeral()
 
-    result = _evaluate("fx_ticks_landing", tmp_path, None, instance)
+    result = _evaluate("fx_ticks_landing", landing, None, instance)
 
     assert _added_symbols(result) == ["EURUSD", "USDJPY"]  # "../etc" is not a partition key
     assert [(r.partition_key, r.asset_selection) for r in result.run_requests] == [
@@ -218,28 +446,41 @@ def test_fx_landing_registers_new_symbols_and_skips_invalid_ones(tmp_path: Path)
 
 
 def test_fx_landing_adds_only_unknown_symbols(tmp_path: Path) -> None:
-    _write_fx(tmp_path, "2026-09-02")
+    landing = tmp_path / "landing"
+    _write_fx(landing, "2026-09-02")
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("symbol", ["EURUSD"])
 
-    result = _evaluate("fx_ticks_landing", tmp_path, None, instance)
+    result = _evaluate("fx_ticks_landing", landing, None, instance)
 
     assert _added_symbols(result) == ["USDJPY"]
     assert len(result.run_requests) == 1
 
 
 @pytest.mark.parametrize(
-    "content", [b"", b"PAR1 truncated", b"not,a,tick\n1,2,3\n"], ids=["empty", "corrupt", "csv"]
+    ("content", "problem"),
+    [
+        (b"", "file is empty (0 bytes)"),
+        (b"PAR1 truncated", "cannot be parsed"),
+        (b"not,a,tick\n1,2,3\n", "cannot be parsed"),
+    ],
+    ids=["empty", "corrupt", "csv"],
 )
-def test_unreadable_tick_file_still_requests_its_bronze_run(tmp_path: Path, content: bytes) -> None:
-    folder = tmp_path / "fx_ticks"
-    folder.mkdir()
+def test_an_unreadable_tick_file_is_reported_not_requested(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    landing = tmp_path / "landing"
+    folder = landing / "fx_ticks"
+    folder.mkdir(parents=True)
     (folder / "fx_ticks_2026-09-03.parquet").write_bytes(content)
 
-    result = _evaluate("fx_ticks_landing", tmp_path, None)
+    result = _evaluate("fx_ticks_landing", landing, None)
 
-    assert [r.partition_key for r in result.run_requests] == ["2026-09-03"]
+    assert not result.run_requests
     assert _added_symbols(result) == []
+    ((file, reason),) = _rejects(landing)
+    assert file == "fx_ticks/fx_ticks_2026-09-03.parquet"
+    assert reason.startswith("unreadable: ") and problem in reason, reason
 
 
 def test_fx_spreads_follow_bronze_days_whose_gate_passed(platform) -> None:

@@ -85,8 +85,10 @@ def landing_name_problem(source: str, name: str) -> str | None:
     if not lowered.endswith((".csv", ".parquet")):
         return f"extension {suffix or '(none)'!r} is not .csv or .parquet; {expected}"
     if not name.startswith(f"{source}_"):
-        if lowered.startswith(source):
+        if name.startswith(source):
             return f"the separator after {source!r} must be '_'; {expected}"
+        if lowered.startswith(source):
+            return f"must start with '{source}_' in lower case; {expected}"
         return f"does not start with '{source}_'; {expected}"
     return f"no {KEY_FORMATS.get(source, 'YYYY-MM-DD')} date right after '{source}_'; {expected}"
 
