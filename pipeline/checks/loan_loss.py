@@ -90,7 +90,7 @@ def mc_error_within_bound(
             "relative_se": r["se_expected_loss"] / r["expected_loss"]
             if r["expected_loss"]
             else 0.0,
-            "failure": mc_error_failure(r, max_relative_se=MAX_RELATIVE_SE),
+            "failure": mc_error_failure(r, {"expected_loss": MAX_RELATIVE_SE}),
         }
         for r in rows
     ]

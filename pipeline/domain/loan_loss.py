@@ -63,9 +63,11 @@ rounded up to a whole number of blocks, which caps the working memory at one blo
 ``n_sims`` is (the returned array, 8 bytes per simulation, is the only part that grows).
 """
 
+import io
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -100,11 +102,17 @@ VASICEK_MC_SE_MULTIPLE = 4.0
 
 _FAST_STREAM = 0
 _LATENT_STREAM = 1
+_BERNOULLI_STREAM = 2
 _BUCKET_WIDTH = 0.25  # bucket width in conditional latent units, (c_max - c_min) / sqrt(1 - rho)
 _MAX_BUCKETS = 64
-_DENSE_LAMBDA = 0.5  # above this conditional intensity direct Bernoulli draws are cheaper
-_DENSE_CELLS = 1 << 16  # cap on (simulation x loan) cells drawn at once by the dense branch
+_DENSE_LAMBDA = 0.1  # above this conditional intensity direct Bernoulli draws are cheaper
+_DENSE_CELLS = 1 << 17  # cap on (simulation x loan) cells drawn at once by the dense branch
 _BATCH_CELLS = 1 << 20  # loan-simulations whose points are resolved together
+_TABLE_Z_MIN, _TABLE_Z_MAX = -7.0, 7.0  # factor range of the dense threshold tables
+_TABLE_STEP = 1.0 / 64.0  # grid step of the tables in shifted-factor units
+_TABLE_BYTES = 1 << 23  # cap on the tables of one plan; coarser grid beyond it
+_BREAKPOINTS = special.ndtri(np.arange(1, 256) / 256.0)  # Phi^-1(k / 256), k = 1..255
+_BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float64)
 # cache-sized batches for the brute-force reference: 4x faster than 8 MB ones
 _LATENT_CELLS = 1 << 16
 
@@ -315,31 +323,52 @@ def _check_settings(pd_multiplier: float, rho: float, seed: int) -> None:
 # --------------------------------------------------------------------------- simulation
 
 
+@dataclass
+class _DenseTable:
+    """Integer default thresholds of one bucket on a grid of the factor, for the dense branch.
+
+    Row ``m`` holds, for each loan ``i`` of the bucket, ``T[m, i] = floor(256 p_i)`` evaluated
+    at the shifted factor ``y_m = y_min + m h`` (``y = sqrt(rho) Z / sqrt(1 - rho)``,
+    ``p_i = Phi(c_i / sqrt(1 - rho) - y)``), so for a simulation with ``y_m <= y < y_m+1`` the
+    rows ``m + 1`` and ``m`` bracket ``floor(256 p_i(Z))`` from below and above.
+    """
+
+    y_min: float
+    inv_h: float
+    tab: np.ndarray  # (rows, loans) uint8
+    lut: np.ndarray  # (groups of 8 loans) * 256 float64: loss of every default pattern of a byte
+    offsets: np.ndarray  # 256 * group index, to index ``lut`` with packed default bytes
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Loans that can default at random, sorted by threshold and cut into buckets."""
 
     c: np.ndarray  # sorted default thresholds Phi^-1(stressed PD), stressed PD in (0, 1)
     loss: np.ndarray  # EAD * LGD in the same order
+    index: np.ndarray  # position of each of these loans in the book
     starts: np.ndarray  # first loan of each bucket
     sizes: np.ndarray  # loans per bucket
     c_lo: np.ndarray  # smallest threshold per bucket
     c_hi: np.ndarray  # largest threshold per bucket
     certain_loss: float  # loss of loans whose stressed PD is 1
+    certain_index: np.ndarray  # their positions in the book
+    certain_losses: np.ndarray  # their EAD * LGD
     a: float  # sqrt(rho)
     s: float  # sqrt(1 - rho)
+    tables: dict[int, _DenseTable] = field(default_factory=dict)  # built on first use
 
 
 def _make_plan(book: LoanArrays, pd_multiplier: float, rho: float) -> _Plan:
     stressed = np.minimum(book.pd * pd_multiplier, 1.0)
     lgd_loss = book.loss_given_default
-    certain = stressed >= 1.0
+    certain = (stressed >= 1.0) & (lgd_loss > 0.0)
     certain_loss = math.fsum(lgd_loss[certain].tolist())
-    active = (stressed > 0.0) & ~certain & (lgd_loss > 0.0)
+    active = (stressed > 0.0) & (stressed < 1.0) & (lgd_loss > 0.0)
+    positions = np.flatnonzero(active)
     c = special.ndtri(stressed[active])
-    loss = lgd_loss[active]
     order = np.argsort(c, kind="stable")
-    c, loss = c[order], loss[order]
+    c, loss, positions = c[order], lgd_loss[active][order], positions[order]
     s = math.sqrt(1.0 - rho)
     if c.size:
         width = max(_BUCKET_WIDTH * s, (c[-1] - c[0]) / _MAX_BUCKETS)
@@ -351,14 +380,84 @@ def _make_plan(book: LoanArrays, pd_multiplier: float, rho: float) -> _Plan:
     return _Plan(
         c=c,
         loss=loss,
+        index=positions,
         starts=starts,
         sizes=sizes,
         c_lo=c[starts],
         c_hi=c[starts + sizes - 1],
         certain_loss=certain_loss,
+        certain_index=np.flatnonzero(certain),
+        certain_losses=lgd_loss[certain],
         a=math.sqrt(rho),
         s=s,
     )
+
+
+_PLANS: dict[tuple[int, float, float], tuple[LoanArrays, _Plan]] = {}
+_PLAN_CACHE_SIZE = 8
+_PLANS_LOCK = threading.Lock()
+
+
+def _plan_for(book: LoanArrays, pd_multiplier: float, rho: float) -> _Plan:
+    """The plan of a book and scenario, shared by the chunks of one run.
+
+    A run calls :func:`simulate_chunk` once per chunk with the same book; the plan (and the
+    dense tables it builds on first use) is kept for the few most recent (book, scenario)
+    pairs. The book's arrays are read-only, so the book object identifies its content.
+    """
+    key = (id(book), pd_multiplier, rho)
+    with _PLANS_LOCK:
+        cached = _PLANS.get(key)
+        if cached is not None and cached[0] is book:
+            return cached[1]
+        plan = _make_plan(book, pd_multiplier, rho)
+        if len(_PLANS) >= _PLAN_CACHE_SIZE:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = (book, plan)
+        return plan
+
+
+def _dense_table(plan: _Plan, b: int) -> _DenseTable:
+    """The threshold grid and loss lookup table of bucket ``b`` (built once per plan).
+
+    The grid covers the factor values for which the bucket is dense, ``Z`` from
+    :data:`_TABLE_Z_MIN` to where the riskiest loan's intensity falls to
+    :data:`_DENSE_LAMBDA`; rows outside it are resolved exactly, cell by cell. ``T[m, i]``
+    counts the breakpoints ``Phi^-1(k / 256)``, ``k = 1..255``, at or below
+    ``c_i / s - y_m``, built from a histogram of the grid row at which each breakpoint is
+    crossed instead of one normal CDF per cell.
+    """
+    table = plan.tables.get(b)
+    if table is not None:
+        return table
+    start, size = int(plan.starts[b]), int(plan.sizes[b])
+    d = plan.c[start : start + size] / plan.s
+    slope = plan.a / plan.s
+    x_dense = float(special.ndtri(-math.expm1(-_DENSE_LAMBDA)))
+    z_top = _TABLE_Z_MAX if slope == 0.0 else (plan.c_hi[b] - plan.s * x_dense) / plan.a
+    z_top = min(max(z_top, _TABLE_Z_MIN), _TABLE_Z_MAX)
+    h = max(_TABLE_STEP, slope * (z_top - _TABLE_Z_MIN) * plan.c.size / _TABLE_BYTES)
+    y_min = slope * _TABLE_Z_MIN - h
+    rows = math.ceil((slope * z_top + 2.0 * h - y_min) / h) + 1
+    # breakpoint k lies at or below d_i - y_m exactly for the rows m <= cross[i, k]
+    cross = np.floor((d[:, None] - _BREAKPOINTS[None, :] - y_min) / h)
+    cross = np.clip(cross, -1, rows - 1).astype(np.int64) + 1
+    hist = np.bincount(
+        (cross + (rows + 1) * np.arange(size)[:, None]).ravel(), minlength=size * (rows + 1)
+    ).reshape(size, rows + 1)
+    tab = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:].T  # T[m, i] = #{k: cross > m}
+    groups = -(-size // 8)
+    padded = np.zeros(groups * 8)
+    padded[:size] = plan.loss[start : start + size]
+    table = _DenseTable(
+        y_min=y_min,
+        inv_h=1.0 / h,
+        tab=np.ascontiguousarray(tab, dtype=np.uint8),
+        lut=(padded.reshape(groups, 8) @ _BYTE_BITS.T).ravel(),
+        offsets=256 * np.arange(groups, dtype=np.intp),
+    )
+    plan.tables[b] = table
+    return table
 
 
 def _block_rng(seed: int, stream: int, block: int) -> np.random.Generator:
@@ -368,13 +467,48 @@ def _block_rng(seed: int, stream: int, block: int) -> np.random.Generator:
     )
 
 
-def _simulate_block(plan: _Plan, seed: int, block: int) -> np.ndarray:
+@dataclass
+class _BlockDefaults:
+    """Which loans defaulted in the simulations of one block, kept only when asked for.
+
+    Sparse buckets leave keys ``sim * n + position`` (``position`` in the plan's order);
+    dense buckets leave their default indicators packed eight loans to a byte.
+    """
+
+    n: int
+    keys: list[np.ndarray] = field(default_factory=list)
+    packed: list[tuple[int, int, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def pairs(self, selected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(simulation, plan position)`` of every default in the ``selected`` simulations."""
+        sims, loans = [], []
+        if self.keys:
+            keys = np.concatenate(self.keys)
+            keys = keys[selected[keys // self.n]]
+            sims.append(keys // self.n)
+            loans.append(keys % self.n)
+        for start, size, rows, packed in self.packed:
+            keep = selected[rows]
+            if keep.any():
+                bits = np.unpackbits(packed[keep], axis=1, count=size).astype(bool)
+                r, i = np.nonzero(bits)
+                sims.append(rows[keep][r])
+                loans.append(start + i)
+        if not sims:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(sims), np.concatenate(loans)
+
+
+def _simulate_block(
+    plan: _Plan, seed: int, block: int, log: _BlockDefaults | None = None
+) -> np.ndarray:
     """Portfolio losses of the SIMULATION_BLOCK simulations of block ``block``.
 
     The factor, the bucket intensities and the Poisson counts are drawn for the whole block;
     the points are then drawn and resolved for batches of simulations holding at most
     ``_BATCH_CELLS`` loan-simulations, so that a large book does not hold a block's worth of
     points at once. Batches depend on the book's size only, never on the caller's chunking.
+    With ``log`` the defaults are recorded as well (the random draws are the same).
     """
     rng = _block_rng(seed, _FAST_STREAM, block)
     n_sims = SIMULATION_BLOCK
@@ -401,7 +535,14 @@ def _simulate_block(plan: _Plan, seed: int, block: int) -> np.ndarray:
             np.not_equal(keys[1:], keys[:-1], out=first[1:])
             keys = keys[first]
             sims = keys // n
-            losses[lo:hi] = np.bincount(sims, weights=plan.loss[keys - sims * n], minlength=hi - lo)
+            losses[lo:hi] += np.bincount(
+                sims, weights=plan.loss[keys - sims * n], minlength=hi - lo
+            )
+            if log is not None:
+                log.keys.append(keys + lo * n)
+        for b in np.flatnonzero(dense[:, lo:hi].any(axis=1)):
+            rows = lo + np.flatnonzero(dense[b, lo:hi])
+            _dense_bucket(plan, int(b), rng, z, rows, losses, log)
     if plan.certain_loss:
         losses += plan.certain_loss
     return losses
@@ -418,7 +559,7 @@ def _defaulted_keys(
     lo: int,
     hi: int,
 ) -> np.ndarray:
-    """Keys ``(sim - lo) * n + loan`` of the defaults of simulations ``[lo, hi)`` of a block.
+    """Keys ``(sim - lo) * n + loan`` of the sparse defaults of simulations ``[lo, hi)``.
 
     A key may repeat (two kept points on one loan); the caller de-duplicates.
     """
@@ -429,27 +570,69 @@ def _defaulted_keys(
         start, size = int(plan.starts[b]), int(plan.sizes[b])
         cnt = counts[b, lo:hi]
         total = int(cnt.sum())
-        if total:
-            sim = np.repeat(sim_ids, cnt)
-            loan = rng.integers(0, size, total)
-            threshold = rng.random(total) * lam_hi[b, lo:hi][sim]
-            keep = threshold < lam_lo[b, lo:hi][sim]  # squeeze: every loan of the bucket accepts
-            unsure = np.flatnonzero(~keep)
-            if unsure.size:
-                x = (plan.c[start + loan[unsure]] - shift[lo + sim[unsure]]) / plan.s
-                keep[unsure] = threshold[unsure] < -special.log_ndtr(-x)
-            parts.append(sim[keep] * n + (start + loan[keep]))
-        rows = np.flatnonzero(dense[b, lo:hi])
-        if rows.size:
-            c_b = plan.c[start : start + size]
-            step = max(1, _DENSE_CELLS // size)
-            for r0 in range(0, rows.size, step):
-                r = rows[r0 : r0 + step]
-                u = rng.random((r.size, size))
-                p = special.ndtr((c_b[None, :] - shift[lo + r, None]) / plan.s)
-                hit_row, hit_loan = np.nonzero(u < p)
-                parts.append(r[hit_row] * n + (start + hit_loan))
+        if not total:
+            continue
+        sim = np.repeat(sim_ids, cnt)
+        loan = rng.integers(0, size, total)
+        threshold = rng.random(total) * lam_hi[b, lo:hi][sim]
+        keep = threshold < lam_lo[b, lo:hi][sim]  # squeeze: every loan of the bucket accepts
+        unsure = np.flatnonzero(~keep)
+        if unsure.size:
+            x = (plan.c[start + loan[unsure]] - shift[lo + sim[unsure]]) / plan.s
+            keep[unsure] = threshold[unsure] < -special.log_ndtr(-x)
+        parts.append(sim[keep] * n + (start + loan[keep]))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _dense_bucket(
+    plan: _Plan,
+    b: int,
+    rng: np.random.Generator,
+    z: np.ndarray,
+    rows: np.ndarray,
+    losses: np.ndarray,
+    log: _BlockDefaults | None,
+) -> None:
+    """Add the losses of bucket ``b`` in simulations ``rows`` by direct Bernoulli draws.
+
+    Each loan-simulation gets a uniform ``U = (u + V) / 256`` whose leading byte ``u`` is drawn
+    first (eight to a 64-bit PCG64 output) and whose fraction ``V`` is drawn only when needed.
+    The table rows around the simulation's factor bracket ``floor(256 p)`` by ``[T_lo, T_hi]``:
+    ``u < T_lo`` implies ``U < p`` (default) and ``u > T_hi`` implies ``U >= p`` (survival), so
+    only cells with ``T_lo <= u <= T_hi`` (about 1-2% of them) draw ``V`` and evaluate ``p``
+    exactly. The defaults are packed to bits and summed through a lookup table of the loss of
+    every pattern of eight loans.
+    """
+    table = _dense_table(plan, b)
+    start, size = int(plan.starts[b]), int(plan.sizes[b])
+    c_b = plan.c[start : start + size]
+    m = np.floor((plan.a / plan.s * z[rows] - table.y_min) * table.inv_h)
+    inside = (m >= 0) & (m <= table.tab.shape[0] - 2)
+    m = np.where(inside, m, 0).astype(np.intp)
+    step = max(1, _DENSE_CELLS // size)
+    for r0 in range(0, rows.size, step):
+        r = rows[r0 : r0 + step]
+        cells = r.size * size
+        u = (
+            rng.bit_generator.random_raw(-(-cells // 8))
+            .view(np.uint8)[:cells]
+            .reshape(r.size, size)
+        )
+        t_hi = table.tab[m[r0 : r0 + step]]
+        t_lo = table.tab[m[r0 : r0 + step] + 1]
+        outside = ~inside[r0 : r0 + step]
+        if outside.any():  # factor beyond the grid: every cell is resolved exactly
+            t_lo[outside], t_hi[outside] = 0, 255
+        hit = u < t_lo
+        unsure = np.flatnonzero((u - t_lo) <= (t_hi - t_lo))
+        if unsure.size:
+            row, loan = np.divmod(unsure, size)
+            p = special.ndtr((c_b[loan] - plan.a * z[r[row]]) / plan.s)
+            hit.ravel()[unsure] = u.ravel()[unsure] + rng.random(unsure.size) < 256.0 * p
+        packed = np.packbits(hit, axis=1)
+        losses[r] += np.take(table.lut, table.offsets + packed).sum(axis=1)
+        if log is not None:
+            log.packed.append((start, size, r, packed))
 
 
 def _simulate_range(block_fn: Any, start: int, stop: int) -> np.ndarray:
@@ -512,7 +695,7 @@ def simulate_chunk(
     _check_settings(pd_multiplier, rho, seed)
     _check_count("start", start, 0)
     _check_count("stop", stop, int(start))
-    plan = _make_plan(loans_arrays, float(pd_multiplier), float(rho))
+    plan = _plan_for(loans_arrays, float(pd_multiplier), float(rho))
     return _simulate_range(lambda block: _simulate_block(plan, int(seed), block), start, stop)
 
 
@@ -658,7 +841,88 @@ def simulate_portfolio_loss_latent(
     return out
 
 
+def simulate_portfolio_loss_bernoulli(
+    loans: pl.DataFrame | LoanArrays,
+    *,
+    pd_multiplier: float,
+    rho: float,
+    n_sims: int,
+    seed: int,
+    chunk_size: int = 10_000,
+) -> np.ndarray:
+    """Exact conditional-Bernoulli reference: the factor, then one uniform per loan and simulation.
+
+    Given ``Z`` the defaults are independent with probabilities ``p_i(Z)``, so drawing
+    ``U_ik ~ U(0, 1)`` and declaring a default when ``U_ik < p_i(Z_k)`` samples the model
+    exactly; this is the textbook simulator the benchmark measures :func:`simulate_portfolio_loss`
+    against, and a second distributional oracle for the tests. Same block scheme as the other
+    simulators, on its own branch of the seed (``spawn_key=(2, block)``).
+
+    Parameters
+    ----------
+    loans : polars.DataFrame or LoanArrays
+        Loan book with ``loan_id``, ``pd``, ``ead`` and ``lgd``.
+    pd_multiplier : float
+        Scenario PD multiplier ``>= 0``; stressed PDs are capped at 1.
+    rho : float
+        Asset correlation in ``[0, 1)``.
+    n_sims : int
+        Number of simulations, ``>= 1``.
+    seed : int
+        Non-negative seed.
+    chunk_size : int, default 10_000
+        Simulations per chunk (rounded up to whole blocks).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``n_sims`` portfolio losses (float64).
+    """
+    book = loan_arrays(loans)
+    _check_settings(pd_multiplier, rho, seed)
+    n_sims = _positive(n_sims)
+    c = special.ndtri(np.minimum(book.pd * pd_multiplier, 1.0))  # -inf for PD 0, +inf for PD 1
+    lgd_loss = book.loss_given_default
+    a, s = math.sqrt(rho), math.sqrt(1.0 - rho)
+    rows = max(1, _LATENT_CELLS // c.size)
+
+    def block_fn(block: int) -> np.ndarray:
+        rng = _block_rng(int(seed), _BERNOULLI_STREAM, block)
+        z = rng.standard_normal(SIMULATION_BLOCK)
+        losses = np.empty(SIMULATION_BLOCK)
+        for r0 in range(0, SIMULATION_BLOCK, rows):
+            r1 = min(r0 + rows, SIMULATION_BLOCK)
+            p = c[None, :] - (a * z[r0:r1])[:, None]
+            p /= s
+            special.ndtr(p, out=p)
+            losses[r0:r1] = (rng.random((r1 - r0, c.size)) < p).astype(np.float64) @ lgd_loss
+        return losses
+
+    out = np.empty(n_sims)
+    for lo, hi in chunk_ranges(n_sims, chunk_size):
+        out[lo:hi] = _simulate_range(block_fn, lo, hi)
+    return out
+
+
 # --------------------------------------------------------------------------- summaries
+
+ES_LEVELS: dict[str, float] = {"es_99": 0.99, "es_999": 0.999}
+"""Expected-shortfall levels reported by :func:`summarise_losses`, by summary key."""
+
+SUMMARY_FIGURES = ("expected_loss", *SUMMARY_QUANTILES, *ES_LEVELS)
+"""Every published figure; each has a Monte Carlo standard error ``se_<figure>``."""
+
+DEFAULT_MAX_RELATIVE_SE: dict[str, float] = {
+    "expected_loss": 0.005,
+    "p10": 0.02,
+    "p50": 0.01,
+    "p90": 0.01,
+    "var_99": 0.015,
+    "var_999": 0.03,
+    "es_99": 0.015,
+    "es_999": 0.03,
+}
+"""Default bound on ``se / |value|`` per figure, the gate :func:`mc_error_failure` applies."""
 
 
 def _order_statistic(sorted_losses: np.ndarray, rank: int) -> float:
@@ -679,7 +943,11 @@ def _quantile_se(sorted_losses: np.ndarray, q: float) -> float:
     statistics with ranks ``l = F^-1(alpha/2)`` and ``u = F^-1(1 - alpha/2) + 1`` of that
     binomial bracket the true quantile with probability about ``1 - alpha`` whatever the loss
     distribution. The standard error is that interval's width over ``2 z_{1 - alpha/2}``, the
-    width a normal estimator with this SE would have; no density estimate is needed.
+    width a normal estimator with this SE would have. This is the asymptotic quantile SE
+    ``sqrt(q (1 - q) / n) / f(VaR)`` with the density ``f`` estimated by the spacing of the
+    order statistics around the quantile (a Siddiqui-Bloch-Gastwirth estimate), which needs
+    no bandwidth and stays valid at atoms: when both bracketing order statistics fall on the
+    same atom the estimate is exact with about 95% probability and its SE is 0.
     """
     n = sorted_losses.size
     alpha = 1.0 - QUANTILE_SE_CONFIDENCE
@@ -687,6 +955,33 @@ def _quantile_se(sorted_losses: np.ndarray, q: float) -> float:
     hi = int(stats.binom.ppf(1.0 - alpha / 2.0, n, q)) + 1
     width = _order_statistic(sorted_losses, hi) - _order_statistic(sorted_losses, lo)
     return width / (2.0 * float(special.ndtri(1.0 - alpha / 2.0)))
+
+
+def _expected_shortfall(sorted_losses: np.ndarray, q: float) -> tuple[float, float]:
+    """Expected shortfall at level ``q`` with the atom at the VaR weighted, and its SE.
+
+    ``ES_q = VaR_q + sum((x - VaR_q)^+) / (n (1 - q))``, which equals Acerbi and Tasche's
+    ``(E[L 1{L > VaR}] + VaR (P(L <= VaR) - q)) / (1 - q)`` on the empirical law: the
+    simulations above the VaR count fully and the atom at the VaR counts for the share
+    ``(F_n(VaR) - q) / P_n(L = VaR)`` that lies in the tail. The standard error comes from the
+    influence function of that estimator, ``psi(x) = VaR + (x - VaR)^+ / (1 - q) - ES`` (the
+    term from estimating the VaR vanishes because ``VaR`` minimises ``v + E(L - v)^+ / (1 - q)``,
+    Rockafellar and Uryasev), so ``SE = sd((L - VaR)^+) / ((1 - q) sqrt(n))``. Batch means
+    over chunks would need every chunk to hold enough tail simulations (1,000 at 99.9%) and
+    would depend on the chunking; this SE does neither and is tested against the spread over
+    independent seeds.
+    """
+    n = sorted_losses.size
+    var = _order_statistic(sorted_losses, _quantile_rank(n, q))
+    above = sorted_losses[np.searchsorted(sorted_losses, var, side="right") :]
+    excess = above - var
+    total = float(np.sum(excess))
+    es = var + total / (n * (1.0 - q))
+    es = min(max(es, var), float(sorted_losses[-1]))  # rounding of the sum only
+    mean = total / n
+    second = float(np.dot(excess, excess)) / n
+    spread = max(second - mean * mean, 0.0) * n / (n - 1)
+    return es, math.sqrt(spread / n) / (1.0 - q)
 
 
 def summarise_losses(losses: np.ndarray) -> dict[str, float | int]:
@@ -698,14 +993,19 @@ def summarise_losses(losses: np.ndarray) -> dict[str, float | int]:
     * ``p10``, ``p50``, ``p90``, ``var_99``, ``var_999`` are empirical quantiles by inversion of
       the empirical CDF, ``x_(ceil(n q))``: the smallest simulated loss with at least a share
       ``q`` of simulations at or below it (numpy's ``inverted_cdf``);
-    * ``es_99``, ``es_999`` (expected shortfall) are the mean of every simulated loss at or
-      beyond the VaR of the same level, ``mean{x : x >= VaR_q}``; ties at the VaR are all
-      included, so for a discrete loss distribution the tail can hold more than ``n (1 - q)``;
+    * ``es_99``, ``es_999`` (expected shortfall) are the mean of the worst share ``1 - q`` of the
+      simulations, ``(1 / (1 - q)) * integral_q^1 F_n^-1(u) du``: losses above the VaR count
+      fully and the atom at the VaR counts for the part of it inside the tail (Acerbi and
+      Tasche). Taking every loss at or above the VaR instead biases the ES low whenever the
+      VaR sits on an atom, down to the expected loss when the VaR is the zero loss;
     * ``se_expected_loss`` is ``std / sqrt(n)``;
-    * ``se_<quantile>`` is distribution-free: the order statistics at the 2.5% and 97.5%
-      quantiles of Binomial(n, q) bracket the true quantile with about 95% probability; the SE
-      is that bracket's width divided by ``2 * 1.96``. When ``n q`` or ``n (1 - q)`` is tiny
-      the bracket is clipped to the sample range and the SE is understated: raise ``n_sims``.
+    * ``se_<quantile>`` is distribution-free (see :func:`_quantile_se`): the order statistics
+      at the 2.5% and 97.5% quantiles of Binomial(n, q) bracket the true quantile with about
+      95% probability; the SE is that bracket's width divided by ``2 * 1.96``. When ``n q`` or
+      ``n (1 - q)`` is tiny the bracket is clipped to the sample range and the SE is
+      understated: raise ``n_sims``;
+    * ``se_es_<level>`` is the influence-function standard error (see
+      :func:`_expected_shortfall`), ``sd((L - VaR)^+) / ((1 - q) sqrt(n))``.
 
     Parameters
     ----------
@@ -735,17 +1035,393 @@ def summarise_losses(losses: np.ndarray) -> dict[str, float | int]:
     summary: dict[str, float | int] = {"expected_loss": mean, "std": std}
     for key, q in SUMMARY_QUANTILES.items():
         summary[key] = _order_statistic(ordered, _quantile_rank(n, q))
-    for key in ("var_99", "var_999"):
-        var = summary[key]
-        tail = ordered[np.searchsorted(ordered, var, side="left") :]
-        # the mean of values in [VaR, max] lies in that interval; clip the rounding of the sum
-        es = min(max(float(np.mean(tail)), var), float(tail[-1]))
-        summary["es_" + key.removeprefix("var_")] = es
+    es_se = {}
+    for key, q in ES_LEVELS.items():
+        summary[key], es_se[key] = _expected_shortfall(ordered, q)
     summary["se_expected_loss"] = std / math.sqrt(n)
     for key, q in SUMMARY_QUANTILES.items():
         summary["se_" + key] = _quantile_se(ordered, q)
+    for key, se in es_se.items():
+        summary["se_" + key] = se
     summary["n_sims"] = int(n)
     return summary
+
+
+# --------------------------------------------------------------------------- risk contributions
+
+CONTRIBUTION_LEVEL = 0.99
+"""Level of the VaR and ES whose Euler allocation :func:`euler_contributions` computes."""
+
+VAR_WINDOW = 0.1
+"""Half-width of the VaR window in ranks, as a share of the tail's ``n (1 - q)`` simulations."""
+
+_SUMS = ("above", "above_sq", "atom", "atom_sq", "window", "window_sq", "window_cross")
+
+
+@dataclass(frozen=True)
+class TailSpec:
+    """Where the tail of the first pass lies: what the second pass needs to allocate it.
+
+    Attributes
+    ----------
+    level : float
+        The level ``q`` of the VaR and ES allocated.
+    var : float
+        The empirical VaR, ``x_(ceil(n q))``.
+    atom_weight : float
+        Share ``theta = (F_n(VaR) - q) / P_n(L = VaR)`` of the simulations at the VaR that
+        belongs to the ES tail (Acerbi-Tasche weighting), in ``[0, 1]``.
+    window_lo, window_hi : float
+        Losses bounding the VaR window: the order statistics ``VAR_WINDOW * n (1 - q)`` ranks
+        below and above the VaR (at least one).
+    n_sims, n_above, n_atom, n_window : int
+        Simulations in all, above the VaR, at the VaR and in the window: the second pass must
+        reproduce these counts exactly, which proves it saw the same losses.
+    """
+
+    level: float
+    var: float
+    atom_weight: float
+    window_lo: float
+    window_hi: float
+    n_sims: int
+    n_above: int
+    n_atom: int
+    n_window: int
+
+
+def tail_spec(
+    losses: np.ndarray, level: float = CONTRIBUTION_LEVEL, window: float = VAR_WINDOW
+) -> TailSpec:
+    """The tail of a first pass of simulated losses, for :func:`contribution_chunk`.
+
+    Parameters
+    ----------
+    losses : numpy.ndarray
+        Every simulated loss of the run, in simulation order.
+    level : float, default :data:`CONTRIBUTION_LEVEL`
+        Level of the VaR and ES to allocate, in ``(0, 1)``.
+    window : float, default :data:`VAR_WINDOW`
+        Half-width of the VaR window as a share of the tail's simulations.
+
+    Returns
+    -------
+    TailSpec
+        The VaR, the atom weight, the window and the counts.
+    """
+    _check_probability("level", level, open_interval=True)
+    ordered = np.sort(np.asarray(losses, dtype=np.float64).ravel())
+    n = ordered.size
+    if n < 2:
+        raise LoanBookError(f"tail_spec needs at least 2 simulated losses, got {n}")
+    rank = _quantile_rank(n, level)
+    var = _order_statistic(ordered, rank)
+    n_lt = int(np.searchsorted(ordered, var, side="left"))
+    n_le = int(np.searchsorted(ordered, var, side="right"))
+    theta = min(max((n_le - n * level) / (n_le - n_lt), 0.0), 1.0)
+    half = max(1, math.ceil(window * n * (1.0 - level)))
+    lo = _order_statistic(ordered, rank - half)
+    hi = _order_statistic(ordered, rank + half)
+    in_window = int(np.searchsorted(ordered, hi, "right") - np.searchsorted(ordered, lo, "left"))
+    return TailSpec(
+        level=float(level),
+        var=var,
+        atom_weight=float(theta),
+        window_lo=lo,
+        window_hi=hi,
+        n_sims=int(n),
+        n_above=n - n_le,
+        n_atom=n_le - n_lt,
+        n_window=in_window,
+    )
+
+
+@dataclass
+class ContributionSums:
+    """Additive sums over simulations from which :func:`euler_contributions` allocates the tail.
+
+    For every group ``g`` (each loan, and each group of an optional partition such as the
+    segments) and its loss ``G_g`` in a simulation with portfolio loss ``L``: ``above`` sums
+    ``G_g`` over ``L > VaR``, ``atom`` over ``L = VaR``, ``window`` over the VaR window,
+    ``*_sq`` the same sums of ``G_g^2`` and ``window_cross`` sums ``G_g * L`` in the window.
+    Sums from chunks add up (:meth:`merge`, in chunk order for bit-identical totals), and
+    :meth:`to_bytes` carries them across processes (Spark tasks) exactly.
+    """
+
+    n_sims: int
+    n_above: int
+    n_atom: int
+    n_window: int
+    window_loss: float
+    window_loss_sq: float
+    loans: dict[str, np.ndarray]
+    groups: dict[str, np.ndarray]
+
+    @classmethod
+    def zeros(cls, n_loans: int, n_groups: int) -> "ContributionSums":
+        """Empty sums for a book of ``n_loans`` loans and a partition into ``n_groups``."""
+        return cls(
+            n_sims=0,
+            n_above=0,
+            n_atom=0,
+            n_window=0,
+            window_loss=0.0,
+            window_loss_sq=0.0,
+            loans={k: np.zeros(n_loans) for k in _SUMS},
+            groups={k: np.zeros(n_groups) for k in _SUMS},
+        )
+
+    def merge(self, other: "ContributionSums") -> "ContributionSums":
+        """Sums over the simulations of both (``self`` first)."""
+        return ContributionSums(
+            n_sims=self.n_sims + other.n_sims,
+            n_above=self.n_above + other.n_above,
+            n_atom=self.n_atom + other.n_atom,
+            n_window=self.n_window + other.n_window,
+            window_loss=self.window_loss + other.window_loss,
+            window_loss_sq=self.window_loss_sq + other.window_loss_sq,
+            loans={k: self.loans[k] + other.loans[k] for k in _SUMS},
+            groups={k: self.groups[k] + other.groups[k] for k in _SUMS},
+        )
+
+    def to_bytes(self) -> bytes:
+        """The sums as ``.npz`` bytes (float64 exact, no pickle)."""
+        buffer = io.BytesIO()
+        counts = [self.n_sims, self.n_above, self.n_atom, self.n_window]
+        np.savez(
+            buffer,
+            counts=np.array(counts, dtype=np.int64),
+            window=np.array([self.window_loss, self.window_loss_sq]),
+            **{f"loans_{k}": v for k, v in self.loans.items()},
+            **{f"groups_{k}": v for k, v in self.groups.items()},
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ContributionSums":
+        """The sums written by :meth:`to_bytes`."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            counts, window = npz["counts"].tolist(), npz["window"].tolist()
+            return cls(
+                *counts,
+                *window,
+                loans={k: npz[f"loans_{k}"] for k in _SUMS},
+                groups={k: npz[f"groups_{k}"] for k in _SUMS},
+            )
+
+
+def _add_group_sums(
+    target: dict[str, np.ndarray],
+    codes: np.ndarray,
+    n_codes: int,
+    sims: np.ndarray,
+    values: np.ndarray,
+    losses: np.ndarray,
+    above: np.ndarray,
+    atom: np.ndarray,
+    window: np.ndarray,
+) -> None:
+    """Add one block's group losses in the tail simulations to ``target``."""
+    key = sims * n_codes + codes
+    unique, inverse = np.unique(key, return_inverse=True)
+    g_loss = np.bincount(inverse, weights=values)
+    g_sim, g = np.divmod(unique, n_codes)
+    for name, mask, weight in (
+        ("above", above, None),
+        ("atom", atom, None),
+        ("window", window, losses),
+    ):
+        sel = mask[g_sim]
+        gl = g_loss[sel]
+        target[name] += np.bincount(g[sel], weights=gl, minlength=n_codes)
+        target[name + "_sq"] += np.bincount(g[sel], weights=gl * gl, minlength=n_codes)
+        if weight is not None:
+            cross = gl * weight[g_sim[sel]]
+            target["window_cross"] += np.bincount(g[sel], weights=cross, minlength=n_codes)
+
+
+def contribution_chunk(
+    loans_arrays: LoanArrays,
+    *,
+    pd_multiplier: float,
+    rho: float,
+    seed: int,
+    start: int,
+    stop: int,
+    tail: TailSpec,
+    groups: np.ndarray | None = None,
+    n_groups: int = 0,
+) -> ContributionSums:
+    """Tail sums of simulations ``[start, stop)`` for the Euler allocation: the second pass.
+
+    The simulations are those of :func:`simulate_chunk` with the same arguments (same seed,
+    same random numbers, bit-for-bit the same losses), this time recording which loans
+    defaulted; only the simulations in the tail or the VaR window (about 1% at 99%) are
+    aggregated, per loan and per group, so memory stays one block whatever ``n_sims`` and
+    no ``n_sims x n_loans`` array is ever formed. Chunks are independent and their sums add
+    up, so a job maps this over the chunk ids exactly as it maps :func:`simulate_chunk`.
+
+    Parameters
+    ----------
+    loans_arrays : LoanArrays
+        The validated loan book.
+    pd_multiplier, rho, seed : float, float, int
+        The settings of the first pass.
+    start, stop : int
+        Simulation indices, ``0 <= start <= stop``.
+    tail : TailSpec
+        :func:`tail_spec` of the first pass's losses.
+    groups : numpy.ndarray, optional
+        Integer group of each loan (e.g. its segment's code), in ``[0, n_groups)``.
+    n_groups : int, default 0
+        Number of groups.
+
+    Returns
+    -------
+    ContributionSums
+        The sums of these simulations.
+    """
+    if not isinstance(loans_arrays, LoanArrays):
+        raise LoanBookError(
+            f"contribution_chunk needs LoanArrays, got {type(loans_arrays).__name__}"
+        )
+    _check_settings(pd_multiplier, rho, seed)
+    _check_count("start", start, 0)
+    _check_count("stop", stop, int(start))
+    n_loans = loans_arrays.n_loans
+    if groups is None:
+        codes, n_groups = np.zeros(n_loans, dtype=np.int64), 0
+    else:
+        codes = np.asarray(groups)
+        if (
+            codes.shape != (n_loans,)
+            or not np.issubdtype(codes.dtype, np.integer)
+            or not (0 <= codes.min() and codes.max() < n_groups)
+        ):
+            raise LoanBookError(
+                f"groups must give each of {n_loans} loans an integer code in [0, {n_groups})"
+            )
+        codes = codes.astype(np.int64)
+    plan = _plan_for(loans_arrays, float(pd_multiplier), float(rho))
+    sums = ContributionSums.zeros(n_loans, n_groups)
+    positions = np.arange(n_loans, dtype=np.int64)
+    for block in range(start // SIMULATION_BLOCK, -(-stop // SIMULATION_BLOCK)):
+        log = _BlockDefaults(n=plan.c.size)
+        losses = _simulate_block(plan, int(seed), block, log)
+        first = block * SIMULATION_BLOCK
+        in_range = np.zeros(SIMULATION_BLOCK, dtype=bool)
+        in_range[max(start, first) - first : min(stop, first + SIMULATION_BLOCK) - first] = True
+        above = in_range & (losses > tail.var)
+        atom = in_range & (losses == tail.var)
+        window = in_range & (losses >= tail.window_lo) & (losses <= tail.window_hi)
+        wl = losses[window]
+        sums.n_sims += int(in_range.sum())
+        sums.n_above += int(above.sum())
+        sums.n_atom += int(atom.sum())
+        sums.n_window += int(wl.size)
+        sums.window_loss += float(wl.sum())
+        sums.window_loss_sq += float(np.dot(wl, wl))
+        selected = above | atom | window
+        sims, pos = log.pairs(selected)
+        loan = plan.index[pos]
+        values = plan.loss[pos]
+        if plan.certain_index.size:
+            chosen = np.flatnonzero(selected)
+            sims = np.r_[sims, np.repeat(chosen, plan.certain_index.size)]
+            loan = np.r_[loan, np.tile(plan.certain_index, chosen.size)]
+            values = np.r_[values, np.tile(plan.certain_losses, chosen.size)]
+        parts = (sims, values, losses, above, atom, window)
+        _add_group_sums(sums.loans, positions[loan], n_loans, *parts)
+        if n_groups:
+            _add_group_sums(sums.groups, codes[loan], n_groups, *parts)
+    return sums
+
+
+def check_second_pass(sums: ContributionSums, tail: TailSpec) -> None:
+    """Raise unless the second pass saw exactly the first pass's simulations.
+
+    Both passes draw the same random numbers, so the counts above, at and around the VaR must
+    agree to the simulation. They differ only when the passes ran different code or builds
+    (e.g. Spark workers with another numpy than the driver), and then the allocation would
+    not add up to the published figures.
+
+    Raises
+    ------
+    LoanBookError
+        Naming the counts that differ.
+    """
+    first = (tail.n_sims, tail.n_above, tail.n_atom, tail.n_window)
+    second = (sums.n_sims, sums.n_above, sums.n_atom, sums.n_window)
+    if first != second:
+        raise LoanBookError(
+            "the contribution pass did not reproduce the loss simulation: (simulations, above "
+            f"VaR, at VaR, in VaR window) = {second} against {first} in the first pass; both "
+            "passes must run the same code and numpy build"
+        )
+
+
+def euler_contributions(
+    sums: ContributionSums, tail: TailSpec, *, by: str = "loans"
+) -> dict[str, np.ndarray]:
+    """Euler allocation of the VaR and ES at ``tail.level``, with Monte Carlo standard errors.
+
+    ES contribution of group ``g`` (Acerbi-Tasche weighting of the atom at the VaR)::
+
+        C_g = (sum_{L > VaR} G_g + theta * sum_{L = VaR} G_g) / (n (1 - q))
+
+    These add up to the published ES exactly (to float rounding), since the groups' losses add
+    up to the portfolio loss in every simulation. The standard error is that of the
+    influence function ``psi_g = (G_g t + c_g (1{L <= VaR} - q)) / (1 - q) - C_g``, with ``t``
+    the tail weight (1 above the VaR, ``theta`` at it) and ``c_g = E[G_g | L = VaR]`` the VaR
+    contribution: the second term is the effect of estimating the VaR, which does not cancel
+    per group although it does for the portfolio.
+
+    VaR contribution: ``E[G_g | L = VaR]``, estimated over the window of simulations ranked
+    within :data:`VAR_WINDOW` of the tail size around the VaR and scaled by
+    ``VaR / mean(L | window)`` so that the contributions add up to the VaR (a ratio estimator;
+    an empty or zero-loss window gives zeros). Its standard error is the ratio estimator's
+    over the window's simulations; it leaves out the smoothing bias of the window.
+
+    Parameters
+    ----------
+    sums : ContributionSums
+        Merged sums of every chunk of the run.
+    tail : TailSpec
+        The first pass's tail.
+    by : {"loans", "groups"}
+        Allocate to each loan or to each group of the partition.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        ``es``, ``se_es``, ``var``, ``se_var``, one value per loan or group.
+    """
+    if by not in ("loans", "groups"):
+        raise LoanBookError(f"by = {by!r} must be 'loans' or 'groups'")
+    g = sums.loans if by == "loans" else sums.groups
+    n, q, theta = sums.n_sims, tail.level, tail.atom_weight
+    es = (g["above"] + theta * g["atom"]) / (n * (1.0 - q))
+    var = np.zeros_like(es)
+    se_var = np.zeros_like(es)
+    if sums.window_loss > 0.0 and sums.n_window >= 2:
+        w = sums.n_window
+        ratio = g["window"] / sums.window_loss
+        var = tail.var * ratio
+        resid = g["window_sq"] - 2.0 * ratio * g["window_cross"] + ratio**2 * sums.window_loss_sq
+        mean_loss = sums.window_loss / w
+        se_var = tail.var * np.sqrt(np.maximum(resid, 0.0) / (w - 1) / w) / mean_loss
+    n_le = n - sums.n_above
+    c = var
+    total = g["above"] + theta * g["atom"] + c * (n_le - n * q)
+    second = (
+        g["above_sq"]
+        + theta**2 * g["atom_sq"]
+        + 2.0 * c * (-q * g["above"] + theta * (1.0 - q) * g["atom"])
+        + c**2 * (n_le * (1.0 - q) ** 2 + sums.n_above * q**2)
+    )
+    spread = np.maximum(second / n - (total / n) ** 2, 0.0) * n / max(n - 1, 1)
+    se_es = np.sqrt(spread / n) / (1.0 - q)
+    return {"es": es, "se_es": se_es, "var": var, "se_var": se_var}
 
 
 # --------------------------------------------------------------------------- gates
@@ -793,54 +1469,147 @@ def expected_loss_within_se(
     )
 
 
-def mc_error_failure(
-    summary: dict[str, Any],
-    max_relative_se: float = 0.005,
-    keys: Sequence[str] = ("expected_loss",),
-) -> str | None:
-    """Gate: Monte Carlo standard errors are small enough relative to the estimates.
+def _check_bounds(bounds: Mapping[str, float]) -> None:
+    for figure, bound in bounds.items():
+        if figure not in SUMMARY_FIGURES:
+            raise LoanBookError(
+                f"no Monte Carlo error bound is defined for {figure!r}; "
+                f"figures are {', '.join(SUMMARY_FIGURES)}"
+            )
+        if not isinstance(bound, int | float) or math.isnan(bound) or not bound > 0.0:
+            raise LoanBookError(
+                f"relative SE bound of {figure} = {bound!r} must be > 0 (inf: not gated)"
+            )
 
-    The relative SE falls as ``1 / sqrt(n_sims)``, so the number of simulations that meets the
-    bound is ``n_needed = ceil(n * (se / (bound * value))**2)``, reported in the message.
+
+def mc_error_shortfalls(
+    summary: Mapping[str, Any], bounds: Mapping[str, float] = DEFAULT_MAX_RELATIVE_SE
+) -> list[dict[str, Any]]:
+    """Every figure whose Monte Carlo standard error exceeds its relative bound.
+
+    The relative SE falls as ``1 / sqrt(n_sims)``, so the number of simulations that meets a
+    bound is ``ceil(n * (relative_se / bound)**2)``. A figure with SE 0 is exact (e.g. a
+    quantile on an atom, or a deterministic loss) and always passes; a figure that is 0 with a
+    positive SE has an unbounded relative error and fails with ``n_sims_needed = None``.
 
     Parameters
     ----------
-    summary : dict
-        Output of :func:`summarise_losses`.
-    max_relative_se : float, default 0.005
-        Largest acceptable ``se / value``.
-    keys : sequence of str, default ("expected_loss",)
-        Estimates to check; each needs ``se_<key>`` in the summary (e.g. ``"var_99"``).
+    summary : mapping
+        Output of :func:`summarise_losses` (or a stored summary row holding the same keys).
+    bounds : mapping of str to float, default :data:`DEFAULT_MAX_RELATIVE_SE`
+        Largest acceptable ``se / |value|`` per figure of :data:`SUMMARY_FIGURES`; ``inf``
+        leaves a figure ungated.
+
+    Returns
+    -------
+    list of dict
+        One dict per failing figure, in the order of ``bounds``: ``figure``, ``value``,
+        ``se``, ``relative_se``, ``bound``, ``n_sims`` and ``n_sims_needed``.
+
+    Raises
+    ------
+    LoanBookError
+        When a bound is not positive or names an unknown figure.
+    """
+    _check_bounds(bounds)
+    n = int(summary["n_sims"])
+    failing = []
+    for figure, bound in bounds.items():
+        value, se = abs(float(summary[figure])), float(summary["se_" + figure])
+        if se == 0.0 or math.isinf(bound):
+            continue
+        relative = se / value if value else math.inf
+        if relative <= bound:
+            continue
+        needed = math.ceil(n * (relative / bound) ** 2) if value else None
+        failing.append(
+            {
+                "figure": figure,
+                "value": value,
+                "se": se,
+                "relative_se": relative,
+                "bound": float(bound),
+                "n_sims": n,
+                "n_sims_needed": needed,
+            }
+        )
+    return failing
+
+
+def mc_error_failure(
+    summary: Mapping[str, Any], bounds: Mapping[str, float] = DEFAULT_MAX_RELATIVE_SE
+) -> str | None:
+    """Gate: the Monte Carlo standard error of every figure is within its relative bound.
+
+    Parameters
+    ----------
+    summary : mapping
+        Output of :func:`summarise_losses` (or a stored summary row holding the same keys).
+    bounds : mapping of str to float, default :data:`DEFAULT_MAX_RELATIVE_SE`
+        Largest acceptable ``se / |value|`` per figure (see :func:`mc_error_shortfalls`).
 
     Returns
     -------
     str or None
-        A failure message naming each estimate, its relative SE, the bound and the ``n_sims``
-        needed, or ``None`` when every estimate meets the bound.
+        A failure message naming each failing figure, its relative SE, its bound and the
+        ``n_sims`` it needs, or ``None`` when every figure meets its bound.
     """
-    if not max_relative_se > 0.0:
-        raise LoanBookError(f"max_relative_se = {max_relative_se!r} must be > 0")
-    n = int(summary["n_sims"])
     problems = []
-    for key in keys:
-        value, se = abs(float(summary[key])), float(summary["se_" + key])
-        if se == 0.0:
-            continue  # exact (e.g. a deterministic loss): nothing to reduce
-        if value == 0.0:
+    for f in mc_error_shortfalls(summary, bounds):
+        if f["n_sims_needed"] is None:
             problems.append(
-                f"{key} is 0 with standard error {se:.6g}, so its relative error is unbounded; "
-                "raise n_sims until the estimate is resolved"
+                f"{f['figure']} is 0 with standard error {f['se']:.6g}, so its relative error "
+                f"is unbounded at n_sims = {f['n_sims']:,}; raise n_sims until it is resolved"
             )
-            continue
-        relative = se / value
-        if relative > max_relative_se:
-            needed = math.ceil(n * (relative / max_relative_se) ** 2)
+        else:
             problems.append(
-                f"relative standard error of {key} is {relative:.3%} (se {se:.6g} on "
-                f"{value:.6g}), above the bound {max_relative_se:.3%} with n_sims = {n:,}; "
-                f"raise n_sims to at least {needed:,}"
+                f"{f['figure']}: relative standard error {f['relative_se']:.3%} (se "
+                f"{f['se']:.6g} on {f['value']:.6g}) above its bound {f['bound']:.3%} with "
+                f"n_sims = {f['n_sims']:,}; needs n_sims >= {f['n_sims_needed']:,}"
             )
     return "; ".join(problems) if problems else None
+
+
+def n_sims_needed(
+    summary: Mapping[str, Any], bounds: Mapping[str, float] = DEFAULT_MAX_RELATIVE_SE
+) -> int | None:
+    """Simulations for every figure of ``summary`` to meet its bound (SE ~ 1 / sqrt(n)).
+
+    Returns
+    -------
+    int or None
+        ``max(n_sims, ceil(n * (relative_se / bound)**2))`` over the figures, or ``None``
+        when a figure that is 0 has a positive SE (its need cannot be projected).
+    """
+    needed = [int(summary["n_sims"])]
+    for f in mc_error_shortfalls(summary, bounds):
+        if f["n_sims_needed"] is None:
+            return None
+        needed.append(f["n_sims_needed"])
+    return max(needed)
+
+
+def next_n_sims(n_sims: int, budget: int) -> int:
+    """The simulation count of the next round of an automatic run: double, within budget.
+
+    A simulation's loss depends on its index and the seed only, so the next round simulates
+    ``[n_sims, next)`` and appends it; the result equals a single run of ``next`` simulations.
+
+    Parameters
+    ----------
+    n_sims : int
+        Simulations so far, ``>= 1``.
+    budget : int
+        Largest number of simulations allowed, ``>= n_sims``.
+
+    Returns
+    -------
+    int
+        ``min(2 n_sims, budget)``; equal to ``n_sims`` when the budget is spent.
+    """
+    _check_count("n_sims", n_sims, 1)
+    _check_count("budget", budget, int(n_sims))
+    return min(2 * int(n_sims), int(budget))
 
 
 # --------------------------------------------------------------------------- Vasicek
@@ -955,6 +1724,81 @@ def finite_portfolio_default_cdf(k: int, pd: float, rho: float, *, n_loans: int)
         return 1.0 if k >= n_loans * pd else 0.0
     p = special.ndtr((special.ndtri(pd) - math.sqrt(rho) * _GRID_Z) / math.sqrt(1.0 - rho))
     return float(np.dot(_GRID_WEIGHTS, special.bdtr(k, n_loans, p)))
+
+
+def finite_portfolio_default_pmf(pd: float, rho: float, *, n_loans: int) -> np.ndarray:
+    """Exact law of the default count ``D`` of ``n_loans`` identical loans.
+
+    ``P(D = k) = integral Binom(k; n, p(z)) phi(z) dz`` with
+    ``p(z) = Phi((Phi^-1(pd) - sqrt(rho) z) / sqrt(1 - rho))``, integrated on the uniform grid
+    of :func:`finite_portfolio_default_cdf` (20,001 points over ``[-9, 9]``; the trapezoid rule
+    converges geometrically for a smooth integrand under a Gaussian weight, and the mass
+    outside is below 1e-18). A homogeneous book's losses are ``k * EAD * LGD``, so this is the
+    exact finite-portfolio loss distribution the simulator is verified against.
+
+    Parameters
+    ----------
+    pd : float
+        PD of every loan, in ``[0, 1]``.
+    rho : float
+        Asset correlation in ``[0, 1)``.
+    n_loans : int
+        Number of loans, ``>= 1``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``n_loans + 1`` probabilities ``P(D = k)``, ``k = 0 .. n_loans``, summing to 1.
+    """
+    _check_probability("pd", pd)
+    _check_rho(rho)
+    _check_count("n_loans", n_loans, 1)
+    k = np.arange(n_loans + 1)
+    if pd in (0.0, 1.0):
+        return (k == round(n_loans * pd)).astype(np.float64)
+    p = special.ndtr((special.ndtri(pd) - math.sqrt(rho) * _GRID_Z) / math.sqrt(1.0 - rho))
+    pmf = np.zeros(n_loans + 1)
+    step = max(1, (1 << 20) // (n_loans + 1))
+    for lo in range(0, p.size, step):
+        pmf += _GRID_WEIGHTS[lo : lo + step] @ stats.binom.pmf(
+            k[None, :], n_loans, p[lo : lo + step, None]
+        )
+    return pmf / pmf.sum()
+
+
+def discrete_var_es(
+    values: np.ndarray, probabilities: np.ndarray, level: float
+) -> tuple[float, float]:
+    """Exact VaR and expected shortfall of a discrete loss law.
+
+    ``VaR = min{x : P(L <= x) >= level}`` and Acerbi and Tasche's
+    ``ES = (E[L 1{L > VaR}] + VaR (P(L <= VaR) - level)) / (1 - level)``, which weights the
+    atom at the VaR by the share of it inside the tail.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Distinct loss values in increasing order.
+    probabilities : numpy.ndarray
+        Their probabilities (summing to 1).
+    level : float
+        Level in ``(0, 1)``.
+
+    Returns
+    -------
+    tuple of float
+        ``(VaR, ES)``.
+    """
+    _check_probability("level", level, open_interval=True)
+    x = np.asarray(values, dtype=np.float64)
+    prob = np.asarray(probabilities, dtype=np.float64)
+    if x.shape != prob.shape or x.ndim != 1 or (np.diff(x) <= 0).any():
+        raise LoanBookError("values must be distinct, increasing and match the probabilities")
+    cdf = np.cumsum(prob)
+    at = min(int(np.searchsorted(cdf, level, side="left")), x.size - 1)
+    var = float(x[at])
+    above = math.fsum((x[at + 1 :] * prob[at + 1 :]).tolist())
+    return var, (above + var * (float(cdf[at]) - level)) / (1.0 - level)
 
 
 def finite_portfolio_loss_quantile(pd: float, rho: float, q: float, *, n_loans: int) -> float:

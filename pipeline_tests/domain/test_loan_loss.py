@@ -158,10 +158,10 @@ def test_bits_book_exercises_shared_buckets_and_the_dense_branch():
     plan = ll._make_plan(ll.loan_arrays(bits_book()), BITS_MULT, 0.3)
     assert plan.sizes.max() >= 3  # several thresholds per bucket: squeeze + exact acceptance
     assert plan.certain_loss == 2.0 ** (BITS_PD.size - 1)
-    # a conditional PD of 0.5 or more (lambda > 0.5) is reached for the riskiest buckets at
-    # moderate Z, so the dense branch runs in a good share of simulations
+    # the riskiest buckets exceed the dense intensity at moderate Z, so the dense branch runs
+    # in a good share of simulations
     lam = -np.log(stats.norm.cdf(-plan.c_hi[-1] / plan.s))
-    assert lam > 0.5
+    assert lam > ll._DENSE_LAMBDA
 
 
 @pytest.mark.parametrize(("rho", "mult"), [(0.1, 1.3), (0.4, 2.5)])
@@ -345,7 +345,13 @@ def test_summary_definitions_hold_for_any_sample(values):
     assert s["p10"] <= s["p50"] <= s["p90"] <= s["var_99"] <= s["var_999"] <= x.max()
     assert s["var_99"] <= s["es_99"] <= x.max() and s["var_999"] <= s["es_999"] <= x.max()
     assert s["es_99"] <= s["es_999"] * (1 + 1e-12)
-    assert s["es_99"] == pytest.approx(x[x >= s["var_99"]].mean(), rel=1e-12)
+    # ES is the mean of the worst share 1 - q: (1 / (1 - q)) * integral_q^1 F_n^-1(u) du, the
+    # k-th smallest loss holding u in ((k - 1) / n, k / n]
+    ordered, n = np.sort(x), x.size
+    for key, q in ll.ES_LEVELS.items():
+        lengths = np.clip(np.arange(1, n + 1) / n - q, 0.0, 1.0 / n)
+        expected = math.fsum((ordered * lengths).tolist()) / (1.0 - q)
+        assert s[key] == pytest.approx(expected, rel=1e-9, abs=1e-9 * ordered[-1])
     assert all(s[k] >= 0 for k in s if k.startswith("se_"))
     assert s["n_sims"] == x.size and isinstance(s["n_sims"], int)
     assert all(type(v) is float for k, v in s.items() if k != "n_sims")
@@ -357,14 +363,49 @@ def test_mc_error_gate_reports_the_simulations_needed():
     summary = ll.summarise_losses(ll.simulate_portfolio_loss(book, n_sims=2_000, **kw))
     relative = summary["se_expected_loss"] / summary["expected_loss"]
     assert relative > 0.005
-    message = ll.mc_error_failure(summary, max_relative_se=0.005)
+    only_el = {"expected_loss": 0.005}
+    message = ll.mc_error_failure(summary, only_el)
     needed = math.ceil(2_000 * (relative / 0.005) ** 2)
     assert message is not None and f"{needed:,}" in message and "0.500%" in message
+    assert ll.n_sims_needed(summary, only_el) == needed
     rerun = ll.summarise_losses(ll.simulate_portfolio_loss(book, n_sims=needed, **kw))
     assert rerun["se_expected_loss"] / rerun["expected_loss"] < 0.005 * 1.1
-    assert ll.mc_error_failure(rerun, max_relative_se=0.0055) is None
-    both = ll.mc_error_failure(summary, max_relative_se=0.005, keys=("expected_loss", "var_99"))
-    assert both is not None and "var_99" in both
+    assert ll.mc_error_failure(rerun, {"expected_loss": 0.0055}) is None
+    # every figure is gated by its own bound, and each failing one is named with its need
+    bounds = dict.fromkeys(ll.SUMMARY_FIGURES, 0.001)
+    failing = ll.mc_error_shortfalls(summary, bounds)
+    assert [f["figure"] for f in failing] == [
+        k for k in ll.SUMMARY_FIGURES if summary["se_" + k] > 0.0
+    ]
+    everything = ll.mc_error_failure(summary, bounds)
+    for f in failing:
+        assert f"{f['figure']}: relative standard error" in everything
+        assert f["n_sims_needed"] == math.ceil(2_000 * (f["relative_se"] / 0.001) ** 2)
+        assert f"needs n_sims >= {f['n_sims_needed']:,}" in everything
+    assert ll.n_sims_needed(summary, bounds) == max(f["n_sims_needed"] for f in failing)
+    # an infinite bound leaves a figure ungated
+    assert ll.mc_error_failure(summary, dict.fromkeys(ll.SUMMARY_FIGURES, math.inf)) is None
+
+
+def test_mc_error_gate_on_zero_figures_and_bad_bounds():
+    zero_with_error = {"n_sims": 1_000, "p10": 0.0, "se_p10": 12.0}
+    message = ll.mc_error_failure(zero_with_error, {"p10": 0.02})
+    assert message is not None and "p10 is 0" in message and "unbounded" in message
+    assert ll.n_sims_needed(zero_with_error, {"p10": 0.02}) is None
+    exact_zero = {"n_sims": 1_000, "var_99": 0.0, "se_var_99": 0.0}
+    assert ll.mc_error_failure(exact_zero, {"var_99": 0.01}) is None
+    with pytest.raises(ll.LoanBookError, match="must be > 0"):
+        ll.mc_error_failure(exact_zero, {"var_99": 0.0})
+    with pytest.raises(ll.LoanBookError, match="no Monte Carlo error bound"):
+        ll.mc_error_failure(exact_zero, {"var_95": 0.01})
+
+
+def test_next_n_sims_doubles_within_the_budget():
+    assert ll.next_n_sims(10_000, 1_000_000) == 20_000
+    assert ll.next_n_sims(600_000, 1_000_000) == 1_000_000
+    assert ll.next_n_sims(1_000_000, 1_000_000) == 1_000_000
+    with pytest.raises(ll.LoanBookError, match="budget"):
+        ll.next_n_sims(1_000, 999)
 
 
 # --------------------------------------------------------------------------- properties
