@@ -601,3 +601,122 @@ def test_a_registered_symbol_without_ticks_fails_its_blocking_checks(platform: P
     assert descriptions[("curated/fx_spreads", keys.CHECK_RECONCILES)] == (
         f"{DAY}|SEKNOK: 0 in = 0 curated + 0 quarantined"
     )
+
+
+# --- schema drift, all-rejected drops, outcomes committed together ------------------------
+
+
+def test_undeclared_columns_are_kept_in_bronze_and_reported_as_drift(platform: Platform) -> None:
+    path = platform.settings.landing_dir / CLAIMS_CSV
+    path.parent.mkdir(parents=True)
+    header = ",".join([*CLAIMS_COLUMNS, "broker", "channel"])
+    rows = [",".join([*r, f"B{i}", "web"]) for i, r in enumerate(good_claims(3))]
+    path.write_text("\n".join([header, *rows]) + "\n")
+    resend = platform.settings.landing_dir / f"claims/claims_{MONTH}_resend.csv"
+    resend.write_text(",".join(CLAIMS_COLUMNS) + "\nP9,D1,2026-07,0.1,0\n")
+
+    result = ingest_claims(platform)
+
+    assert result.success
+    bronze = platform.lake.read("bronze", "claims").sort("_source_file", "_row_number")
+    assert bronze.columns[:7] == [*CLAIMS_COLUMNS, "broker", "channel"]
+    assert bronze.schema["broker"] == pl.String
+    assert bronze["broker"].to_list() == ["B0", "B1", "B2", None]
+    assert metadata(result, keys.BRONZE_CLAIMS)["undeclared_columns"] == "broker, channel"
+    outcomes = check_outcomes(result)
+    assert outcomes[("bronze/claims", CHECK_NO_UNDECLARED_COLUMNS)] is False
+    assert outcomes[("bronze/claims", keys.CHECK_FILE_SCHEMA)] is True
+    drift = next(
+        e
+        for e in result.get_asset_check_evaluations()
+        if e.check_name == CHECK_NO_UNDECLARED_COLUMNS
+    )
+    assert drift.severity == dg.AssetCheckSeverity.WARN
+    assert drift.description == (
+        f"{MONTH}: undeclared column(s) broker, channel in {CLAIMS_CSV}; kept in bronze"
+    )
+    # a warning: curated is published, without the undeclared columns
+    curated = platform.lake.read("curated", "claims_by_district", {"month": MONTH})
+    assert int(curated["n_policies"].sum()) == 4
+    assert "broker" not in curated.columns
+
+
+def test_a_column_bronze_cannot_store_fails_naming_file_and_column(platform: Platform) -> None:
+    path = platform.settings.landing_dir / CLAIMS_CSV
+    path.parent.mkdir(parents=True)
+    path.write_text(",".join([*CLAIMS_COLUMNS, "_source_file", "sales channel"]) + "\n")
+    description, meta = failure(ingest_claims(platform), keys.BRONZE_CLAIMS)
+    assert description == (
+        f"claims partition {MONTH}: {CLAIMS_CSV}: column name(s) cannot be stored in bronze: "
+        "'_source_file' is a column the platform adds; 'sales channel' is empty or holds one "
+        "of ' ,;{}()=', tab, newline"
+    )
+    assert meta == {"file": CLAIMS_CSV}
+
+
+def test_a_drop_whose_rows_are_all_rejected_is_quarantined_and_fails_its_gate(
+    platform: Platform,
+) -> None:
+    write_claims_csv(platform, [[f"P{i}", "D1", MONTH, "-1", "0"] for i in range(4)])
+    result = ingest_claims(platform)
+    assert not result.success  # the blocking contract check has no curated rows to pass
+    q = quarantine(platform, "claims_by_district", MONTH)
+    assert q["reason"].to_list() == ["exposure < 0"] * 4
+    outcomes = check_outcomes(result)
+    assert outcomes[("curated/claims_by_district", keys.CHECK_RECONCILES)] is True
+    assert outcomes[("curated/claims_by_district", keys.CHECK_CURATED_CONTRACT)] is False
+
+
+def test_an_fx_day_without_a_valid_symbol_is_quarantined_by_its_bronze_run(
+    platform: Platform,
+) -> None:
+    rows = pl.DataFrame(
+        {
+            "symbol": ["../etc", "€/$", None],
+            "ts": [f"{DAY}T00:00:0{i}" for i in range(1, 4)],
+            "bid": ["1.10", "1.20", "1.30"],
+            "ask": ["1.11", "1.21", "1.31"],
+        }
+    )
+    path = platform.settings.landing_dir / f"fx_ticks/fx_ticks_{DAY}.csv"
+    path.parent.mkdir(parents=True)
+    rows.write_csv(path)
+    result = platform.materialize([keys.BRONZE_FX_TICKS], DAY)
+    assert metadata(result, keys.BRONZE_FX_TICKS)["rows_quarantined_without_symbol"] == 3
+    q = quarantine(platform, "fx_spreads", DAY)
+    assert q["_row_number"].to_list() == [1, 2, 3]
+    assert set(q["reason"]) == {"symbol does not normalise to [A-Z0-9]{3,12}"} | {
+        "symbol: missing value"
+    }
+    assert not platform.lake.exists("curated", "fx_spreads") or (
+        platform.lake.read("curated", "fx_spreads").height == 0
+    )
+
+
+def test_an_unwritable_quarantine_publishes_no_curated_rows(platform: Platform) -> None:
+    """Regression: curated rows were published and the quarantined ones lost."""
+    write_claims_csv(platform, good_claims(3))
+    assert ingest_claims(platform).success
+    before = platform.lake.read("curated", "claims_by_district", {"month": MONTH})
+
+    write_claims_csv(platform, [*good_claims(5), ["P9", "D1", MONTH, "-1", "0"]])
+    quarantine_dir = Path(platform.lake.table_uri("quarantine", "claims_by_district"))
+    log = quarantine_dir / "_delta_log"
+    moved = quarantine_dir.with_name("moved")
+    quarantine_dir.rename(moved)
+    quarantine_dir.write_text("not a table")  # the quarantine location cannot take a write
+    try:
+        result = ingest_claims(platform)
+    finally:
+        quarantine_dir.unlink()
+        moved.rename(quarantine_dir)
+    assert not result.success
+    assert result.failure_data_for_node("curated__claims_by_district") is not None
+    assert log.is_dir()
+    # the new curated rows were written but never committed: readers see the old outcome
+    assert_frame_equal(
+        platform.lake.read("curated", "claims_by_district", {"month": MONTH}), before
+    )
+    assert quarantine(platform, "claims_by_district", MONTH).height == 0
+    stored = platform.lake.read("curated", "claims_by_district", committed=False)
+    assert stored["_batch_id"].n_unique() == 2  # the uncommitted batch is invisible
