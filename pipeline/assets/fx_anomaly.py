@@ -100,6 +100,8 @@ def fx_challenger_model(
                 tracking=tracking,
                 dagster_run_id=context.run_id,
             )
+        else:
+            fx_spark.require_local_or_spark(compute.backend, "fx_challenger_model")
         for symbol in context.partition_keys if compute.backend == "local" else ():
             evaluations.append(
                 fx_training.train_challenger(
@@ -238,6 +240,8 @@ def fx_anomaly_scores(
             champions, scored = fx_spark.score_symbols(
                 compute.spark_session(), by_symbol, lake=lake, tracking=tracking, watch=watch
             )
+        else:
+            fx_spark.require_local_or_spark(compute.backend, "fx_anomaly_scores")
         for symbol, dates in by_symbol.items() if compute.backend == "local" else ():
             champions[symbol], scored[symbol] = fx_scoring.score_symbol_days(
                 symbol, dates, lake=lake, tracking=tracking, watch=watch

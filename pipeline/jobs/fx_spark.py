@@ -56,6 +56,19 @@ class SparkTaskDomainError(DomainError):
     """A domain error raised inside a Spark task, re-raised on the driver with its text."""
 
 
+class UnsupportedBackendError(DomainError):
+    """The FX assets run in process or on Spark; Databricks job runs are not wired yet."""
+
+
+def require_local_or_spark(backend: str, asset: str) -> None:
+    """Raise :class:`UnsupportedBackendError` unless ``backend`` is ``local`` or ``spark``."""
+    if backend not in ("local", "spark"):
+        raise UnsupportedBackendError(
+            f"{asset} runs with COMPUTE=local or COMPUTE=spark, not {backend!r}; "
+            "run the FX models with COMPUTE=spark against the cluster's Spark instead"
+        )
+
+
 def tracking_fields(tracking: TrackingResource) -> dict[str, Any]:
     """The configuration of a tracking resource, to rebuild it inside a task."""
     return {name: getattr(tracking, name) for name in type(tracking).model_fields}
