@@ -5,10 +5,10 @@ task calls :func:`pipeline.jobs.fx_training.train_challenger` unchanged (fit, ev
 against the champion on the held-out days, log with signature and input example,
 register, alias ``challenger``). The task builds its own :class:`TrackingResource` from
 the driver's fields, so it logs straight to the tracking server; the evaluation row comes
-back to the driver as JSON. Logging from the tasks was measured against fitting in the
-tasks and logging from the driver (see the README, "From laptop to cluster"): the MLflow
-phase of a symbol costs as much as its fit, so serialising it on the driver loses most of
-the parallelism.
+back to the driver as JSON. Logging from the tasks keeps one function on every path and
+the driver free of per-symbol MLflow work; the comparison with fitting in the tasks and
+logging from the driver is ``benchmarks.scale`` (figures so far in the README, "From
+laptop to cluster": not yet conclusive).
 
 Scoring is ``mapInPandas`` over the scoring ticks repartitioned by symbol. Each symbol's
 champion is resolved to a version on the driver (never a moving alias in a task); a task
