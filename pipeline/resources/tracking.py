@@ -230,10 +230,10 @@ class TrackingResource(ConfigurableResource):
             return mlflow.sklearn.load_model(str(path))
 
     def download_artifact(self, run_id: str, path: str) -> bytes:
-        """The bytes of one artefact file of a run."""
-        with tempfile.TemporaryDirectory() as tmp:
-            local = self.client().download_artifacts(run_id, path, tmp)
-            return Path(local).read_bytes()
+        """The bytes of one artefact file of a run (read in place when stored on this machine)."""
+        artifact_uri = self.client().get_run(run_id).info.artifact_uri
+        with self.local_copy(f"{artifact_uri.rstrip('/')}/{path}") as local:
+            return local.read_bytes()
 
     @contextlib.contextmanager
     def local_copy(self, artifact_uri: str) -> Iterator[Path]:

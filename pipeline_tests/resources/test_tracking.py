@@ -192,6 +192,8 @@ def test_a_registered_model_loads_by_alias_and_by_version_without_global_state(
                 pip_requirements=["scikit-learn"],
                 skops_trusted_types=["sklearn.tree._tree.Tree"],
             )
+            run.log_files({"reference.npy": train[:, 0].tobytes()})
+        assert tracking.download_artifact(run.run_id, "reference.npy") == train[:, 0].tobytes()
         versions.append(
             tracking.register_version(name, source=source, run_id=run.run_id, tags={"k": "v"})
         )
