@@ -19,7 +19,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.assets.fx_anomaly import LABELS_FILE as FX_LABELS_FILE
 from pipeline.domain.demo_data import (
     claims_truth,
     generate_claims,
@@ -27,6 +26,7 @@ from pipeline.domain.demo_data import (
     write_drop,
 )
 from pipeline.settings import Settings, ensure_dagster_home, load_settings
+from pipeline.stores.fx import LABELS_FILE as FX_LABELS_FILE
 from pipeline_tests.e2e.graphql import FINISHED_RUN, DagsterGraphQL, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
