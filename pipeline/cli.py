@@ -182,6 +182,22 @@ def ui_commands(
     return mlflow_cmd, dagster_cmd
 
 
+def maintenance(settings: Settings, *, retention_hours: int | None = None) -> list[str]:
+    """Maintain every table of the lake of ``settings`` (:mod:`pipeline.maintenance`).
+
+    Prints and returns one line per table.
+    """
+    from pipeline.maintenance import maintain_lake
+    from pipeline.resources.lake import LakeResource
+
+    hours = settings.vacuum_retention_hours if retention_hours is None else retention_hours
+    lake = LakeResource(root_uri=settings.lake_uri, service_timeout_s=settings.service_timeout_s)
+    lines = [report.line() for report in maintain_lake(lake, retention_hours=hours)]
+    for line in lines or [f"no Delta table under {settings.lake_uri}"]:
+        print(line)
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pipeline`` console script."""
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
@@ -193,6 +209,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev_parser.add_argument("--dagster-port", type=int, default=3000)
     dev_parser.add_argument("--mlflow-port", type=int, default=5000)
     sub.add_parser("reset", help="delete PIPELINE_HOME (lake, landing, MLflow, Dagster state)")
+    maint = sub.add_parser(
+        "maintenance",
+        help="remove invisible batches and orphaned files of killed writes, vacuum and "
+        "checkpoint every lake table",
+    )
+    maint.add_argument(
+        "--retention-hours",
+        type=int,
+        default=None,
+        help="keep every version of the last N hours readable (default "
+        "PIPELINE_VACUUM_RETENTION_HOURS, 168)",
+    )
     deploy_parser = sub.add_parser(
         "deploy", help="build the wheel and upload it to the Databricks workspace"
     )
@@ -226,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.deploy import deploy
 
         print(json.dumps(deploy(root=args.root, upload=not args.build_only), indent=2))
+    elif args.command == "maintenance":
+        maintenance(settings, retention_hours=args.retention_hours)
     elif args.command == "reset":
         shutil.rmtree(settings.home, ignore_errors=True)
         print(f"removed {settings.home}")
