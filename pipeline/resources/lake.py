@@ -231,6 +231,10 @@ class LakeResource(ConfigurableResource):
                 raise
             raise self._unavailable(uri, exc) from exc
 
+    def delta_table(self, layer: str, table: str) -> "DeltaTable | None":
+        """The delta-rs table at ``<root>/<layer>/<table>`` (maintenance), or ``None``."""
+        return self._load(self.table_uri(layer, table))
+
     def version(self, layer: str, table: str) -> int | None:
         """Current Delta version, or ``None`` when the table does not exist."""
         if not self.exists(layer, table):
@@ -557,6 +561,34 @@ class LakeResource(ConfigurableResource):
         if loaded is None:
             return False
         return any(entry.get(_BATCH_METADATA_KEY) == batch for entry in loaded.history(20))
+
+    def delete_batches(self, layer: str, table: str, doomed: pl.DataFrame) -> int:
+        """Delete the rows of ``(partition values..., _batch_id)`` pairs of one table.
+
+        Returns the number of rows deleted.
+
+        Raises
+        ------
+        LakeError
+            When a partition value or batch id is not one this lake writes.
+        """
+        if doomed.height == 0:
+            return 0
+        keys = [c for c in doomed.columns if c != BATCH_COLUMN]
+        for row in doomed.iter_rows(named=True):
+            if not _BATCH.match(str(row[BATCH_COLUMN])):
+                raise LakeError(f"{layer}/{table}: batch id {row[BATCH_COLUMN]!r} is not valid")
+        partitions = doomed.select(pl.col(keys).cast(pl.String))
+        self._partitions_of(layer, table, partitions, list(partitions.iter_rows(named=True)))
+        predicate = " OR ".join(
+            f"(({_predicate(pl.DataFrame([{k: row[k] for k in keys}]))}) AND "
+            f"{BATCH_COLUMN} = '{row[BATCH_COLUMN]}')"
+            for row in doomed.with_columns(pl.col(keys).cast(pl.String)).iter_rows(named=True)
+        )
+        loaded = self.delta_table(layer, table)
+        if loaded is None:
+            return 0
+        return int(loaded.delete(predicate).get("num_deleted_rows", 0))
 
     # --- files --------------------------------------------------------------------
     def write_bytes(self, uri: str, payload: bytes) -> str:
