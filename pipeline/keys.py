@@ -38,7 +38,11 @@ CHECK_RECONCILES = "rows_in_equal_curated_plus_quarantined"
 CHECK_RHAT = "posterior_rhat_below_1_01"
 CHECK_DIVERGENCES = "no_divergent_transitions"
 CHECK_ESS = "posterior_ess_bulk_above_400"
-CONVERGENCE_CHECKS = (CHECK_RHAT, CHECK_DIVERGENCES, CHECK_ESS)
+CHECK_ESS_TAIL = "posterior_ess_tail_above_400"
+CONVERGENCE_CHECKS = (CHECK_RHAT, CHECK_DIVERGENCES, CHECK_ESS, CHECK_ESS_TAIL)
+CHECK_POSTERIOR_PREDICTIVE = "claims_consistent_with_posterior_predictive"
+# every check on credibility_posterior; the table's guard requires them all
+CREDIBILITY_POSTERIOR_CHECKS = (*CONVERGENCE_CHECKS, CHECK_POSTERIOR_PREDICTIVE)
 
 CHECK_CHALLENGER_BEATS_CHAMPION = "challenger_beats_champion"
 CHECK_CHAMPION_KPI = "champion_kpi_within_bounds"
@@ -46,6 +50,7 @@ CHECK_CHAMPION_KPI = "champion_kpi_within_bounds"
 CHECK_MC_ERROR = "mc_error_within_bound"
 CHECK_EL_ANALYTIC = "expected_loss_matches_analytic"
 CHECK_VASICEK = "quantiles_match_vasicek_reference"
+CHECK_CONTRIBUTIONS = "contributions_add_up_to_var_and_es"
 
 
 def check_key(asset_key: AssetKey, name: str) -> AssetCheckKey:

@@ -1,12 +1,18 @@
 """Accuracy gates of ``loan_loss_distribution``.
 
-* ``mc_error_within_bound`` (blocking): the standard error of the expected loss
-  is at most 0.5 % of it, for every scenario;
+* ``mc_error_within_bound`` (blocking): the Monte Carlo standard error of every
+  published figure (expected loss, P10/P50/P90, VaR and ES at 99% and 99.9%) is
+  within the relative bound the run was configured with (stored on each summary
+  row), for every scenario; the message names each failing figure and the
+  simulations it needs;
 * ``expected_loss_matches_analytic``: the simulated mean lies within 3 standard
   errors of sum(EAD × LGD × PD × multiplier), which is known exactly;
 * ``quantiles_match_vasicek_reference``: a homogeneous reference book with each
   scenario's average stressed PD and correlation reproduces the Vasicek
-  large-portfolio quantiles, validating the simulator under those parameters.
+  large-portfolio quantiles, validating the simulator under those parameters;
+* ``contributions_add_up_to_var_and_es``: the stored segment contributions of
+  each scenario come from the same run as its summary and add up to its 99% VaR
+  and ES.
 """
 
 import math
@@ -18,11 +24,12 @@ from pipeline import keys
 from pipeline.metadata import markdown_table
 from pipeline.partitions import valuation_date_partitions
 from pipeline.resources.lake import LakeResource
-from pipeline.stores.loan_loss import read_summary
+from pipeline.stores.loan_loss import read_contributions, read_summary, stored_bounds
 
 REFERENCE_LOANS = 5_000
 REFERENCE_SIMS = 20_000
-MAX_RELATIVE_SE = 0.005
+LEGACY_BOUNDS = {"expected_loss": 0.005}
+"""The bound of summary rows written before bounds were stored: the expected loss's only."""
 
 
 def _result(
@@ -56,15 +63,50 @@ def _result(
     )
 
 
-def _n_sims_needed(row: dict) -> int | None:
-    """Simulations for the expected loss's relative SE to meet the bound (SE ~ 1/sqrt(n)).
+def mc_error_verdicts(rows: list[dict]) -> tuple[list[dict], str | None, dict]:
+    """Per-scenario verdicts, the headline a user acts on, and metadata for the MC gate.
 
-    ``None`` when the expected loss is 0 or exact, where the ratio says nothing.
+    Every scenario must meet every bound, so the headline names each failing figure with
+    the most simulations any scenario needs for it (SE ~ 1/sqrt(n)), and the largest of
+    those as the ``n_sims`` to set.
     """
-    value, se = abs(row["expected_loss"]), row["se_expected_loss"]
-    if not value or not se:
-        return None
-    return max(int(row["n_sims"]), math.ceil(row["n_sims"] * (se / value / MAX_RELATIVE_SE) ** 2))
+    from pipeline.domain.loan_loss import mc_error_failure, mc_error_shortfalls
+
+    verdicts, need = [], {}
+    for r in rows:
+        bounds = stored_bounds(r) or LEGACY_BOUNDS
+        failing = mc_error_shortfalls(r, bounds)
+        for f in failing:
+            n = f["n_sims_needed"]
+            need[f["figure"]] = max(need.get(f["figure"], 0), math.inf if n is None else n)
+        verdicts.append(
+            {
+                "scenario": r["scenario"],
+                "n_sims": int(r["n_sims"]),
+                "n_sims_rounds": r.get("n_sims_rounds"),
+                **{
+                    f"rel_se_{k}": r[f"se_{k}"] / abs(r[k]) if r[k] else 0.0
+                    for k in bounds
+                    if f"se_{k}" in r
+                },
+                "failure": mc_error_failure(r, bounds),
+            }
+        )
+    n_sims = max((int(r["n_sims"]) for r in rows), default=0)
+    finite = [n for n in need.values() if math.isfinite(n)]
+    n_needed = max([n_sims, *finite])
+    metadata = {"n_sims": n_sims, "n_sims_needed": n_needed, "failing_figures": len(need)}
+    if not need:
+        return verdicts, None, metadata
+    figures = ", ".join(
+        f"{k} needs {'more (it is 0 with a positive SE)' if math.isinf(n) else f'{n:,}'}"
+        for k, n in need.items()
+    )
+    headline = (
+        f"raise n_sims from {n_sims:,} to at least {n_needed:,} (the most any scenario "
+        f"needs) or set auto_n_sims: {figures}"
+    )
+    return verdicts, headline, metadata
 
 
 @asset_check(
@@ -73,40 +115,19 @@ def _n_sims_needed(row: dict) -> int | None:
     partitions_def=valuation_date_partitions,
     blocking=True,
     description=(
-        "Standard error of the expected loss ≤ 0.5% of it for every scenario. To fix a "
-        "failure, raise n_sims in the run config (the message gives the number needed)."
+        "Monte Carlo standard error of every figure (expected loss, P10/P50/P90, VaR and ES "
+        "at 99% and 99.9%) within its relative bound (run config max_relative_se, stored on "
+        "each summary row) for every scenario. To fix a failure, raise n_sims (the message "
+        "gives the number each figure needs) or set auto_n_sims."
     ),
 )
 def mc_error_within_bound(
     context: AssetCheckExecutionContext, lake: LakeResource
 ) -> AssetCheckResult:
-    """Apply the Monte Carlo error bound to the stored summaries."""
-    from pipeline.domain.loan_loss import mc_error_failure
-
+    """Apply each stored figure's Monte Carlo error bound to the stored summaries."""
     rows = list(read_summary(lake, context.partition_key).iter_rows(named=True))
-    verdicts = [
-        {
-            "scenario": r["scenario"],
-            "relative_se": r["se_expected_loss"] / r["expected_loss"]
-            if r["expected_loss"]
-            else 0.0,
-            "failure": mc_error_failure(r, {"expected_loss": MAX_RELATIVE_SE}),
-        }
-        for r in rows
-    ]
-    # every scenario must meet the bound, so the number to act on is the largest one
-    needed = [n for r in rows if (n := _n_sims_needed(r)) is not None]
-    n_sims = max((int(r["n_sims"]) for r in rows), default=0)
-    n_needed = max(needed, default=n_sims)
-    return _result(
-        context,
-        verdicts,
-        headline=f"raise n_sims from {n_sims:,} to at least {n_needed:,} "
-        "(the most any scenario needs)"
-        if n_needed > n_sims
-        else None,
-        metadata={"n_sims": n_sims, "n_sims_needed": n_needed},
-    )
+    verdicts, headline, metadata = mc_error_verdicts(rows)
+    return _result(context, verdicts, headline=headline, metadata=metadata)
 
 
 @asset_check(
@@ -175,8 +196,52 @@ def quantiles_match_vasicek_reference(
     return _result(context, verdicts)
 
 
+@asset_check(
+    asset=keys.LOAN_LOSS_DISTRIBUTION,
+    name=keys.CHECK_CONTRIBUTIONS,
+    partitions_def=valuation_date_partitions,
+    description=(
+        "Segment Euler contributions in gold/loan_loss_contributions come from the same run "
+        "as the summary and add up to each scenario's 99% VaR and ES."
+    ),
+)
+def contributions_add_up_to_var_and_es(
+    context: AssetCheckExecutionContext, lake: LakeResource
+) -> AssetCheckResult:
+    """Compare the stored contributions with the stored summary, scenario by scenario."""
+    from pipeline.domain.loan_loss import contributions_failure
+
+    summary = read_summary(lake, context.partition_key)
+    stored = read_contributions(lake, context.partition_key)
+    verdicts = []
+    for r in summary.iter_rows(named=True):
+        mine = (
+            stored.filter(
+                (pl.col("scenario") == r["scenario"])
+                & (pl.col("dagster_run_id") == r["dagster_run_id"])
+            )
+            if stored.height
+            else stored
+        )
+        failure = (
+            contributions_failure(r, mine)
+            if mine.height
+            else f"no contributions stored by run {r['dagster_run_id']}"
+        )
+        verdicts.append(
+            {
+                "scenario": r["scenario"],
+                "es_99": r["es_99"],
+                "var_99": r["var_99"],
+                "failure": failure,
+            }
+        )
+    return _result(context, verdicts)
+
+
 loan_loss_checks = [
     mc_error_within_bound,
     expected_loss_matches_analytic,
     quantiles_match_vasicek_reference,
+    contributions_add_up_to_var_and_es,
 ]

@@ -64,6 +64,7 @@ rounded up to a whole number of blocks, which caps the working memory at one blo
 """
 
 import io
+import itertools
 import math
 import threading
 from collections.abc import Mapping, Sequence
@@ -699,11 +700,13 @@ def simulate_chunk(
     return _simulate_range(lambda block: _simulate_block(plan, int(seed), block), start, stop)
 
 
-def chunk_ranges(n_sims: int, chunk_size: int) -> list[tuple[int, int]]:
-    """Split ``range(n_sims)`` into block-aligned ``[start, stop)`` chunks.
+def chunk_ranges(n_sims: int, chunk_size: int, start: int = 0) -> list[tuple[int, int]]:
+    """Split ``range(start, n_sims)`` into block-aligned ``[start, stop)`` chunks.
 
-    ``chunk_size`` is rounded up to a multiple of :data:`SIMULATION_BLOCK` so that no block is
-    simulated twice; the last chunk may be shorter.
+    ``chunk_size`` is rounded up to a multiple of :data:`SIMULATION_BLOCK` and chunk boundaries
+    fall on multiples of it, so that no block is simulated twice; the first and last chunks
+    may be shorter. ``start > 0`` is the next round of an automatic run (see
+    :func:`next_n_sims`); with ``start = 0`` the chunks are those of every earlier release.
 
     Parameters
     ----------
@@ -711,16 +714,22 @@ def chunk_ranges(n_sims: int, chunk_size: int) -> list[tuple[int, int]]:
         Number of simulations, ``>= 1``.
     chunk_size : int
         Wanted simulations per chunk, ``>= 1``.
+    start : int, default 0
+        First simulation, ``0 <= start < n_sims``.
 
     Returns
     -------
     list of tuple of int
-        Consecutive ranges covering ``0 .. n_sims``.
+        Consecutive ranges covering ``start .. n_sims``.
     """
     _check_count("n_sims", n_sims, 1)
     _check_count("chunk_size", chunk_size, 1)
+    _check_count("start", start, 0)
+    if start >= n_sims:
+        raise LoanBookError(f"start = {start} must be below n_sims = {n_sims}")
     step = -(-int(chunk_size) // SIMULATION_BLOCK) * SIMULATION_BLOCK
-    return [(lo, min(lo + step, int(n_sims))) for lo in range(0, int(n_sims), step)]
+    bounds = [int(start), *range((int(start) // step + 1) * step, int(n_sims), step), int(n_sims)]
+    return list(itertools.pairwise(bounds))
 
 
 def simulate_portfolio_loss(
@@ -1424,6 +1433,152 @@ def euler_contributions(
     return {"es": es, "se_es": se_es, "var": var, "se_var": se_var}
 
 
+def contribution_table(
+    book: LoanArrays,
+    segments: Sequence[str],
+    sums: ContributionSums,
+    tail: TailSpec,
+    *,
+    top_loans: int = 10,
+) -> pl.DataFrame:
+    """Euler contributions to the VaR and ES at ``tail.level`` per segment and for the top loans.
+
+    Parameters
+    ----------
+    book : LoanArrays
+        The simulated book.
+    segments : sequence of str
+        Segment of each loan, in the book's order; the groups of ``sums`` are the sorted
+        distinct segments (see :func:`segment_codes`).
+    sums : ContributionSums
+        Merged sums of the contribution pass.
+    tail : TailSpec
+        The first pass's tail.
+    top_loans : int, default 10
+        How many loans to list individually: those with the largest ES contributions.
+
+    Returns
+    -------
+    polars.DataFrame
+        One row per segment (``kind = "segment"``, ``loan_id`` null) and per top loan
+        (``kind = "loan"``, with its ``rank``), with ``segment``, ``n_loans``, ``exposure``
+        (sum of EAD * LGD), ``es_contribution``, ``se_es_contribution``,
+        ``var_contribution``, ``se_var_contribution`` and ``es_share`` (of the portfolio ES).
+        Segment rows add up to the portfolio's ES and VaR.
+    """
+    _check_count("top_loans", top_loans, 0)
+    names, codes = segment_codes(segments)
+    if codes.size != book.n_loans:
+        raise LoanBookError(f"{codes.size} segments given for {book.n_loans} loans")
+    by_loan = euler_contributions(sums, tail)
+    by_segment = euler_contributions(sums, tail, by="groups")
+    exposure = book.loss_given_default
+    es_total = float(by_segment["es"].sum())
+    share = 1.0 / es_total if es_total else 0.0
+    seg_exposure = np.bincount(codes, weights=exposure, minlength=len(names))
+    seg_count = np.bincount(codes, minlength=len(names))
+    rows = [
+        {
+            "kind": "segment",
+            "segment": name,
+            "loan_id": None,
+            "rank": None,
+            "n_loans": int(seg_count[g]),
+            "exposure": float(seg_exposure[g]),
+            "es_contribution": float(by_segment["es"][g]),
+            "se_es_contribution": float(by_segment["se_es"][g]),
+            "var_contribution": float(by_segment["var"][g]),
+            "se_var_contribution": float(by_segment["se_var"][g]),
+            "es_share": float(by_segment["es"][g]) * share,
+        }
+        for g, name in enumerate(names)
+    ]
+    order = np.argsort(-by_loan["es"], kind="stable")[: min(top_loans, book.n_loans)]
+    rows += [
+        {
+            "kind": "loan",
+            "segment": names[codes[i]],
+            "loan_id": str(_plain(book.loan_id[i])),
+            "rank": rank,
+            "n_loans": 1,
+            "exposure": float(exposure[i]),
+            "es_contribution": float(by_loan["es"][i]),
+            "se_es_contribution": float(by_loan["se_es"][i]),
+            "var_contribution": float(by_loan["var"][i]),
+            "se_var_contribution": float(by_loan["se_var"][i]),
+            "es_share": float(by_loan["es"][i]) * share,
+        }
+        for rank, i in enumerate(order.tolist(), start=1)
+    ]
+    return pl.DataFrame(rows, schema=_CONTRIBUTION_SCHEMA)
+
+
+_CONTRIBUTION_SCHEMA = {
+    "kind": pl.String,
+    "segment": pl.String,
+    "loan_id": pl.String,
+    "rank": pl.Int64,
+    "n_loans": pl.Int64,
+    "exposure": pl.Float64,
+    "es_contribution": pl.Float64,
+    "se_es_contribution": pl.Float64,
+    "var_contribution": pl.Float64,
+    "se_var_contribution": pl.Float64,
+    "es_share": pl.Float64,
+}
+
+
+def segment_codes(segments: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The sorted distinct segments and each loan's code into them.
+
+    Parameters
+    ----------
+    segments : sequence of str
+        Segment of each loan; a missing segment becomes ``"unassigned"``.
+
+    Returns
+    -------
+    tuple
+        ``(names, codes)``: the distinct segments and an int64 code per loan.
+    """
+    labels = np.array(["unassigned" if s is None else str(s) for s in segments], dtype=object)
+    names, codes = np.unique(labels.astype(str), return_inverse=True)
+    return [str(n) for n in names], codes.astype(np.int64).ravel()
+
+
+def contributions_failure(
+    summary: Mapping[str, Any], contributions: pl.DataFrame, rel_tol: float = 1e-9
+) -> str | None:
+    """Gate: the segment contributions add up to the published VaR and ES.
+
+    Parameters
+    ----------
+    summary : mapping
+        A stored summary row (``var_99`` and ``es_99`` at :data:`CONTRIBUTION_LEVEL`).
+    contributions : polars.DataFrame
+        The scenario's rows of :func:`contribution_table`.
+    rel_tol : float, default 1e-9
+        Allowed relative difference (float rounding of the sums).
+
+    Returns
+    -------
+    str or None
+        A message naming each figure and both values when they differ, else ``None``.
+    """
+    segments = contributions.filter(pl.col("kind") == "segment")
+    if segments.height == 0:
+        return "no segment contributions stored"
+    problems = []
+    for figure, column in (("es_99", "es_contribution"), ("var_99", "var_contribution")):
+        total = math.fsum(segments[column].to_list())
+        value = float(summary[figure])
+        if abs(total - value) > rel_tol * max(abs(value), 1.0):
+            problems.append(
+                f"segment {column}s add up to {total:.10g}, not {figure} = {value:.10g}"
+            )
+    return "; ".join(problems) if problems else None
+
+
 # --------------------------------------------------------------------------- gates
 
 
@@ -1469,7 +1624,19 @@ def expected_loss_within_se(
     )
 
 
-def _check_bounds(bounds: Mapping[str, float]) -> None:
+def validate_bounds(bounds: Mapping[str, float]) -> dict[str, float]:
+    """Check relative SE bounds: known figures, each bound ``> 0`` (``inf``: not gated).
+
+    Returns
+    -------
+    dict of str to float
+        The bounds as floats.
+
+    Raises
+    ------
+    LoanBookError
+        Naming the unknown figure or the bad bound.
+    """
     for figure, bound in bounds.items():
         if figure not in SUMMARY_FIGURES:
             raise LoanBookError(
@@ -1480,6 +1647,7 @@ def _check_bounds(bounds: Mapping[str, float]) -> None:
             raise LoanBookError(
                 f"relative SE bound of {figure} = {bound!r} must be > 0 (inf: not gated)"
             )
+    return {figure: float(bound) for figure, bound in bounds.items()}
 
 
 def mc_error_shortfalls(
@@ -1511,7 +1679,7 @@ def mc_error_shortfalls(
     LoanBookError
         When a bound is not positive or names an unknown figure.
     """
-    _check_bounds(bounds)
+    validate_bounds(bounds)
     n = int(summary["n_sims"])
     failing = []
     for figure, bound in bounds.items():

@@ -75,6 +75,7 @@ FUSE_ROOT_ENV = "PIPELINE_DBFS_FUSE_ROOT"
 DEFAULT_FUSE_ROOT = "/dbfs"
 BOOK_FILE = "book.npz"
 LOSSES_FILE = "losses.npy"
+CONTRIBUTIONS_FILE = "contributions.npz"
 ENGINES = ("auto", "local", "spark")
 RESULT_KIND = "loan_loss_losses"
 _BOOK_ARRAYS = ("loan_id", "pd", "ead", "lgd")
@@ -191,7 +192,7 @@ def bootstrap_params_loader() -> PipesParamsLoader:
 # --------------------------------------------------------------------------- wire format
 
 
-def encode_book(loan_id: Any, pd: Any, ead: Any, lgd: Any) -> bytes:
+def encode_book(loan_id: Any, pd: Any, ead: Any, lgd: Any, *, groups: Any | None = None) -> bytes:
     """The loan book as ``.npz`` bytes (no pickles: ids are stored as unicode strings).
 
     Parameters
@@ -199,6 +200,8 @@ def encode_book(loan_id: Any, pd: Any, ead: Any, lgd: Any) -> bytes:
     loan_id, pd, ead, lgd : array-like
         The arrays of a ``LoanArrays``; PD, EAD and LGD are stored as float64 unchanged,
         so the job simulates exactly the book the orchestrator validated.
+    groups : array-like, optional
+        Integer segment code per loan, for the contribution pass.
 
     Returns
     -------
@@ -206,23 +209,35 @@ def encode_book(loan_id: Any, pd: Any, ead: Any, lgd: Any) -> bytes:
         An uncompressed ``.npz`` archive.
     """
     buffer = io.BytesIO()
+    extra = {} if groups is None else {"groups": np.asarray(groups, dtype=np.int64)}
     np.savez(
         buffer,
         loan_id=np.asarray(loan_id).astype(str),
         pd=np.asarray(pd, dtype=np.float64),
         ead=np.asarray(ead, dtype=np.float64),
         lgd=np.asarray(lgd, dtype=np.float64),
+        **extra,
     )
     return buffer.getvalue()
 
 
 def decode_book(data: bytes) -> dict[str, np.ndarray]:
-    """The arrays of :func:`encode_book`, ready for ``LoanArrays(**arrays)``."""
+    """The arrays of :func:`encode_book`, ready for ``LoanArrays(**arrays)``.
+
+    The segment codes, when the orchestrator sent them, are left out here: read them with
+    :func:`decode_groups`.
+    """
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         missing = [name for name in _BOOK_ARRAYS if name not in archive.files]
         if missing:
             raise JobError(f"{BOOK_FILE} lacks array(s) {missing}; has {archive.files}")
         return {name: archive[name] for name in _BOOK_ARRAYS}
+
+
+def decode_groups(data: bytes) -> np.ndarray | None:
+    """The segment codes of :func:`encode_book` bytes, or ``None`` when none were sent."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return archive["groups"] if "groups" in archive.files else None
 
 
 def encode_losses(losses: np.ndarray) -> bytes:
@@ -266,6 +281,10 @@ class ScenarioRequest:
     code_bundle : str or None
         DBFS path of the zip holding ``pipeline.domain``; ``None`` when the cluster has
         ``pipeline`` installed as a library.
+    contributions_path : str or None
+        DBFS path of the contribution sums to write; ``None`` skips the contribution pass.
+    n_groups : int
+        Number of segment codes in the book file (with ``contributions_path``).
     """
 
     book_path: str
@@ -277,6 +296,8 @@ class ScenarioRequest:
     chunk_size: int
     engine: str = "auto"
     code_bundle: str | None = None
+    contributions_path: str | None = None
+    n_groups: int = 0
 
     @classmethod
     def from_extras(cls, extras: Mapping[str, Any]) -> "ScenarioRequest":
@@ -310,11 +331,17 @@ class ScenarioRequest:
         engine = extras.get("engine", "auto")
         if engine not in ENGINES:
             raise JobError(f"extra 'engine' must be one of {ENGINES}, got {engine!r}")
+        contributions = outputs.get(CONTRIBUTIONS_FILE)
+        n_groups = extras.get("n_groups", 0)
+        if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 0:
+            raise JobError(f"extra 'n_groups' must be an integer >= 0, got {n_groups!r}")
         return cls(
             book_path=str(inputs[BOOK_FILE]),
             losses_path=str(outputs[LOSSES_FILE]),
             engine=engine,
             code_bundle=extras.get("code_bundle"),
+            contributions_path=None if contributions is None else str(contributions),
+            n_groups=n_groups,
             **values,
         )
 
@@ -417,8 +444,97 @@ def simulate_losses(
     return frame["loss"].to_numpy(dtype=np.float64)
 
 
+def contribution_sums(
+    book: Any,
+    groups: np.ndarray,
+    n_groups: int,
+    tail: Any,
+    *,
+    pd_multiplier: float,
+    rho: float,
+    seed: int,
+    ranges: Sequence[tuple[int, int]],
+    spark: Any | None = None,
+) -> Any:
+    """The contribution pass over the same chunks: tail sums merged in chunk order.
+
+    Parameters
+    ----------
+    book : pipeline.domain.loan_loss.LoanArrays
+        The validated loan book.
+    groups : numpy.ndarray
+        Segment code of each loan, in ``[0, n_groups)``.
+    n_groups : int
+        Number of segments.
+    tail : pipeline.domain.loan_loss.TailSpec
+        ``tail_spec`` of the losses of the first pass.
+    pd_multiplier, rho : float
+        Scenario settings.
+    seed : int
+        Seed of the whole run.
+    ranges : sequence of (int, int)
+        The chunks of the first pass.
+    spark : pyspark.sql.SparkSession, optional
+        Run the chunks as Spark tasks; each returns its sums as exact ``.npz`` bytes.
+
+    Returns
+    -------
+    pipeline.domain.loan_loss.ContributionSums
+        The merged sums, checked to have seen the first pass's tail.
+    """
+    from pipeline.domain.loan_loss import ContributionSums, check_second_pass, contribution_chunk
+
+    bounds = [(int(a), int(b)) for a, b in ranges]
+    settings = {
+        "pd_multiplier": float(pd_multiplier),
+        "rho": float(rho),
+        "seed": int(seed),
+        "tail": tail,
+        "groups": groups,
+        "n_groups": int(n_groups),
+    }
+    if spark is None:
+        parts = [contribution_chunk(book, **settings, start=a, stop=b) for a, b in bounds]
+    else:
+        import pandas as pd
+
+        def run_chunks(batches: Iterator[Any]) -> Iterator[Any]:
+            from pipeline.domain.loan_loss import contribution_chunk as chunk_fn
+
+            for batch in batches:
+                for chunk_id in batch["chunk_id"]:
+                    start, stop = bounds[int(chunk_id)]
+                    sums = chunk_fn(book, **settings, start=start, stop=stop)
+                    yield pd.DataFrame({"chunk_id": [int(chunk_id)], "sums": [sums.to_bytes()]})
+
+        ids = spark.createDataFrame([(i,) for i in range(len(bounds))], "chunk_id int")
+        ids = ids.repartition(max(len(bounds), 1), "chunk_id")
+        frame = ids.mapInPandas(run_chunks, schema="chunk_id int, sums binary").toPandas()
+        by_id = {int(c): bytes(b) for c, b in zip(frame["chunk_id"], frame["sums"], strict=True)}
+        if sorted(by_id) != list(range(len(bounds))):
+            raise JobError(f"Spark returned sums for chunks {sorted(by_id)} of {len(bounds)}")
+        parts = [ContributionSums.from_bytes(by_id[i]) for i in range(len(bounds))]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.merge(part)
+    check_second_pass(total, tail)
+    return total
+
+
+def _write(dbfs_path: str, data: bytes) -> dict[str, Any]:
+    """Write ``data`` to a DBFS path through the mount; its path, SHA-256 and size."""
+    target = fuse_path(dbfs_path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+        f.write(data)
+    return {"path": dbfs_path, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
 def run(pipes: PipesContext) -> dict[str, Any]:
     """Simulate the scenario named by the extras, write the losses, report them.
+
+    When the extras name a ``contributions.npz`` output, the contribution pass runs too
+    (over the same chunks, same seed) and its sums are written there.
 
     Returns
     -------
@@ -440,33 +556,27 @@ def run(pipes: PipesContext) -> dict[str, Any]:
     from pipeline.domain import loan_loss
 
     with open(fuse_path(request.book_path), "rb") as f:
-        book = loan_loss.LoanArrays(**decode_book(f.read()))
+        book_bytes = f.read()
+    book = loan_loss.LoanArrays(**decode_book(book_bytes))
     ranges = loan_loss.chunk_ranges(request.n_sims, request.chunk_size)
     spark = spark_session_for(request.engine)
     if spark is not None and bundle_file is not None:
         ship_code_to_executors(spark, bundle_file)
-    losses = simulate_losses(
-        book,
-        pd_multiplier=request.pd_multiplier,
-        rho=request.rho,
-        seed=request.seed,
-        ranges=ranges,
-        spark=spark,
-    )
-    data = encode_losses(losses)
-    target = fuse_path(request.losses_path)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with open(target, "wb") as f:
-        f.write(data)
+    settings = {"pd_multiplier": request.pd_multiplier, "rho": request.rho, "seed": request.seed}
+    losses = simulate_losses(book, **settings, ranges=ranges, spark=spark)
+    outputs = {LOSSES_FILE: _write(request.losses_path, encode_losses(losses))}
+    if request.contributions_path is not None:
+        groups = decode_groups(book_bytes)
+        if groups is None:
+            raise JobError(f"{CONTRIBUTIONS_FILE} was asked for but {BOOK_FILE} has no groups")
+        tail = loan_loss.tail_spec(losses)
+        sums = contribution_sums(
+            book, groups, request.n_groups, tail, **settings, ranges=ranges, spark=spark
+        )
+        outputs[CONTRIBUTIONS_FILE] = _write(request.contributions_path, sums.to_bytes())
     result = {
         "kind": RESULT_KIND,
-        "outputs": {
-            LOSSES_FILE: {
-                "path": request.losses_path,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "bytes": len(data),
-            }
-        },
+        "outputs": outputs,
         "n_sims": int(losses.size),
         "chunks": len(ranges),
         "engine": "spark" if spark is not None else "local",

@@ -1,4 +1,9 @@
-"""What the loan-loss simulation stores: one summary row per scenario, samples beside it."""
+"""What the loan-loss simulation stores.
+
+Per valuation date: one summary row per scenario (``gold/loan_loss_summary``: every figure,
+its standard error, its bound and the simulations it took), the Euler contributions per
+segment and top loan (``gold/loan_loss_contributions``), and the loss samples beside them.
+"""
 
 import polars as pl
 
@@ -7,6 +12,10 @@ from pipeline.domain import contracts
 from pipeline.resources.lake import LakeResource
 
 EXPERIMENT = "loan_loss"
+SUMMARY_TABLE = "loan_loss_summary"
+CONTRIBUTIONS_TABLE = "loan_loss_contributions"
+BOUND_PREFIX = "max_rel_se_"
+"""Summary columns ``max_rel_se_<figure>`` hold the bound the run was configured with."""
 LOAN_INPUTS = {
     keys.LOAN_BOOK: ("loan_book", contracts.loan_book_contract),
     keys.LOAN_SCENARIOS: ("loan_scenarios", contracts.loan_scenarios_contract),
@@ -15,7 +24,21 @@ LOAN_INPUTS = {
 
 def read_summary(lake: LakeResource, valuation_date: str) -> pl.DataFrame:
     """Stored per-scenario summaries of a valuation date."""
-    return lake.read("gold", "loan_loss_summary", {"valuation_date": valuation_date})
+    return lake.read("gold", SUMMARY_TABLE, {"valuation_date": valuation_date})
+
+
+def read_contributions(lake: LakeResource, valuation_date: str) -> pl.DataFrame:
+    """Stored VaR and ES contributions (segments and top loans) of a valuation date."""
+    return lake.read("gold", CONTRIBUTIONS_TABLE, {"valuation_date": valuation_date})
+
+
+def stored_bounds(row: dict) -> dict[str, float]:
+    """The relative SE bound of each figure a stored summary row was produced under."""
+    return {
+        column.removeprefix(BOUND_PREFIX): float(value)
+        for column, value in row.items()
+        if column.startswith(BOUND_PREFIX) and value is not None
+    }
 
 
 def samples_uri(lake: LakeResource, valuation_date: str, run_id: str) -> str:

@@ -277,6 +277,16 @@ def test_databricks_backend_equals_local_bit_for_bit(
         assert remote_samples[name].tobytes() == losses.tobytes(), name
     # the samples are a real simulation, not one array eight times
     assert len({s.tobytes() for s in remote_samples.values()}) == 8
+    # the contribution pass ran on the cluster too, over the same chunks: the same floats
+    order = ["scenario", "kind", "segment", "rank"]
+    remote_contributions, local_contributions = (
+        p.lake.read("gold", "loan_loss_contributions", {"valuation_date": VALUATION})
+        .drop("dagster_run_id", "mlflow_run_id", "computed_at")
+        .sort(order)
+        for p in (remote, local)
+    )
+    assert remote_contributions.height > 8
+    assert_frame_equal(remote_contributions, local_contributions, check_exact=True)
 
     # the workspace was asked for a spark_python_task run of the packaged script per scenario
     submits = workspace.calls("jobs/runs/submit")
@@ -369,8 +379,8 @@ SCENARIO = {"pd_multiplier": 1.7, "rho": 0.18, "n_sims": 5_000, "seed": 11, "chu
 
 
 @dg.asset
-def one_scenario(compute: ComputeResource) -> dg.Output:
-    return dg.Output(simulate_scenario(compute, BOOK, **SCENARIO))
+def one_scenario(context: dg.AssetExecutionContext, compute: ComputeResource) -> dg.Output:
+    return dg.Output(simulate_scenario(compute, BOOK, **SCENARIO, pipes_context=context))
 
 
 @pytest.mark.slow
@@ -435,7 +445,7 @@ def test_configured_python_file_is_run_and_its_crash_is_reported(
 @pytest.mark.spark
 def test_job_spark_path_equals_local_chunks(spark_session) -> None:
     """On a cluster the job maps chunks with ``mapInPandas``; the fake runs it without Spark."""
-    from pipeline.domain.loan_loss import chunk_ranges
+    from pipeline.domain.loan_loss import chunk_ranges, tail_spec
 
     ranges = chunk_ranges(5_000, 1_024)
     settings = {"pd_multiplier": 1.7, "rho": 0.18, "seed": 11}
@@ -445,3 +455,14 @@ def test_job_spark_path_equals_local_chunks(spark_session) -> None:
     assert on_spark.tobytes() == in_process.tobytes()
     expected = simulate_portfolio_loss(BOOK, **settings, n_sims=5_000)
     assert in_process.tobytes() == expected.tobytes()
+    # the contribution pass maps the same chunks and merges the same floats
+    groups = np.arange(BOOK.n_loans) % 3
+    tail = tail_spec(in_process)
+    on_spark, in_process = (
+        loan_loss_job.contribution_sums(BOOK, groups, 3, tail, **settings, ranges=ranges, spark=s)
+        for s in (spark_session, None)
+    )
+    assert on_spark.n_window == in_process.n_window == tail.n_window
+    for name, values in in_process.loans.items():
+        assert on_spark.loans[name].tobytes() == values.tobytes(), name
+        assert on_spark.groups[name].tobytes() == in_process.groups[name].tobytes(), name

@@ -1,17 +1,17 @@
-"""Loan-loss distribution: summaries, samples, gates and the Spark path, in process.
+"""Loan-loss distribution: summaries, contributions, samples, gates and the Spark path.
 
 Each test writes the seeded demo loan book (1,200 loans) and its eight macro
 scenarios to a temp landing folder, ingests them into a real Delta lake, and
 materialises ``gold/loan_loss_distribution`` with a real MLflow sqlite store and
 an ephemeral Dagster instance. What is asserted is what a user reads back: the
-summary rows, the stored loss samples, the MLflow run and the check results.
-The expected loss is checked against ``sum(EAD * LGD * min(PD * m, 1))`` computed
-here from the delivered file, not through the domain code under test.
+summary rows, the contributions table, the stored loss samples, the MLflow run and
+the check results. The expected loss is checked against
+``sum(EAD * LGD * min(PD * m, 1))`` computed here from the delivered file, not
+through the domain code under test.
 """
 
 import io
 import math
-import re
 from pathlib import Path
 
 import dagster as dg
@@ -22,9 +22,14 @@ from mlflow import MlflowClient
 
 from pipeline import keys
 from pipeline.assets.loan_loss import LoanLossConfig
-from pipeline.domain.demo_data import SCENARIOS, write_demo_landing
-from pipeline.domain.loan_loss import summarise_losses
-from pipeline.jobs.loan_loss_simulation import SUMMARY_COLUMNS
+from pipeline.domain.demo_data import SCENARIOS, SEGMENT_PROFILES, write_demo_landing
+from pipeline.domain.loan_loss import (
+    DEFAULT_MAX_RELATIVE_SE,
+    SUMMARY_FIGURES,
+    mc_error_shortfalls,
+    summarise_losses,
+)
+from pipeline.jobs.loan_loss_simulation import FIGURES, SE_COLUMNS, SUMMARY_COLUMNS
 from pipeline.resources.tracking import DAGSTER_ASSET_TAG, DAGSTER_PARTITION_TAG, DAGSTER_RUN_TAG
 from pipeline.stores.loan_loss import committed_samples_uri
 from pipeline_tests.conftest import Platform, make_platform
@@ -37,9 +42,13 @@ LOAN_INPUTS = (
     keys.BRONZE_LOAN_SCENARIOS,
     keys.LOAN_SCENARIOS,
 )
-LOSS_CHECKS = {keys.CHECK_MC_ERROR, keys.CHECK_EL_ANALYTIC, keys.CHECK_VASICEK}
+LOSS_CHECKS = {
+    keys.CHECK_MC_ERROR,
+    keys.CHECK_EL_ANALYTIC,
+    keys.CHECK_VASICEK,
+    keys.CHECK_CONTRIBUTIONS,
+}
 BOOK_FILE = f"loan_book/loan_book_{VALUATION}.parquet"
-MAX_RELATIVE_SE = 0.005  # the bound of mc_error_within_bound, as documented on the check
 SCENARIO_MULTIPLIERS = {name: multiplier for name, multiplier, _ in SCENARIOS}
 
 
@@ -62,16 +71,25 @@ def ingest(platform: Platform) -> dg.ExecuteInProcessResult:
 
 
 def simulate(
-    platform: Platform, *, with_checks: bool = True, **config: object
+    platform: Platform,
+    *,
+    with_checks: bool = True,
+    checks: tuple[str, ...] | None = None,
+    **config: object,
 ) -> dg.ExecuteInProcessResult:
     """Materialise the loss distribution of :data:`VALUATION` with ``config``.
 
-    Without its checks when a test is about the asset's output only: the Vasicek
-    reference check simulates its own portfolio and costs seconds.
+    Without its checks when a test is about the asset's output only, or with the named
+    ``checks`` only: the Vasicek reference check simulates its own portfolio and costs
+    seconds.
     """
     selection = dg.AssetSelection.assets(keys.LOAN_LOSS_DISTRIBUTION)
-    if not with_checks:
+    if not with_checks or checks is not None:
         selection = selection.without_checks()
+    if checks:
+        selection = selection | dg.AssetSelection.checks(
+            *(dg.AssetCheckKey(keys.LOAN_LOSS_DISTRIBUTION, name) for name in checks)
+        )
     return dg.materialize(
         [*platform.defs.assets, *(platform.defs.asset_checks or [])],
         selection=selection,
@@ -91,6 +109,11 @@ def summary(platform: Platform) -> pl.DataFrame:
     """Stored summary rows of :data:`VALUATION` by scenario (no columns when never written)."""
     rows = platform.lake.read("gold", "loan_loss_summary", {"valuation_date": VALUATION})
     return rows.sort("scenario") if rows.height else rows
+
+
+def contributions(platform: Platform) -> pl.DataFrame:
+    """Stored contributions of :data:`VALUATION` (no columns when never written)."""
+    return platform.lake.read("gold", "loan_loss_contributions", {"valuation_date": VALUATION})
 
 
 def samples(platform: Platform) -> dict[str, np.ndarray]:
@@ -147,6 +170,13 @@ def test_loss_distribution_of_the_demo_book(platform: Platform, tmp_path: Path) 
         assert row["p10"] <= row["p50"] <= row["p90"] <= row["var_99"] <= row["var_999"]
         assert row["var_99"] <= row["es_99"] and row["var_999"] <= row["es_999"]
 
+    # every figure has its standard error and the bound it was judged by; one round
+    assert FIGURES == SUMMARY_FIGURES
+    assert rows["n_sims_rounds"].unique().to_list() == [1]
+    for figure in FIGURES:
+        assert rows[f"max_rel_se_{figure}"].unique().to_list() == [DEFAULT_MAX_RELATIVE_SE[figure]]
+        assert (rows[f"se_{figure}"] > 0).all(), figure
+
     # the stored samples reproduce every stored number exactly
     losses = samples(platform)
     assert set(losses) == set(SCENARIO_MULTIPLIERS)
@@ -154,8 +184,25 @@ def test_loss_distribution_of_the_demo_book(platform: Platform, tmp_path: Path) 
         x = losses[row["scenario"]]
         assert x.shape == (defaults.n_sims,) and x.dtype == np.float64
         recomputed = summarise_losses(x)
-        for column in (*SUMMARY_COLUMNS, "se_expected_loss", "n_sims"):
+        for column in (*SUMMARY_COLUMNS, *SE_COLUMNS, "n_sims"):
             assert row[column] == recomputed[column], (row["scenario"], column)
+
+    # contributions: every segment plus the ten largest loans, adding up to VaR and ES
+    stored = contributions(platform)
+    assert stored["dagster_run_id"].unique().to_list() == [result.run_id]
+    for row in rows.iter_rows(named=True):
+        mine = stored.filter(pl.col("scenario") == row["scenario"])
+        segments = mine.filter(pl.col("kind") == "segment")
+        assert sorted(segments["segment"]) == sorted(SEGMENT_PROFILES)
+        assert segments["n_loans"].sum() == book.height
+        assert math.fsum(segments["es_contribution"]) == pytest.approx(row["es_99"], rel=1e-9)
+        assert math.fsum(segments["var_contribution"]) == pytest.approx(row["var_99"], rel=1e-9)
+        assert (segments["se_es_contribution"] > 0).all()
+        top = mine.filter(pl.col("kind") == "loan").sort("rank")
+        assert top["rank"].to_list() == list(range(1, 11))
+        assert set(top["loan_id"]) <= set(book["loan_id"])
+        assert top["es_contribution"].is_sorted(descending=True)
+        assert (top["es_contribution"] <= top["exposure"] * (1 + 1e-12)).all()
 
     # the simulated mean agrees with the exact expected loss within 3 standard errors
     analytic = independent_expected_loss(book)
@@ -176,12 +223,22 @@ def test_loss_distribution_of_the_demo_book(platform: Platform, tmp_path: Path) 
     assert run.data.tags[DAGSTER_ASSET_TAG] == keys.LOAN_LOSS_DISTRIBUTION.to_user_string()
     assert run.data.tags[DAGSTER_PARTITION_TAG] == VALUATION
     for row in rows.iter_rows(named=True):
-        assert run.data.metrics[f"{row['scenario']}.expected_loss"] == row["expected_loss"]
-        assert run.data.metrics[f"{row['scenario']}.var_999"] == row["var_999"]
+        for column in ("expected_loss", "var_999", "es_999", "se_es_999", "n_sims_rounds"):
+            assert run.data.metrics[f"{row['scenario']}.{column}"] == row[column], column
     histograms = {Path(a.path).name for a in client.list_artifacts(run_id, "histograms")}
     assert histograms == {f"histogram_{name}.png" for name in SCENARIO_MULTIPLIERS}
     local = client.download_artifacts(run_id, "histograms/histogram_baseline.png", str(tmp_path))
     assert Path(local).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    charts = {Path(a.path).name for a in client.list_artifacts(run_id, "contributions")}
+    assert charts == {
+        "contributions.csv",
+        *(f"contributions_{name}.png" for name in SCENARIO_MULTIPLIERS),
+    }
+    baseline = stored.filter(
+        (pl.col("scenario") == "baseline") & (pl.col("kind") == "segment")
+    ).row(0, named=True)
+    key = f"baseline.es_contribution.{baseline['segment']}"
+    assert run.data.metrics[key] == baseline["es_contribution"]
 
 
 def test_too_few_simulations_fail_the_mc_gate_which_says_how_many_are_needed(
@@ -200,27 +257,99 @@ def test_too_few_simulations_fail_the_mc_gate_which_says_how_many_are_needed(
     rows = summary(platform)
     assert rows["n_sims"].unique().to_list() == [n_sims]
 
-    # n_sims needed per scenario: the relative SE falls as 1/sqrt(n)
-    needed = {
-        r["scenario"]: math.ceil(
-            n_sims * (r["se_expected_loss"] / (MAX_RELATIVE_SE * r["expected_loss"])) ** 2
-        )
-        for r in rows.iter_rows(named=True)
-    }
-    assert min(needed.values()) > n_sims  # every scenario is short at 2,000 simulations
+    # simulations each figure needs, per scenario: the relative SE falls as 1/sqrt(n); the
+    # bounds are those stored on the rows (the defaults here)
+    needed: dict[str, int] = {}
+    for r in rows.iter_rows(named=True):
+        for figure in FIGURES:
+            relative = r[f"se_{figure}"] / abs(r[figure])
+            need = math.ceil(n_sims * (relative / r[f"max_rel_se_{figure}"]) ** 2)
+            if need > n_sims:
+                needed[figure] = max(needed.get(figure, 0), need)
+    assert needed["expected_loss"] > n_sims  # every scenario is short at 2,000 simulations
+    assert "var_999" in needed and "es_999" in needed
     description = mc_check.description
-    # one number a user can act on: the most any scenario needs, stated first
+    # one number a user can act on, stated first, then each failing figure with its need
     assert description.startswith(
         f"raise n_sims from {n_sims:,} to at least {max(needed.values()):,}"
     ), description
-    # per-scenario numbers that the 500-character cut left whole (each ends with "; ")
-    shown = re.findall(r"(\w+): relative standard error .*? at least ([\d,]+)(?=; )", description)
-    assert shown, description
-    for scenario, number in shown:
-        assert int(number.replace(",", "")) == needed[scenario], scenario
+    headline = description.split("; ")[0]
+    for figure, need in needed.items():
+        assert f"{figure} needs {need:,}" in headline, (figure, headline)
     assert mc_check.metadata["n_sims_needed"].value == max(needed.values())
-    # the other gates hold: the estimate is noisy, not wrong
+    # per scenario the stored facts give the same verdict
+    for r in rows.iter_rows(named=True):
+        failing = mc_error_shortfalls(r, {f: r[f"max_rel_se_{f}"] for f in FIGURES})
+        assert {f["figure"] for f in failing} <= set(needed)
+    # the other gates hold: the estimates are noisy, not wrong
     assert checks[keys.CHECK_EL_ANALYTIC].passed is True
+    assert checks[keys.CHECK_CONTRIBUTIONS].passed is True
+
+
+def test_auto_n_sims_doubles_until_every_bound_holds_and_records_the_rounds(
+    platform: Platform,
+) -> None:
+    write_landing(platform)
+    assert ingest(platform).success
+    bound = 0.06
+    result = simulate(
+        platform,
+        checks=(keys.CHECK_MC_ERROR, keys.CHECK_CONTRIBUTIONS),
+        n_sims=1_024,
+        auto_n_sims=True,
+        max_n_sims=65_536,
+        max_relative_se=dict.fromkeys(FIGURES, bound),
+        top_loans=3,
+    )
+    assert result.success, [e.description for e in result.get_asset_check_evaluations()]
+    checks = check_results(result)
+    assert checks[keys.CHECK_MC_ERROR].passed and checks[keys.CHECK_CONTRIBUTIONS].passed
+    rows = summary(platform)
+    losses = samples(platform)
+    bounds = dict.fromkeys(FIGURES, bound)
+    for r in rows.iter_rows(named=True):
+        n = r["n_sims"]
+        assert n == 1_024 * 2 ** (r["n_sims_rounds"] - 1) < 65_536
+        assert losses[r["scenario"]].shape == (n,)
+        assert not mc_error_shortfalls(r, bounds)  # every bound holds at the final size
+        if r["n_sims_rounds"] > 1:  # and one round fewer would not have done
+            half = summarise_losses(losses[r["scenario"]][: n // 2])
+            assert mc_error_shortfalls(half, bounds), r["scenario"]
+    assert rows["n_sims_rounds"].max() > 1
+    assert rows["auto_n_sims"].unique().to_list() == [True]
+    materialization = result.asset_materializations_for_node(LOSS_OP)[0]
+    rounds = materialization.metadata["n_sims_rounds"].value
+    assert rounds == dict(rows.select("scenario", "n_sims_rounds").iter_rows())
+    assert "contributions_chart_baseline" in materialization.metadata
+    client = MlflowClient(tracking_uri=platform.settings.mlflow_tracking_uri)
+    run = client.get_run(rows["mlflow_run_id"][0])
+    for r in rows.iter_rows(named=True):
+        assert run.data.metrics[f"{r['scenario']}.n_sims_rounds"] == r["n_sims_rounds"]
+    assert run.data.params["auto_n_sims"] == "True"
+    stored = contributions(platform)
+    assert stored.filter(pl.col("kind") == "loan").height == 3 * rows.height
+
+
+def test_auto_n_sims_stops_at_the_budget_and_the_gate_names_what_is_missing(
+    platform: Platform,
+) -> None:
+    write_landing(platform)
+    assert ingest(platform).success
+    result = simulate(
+        platform,
+        checks=(keys.CHECK_MC_ERROR,),
+        n_sims=1_024,
+        auto_n_sims=True,
+        max_n_sims=3_000,
+        max_relative_se={"expected_loss": 0.001},
+    )
+    assert not result.success
+    rows = summary(platform)
+    assert rows["n_sims"].unique().to_list() == [3_000]  # 1,024 -> 2,048 -> budget
+    assert rows["n_sims_rounds"].unique().to_list() == [3]
+    description = check_results(result)[keys.CHECK_MC_ERROR].description
+    assert description.startswith("raise n_sims from 3,000 to at least ")
+    assert "expected_loss needs " in description
 
 
 @pytest.mark.slow
@@ -263,6 +392,10 @@ def test_spark_chunks_reproduce_the_local_losses_bit_for_bit(
         assert spark_losses[name].tobytes() == x.tobytes(), name
     volatile = ["dagster_run_id", "mlflow_run_id", "computed_at", "samples_uri"]
     assert summary(spark_platform).drop(volatile).equals(summary(platform).drop(volatile))
+    # the contribution pass ran as Spark tasks too, and merged to the same floats
+    order = ["scenario", "kind", "segment", "rank"]
+    spark_contributions = contributions(spark_platform).drop(volatile[:3]).sort(order)
+    assert spark_contributions.equals(contributions(platform).drop(volatile[:3]).sort(order))
 
 
 # --- bad inputs -------------------------------------------------------------------------
