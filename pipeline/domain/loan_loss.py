@@ -19,8 +19,8 @@ conditional default probability divides by ``sqrt(1 - rho)`` and the Vasicek for
 there; the comonotone limit (loan ``i`` defaults iff ``Z < c_i``) is what ``rho = 0.999`` already
 approximates to within simulation noise, and a delivered ``1.0`` is far more often a data error.
 
-Algorithm: conditional Poisson thinning (exact)
------------------------------------------------
+Sparse buckets: conditional Poisson thinning (exact)
+---------------------------------------------------
 The straightforward simulation draws one normal per loan and simulation. Here, conditionally on
 ``Z`` the defaults are independent Bernoulli draws with probabilities
 ``p_i(Z) = Phi((c_i - sqrt(rho) Z) / sqrt(1 - rho))``, and each Bernoulli(p) equals the event
@@ -41,15 +41,39 @@ has probability exactly ``1 - exp(-lambda_j) = p_j(Z)``, independently across lo
 rounding separates this from the brute-force latent-normal simulation. Loans are then
 de-duplicated and their ``EAD * LGD`` summed. The cost is proportional to the number of
 *defaults* instead of the number of loans: thresholds within a bucket differ by at most 0.25
-conditional standard deviations, so there are typically 1.3 to 2.5 points per default. On the
-benchmark book (1,000 loans, PDs 0.2%-10%) this runs 2-4x faster than numpy can merely draw the
-one normal per loan and simulation the straightforward method needs. When a bucket's
-conditional PD is high (``lambda_max > 0.5``, which happens in the tail of ``Z`` or for
-``rho`` near 1) the (simulation, bucket) pair switches to direct Bernoulli draws
-``U_j < p_j(Z)``, which are cheaper there; the switch depends on ``Z`` only, so both branches
-sample the same conditional law. Points on loans with ``PD = 0``, ``EAD * LGD = 0`` or a
-stressed ``PD = 1`` are never drawn: the first two cannot change the loss and the last is added
-as a constant.
+conditional standard deviations, so there are typically 1.3 to 2.5 points per default.
+
+Dense buckets: byte uniforms against threshold tables (exact)
+------------------------------------------------------------
+Where defaults are common the cost per default loses to a cost per loan, so a (simulation,
+bucket) pair whose riskiest loan has conditional intensity ``lambda_max > 0.1`` (about a 10%
+conditional PD: the tail of ``Z``, or books with PDs of 10-40%) draws every loan directly:
+``U < p_j(Z)`` with ``U = (u + V) / 256``. The leading byte ``u`` comes eight to a 64-bit
+PCG64 output, and a table per bucket holds ``floor(256 p_j)`` on a grid of ``Z`` (built once
+per plan from where each breakpoint ``Phi^-1(k / 256)`` is crossed, no normal CDF per cell),
+so that the grid rows around the simulation's ``Z`` bracket it by ``[T_lo, T_hi]``:
+``u < T_lo`` is a default and ``u > T_hi`` a survival whatever ``V`` is, and only the cells
+with ``T_lo <= u <= T_hi`` (about 1% of them) draw ``V`` and evaluate ``p_j(Z)`` exactly.
+Defaults are packed eight to a byte and summed through a lookup table of the loss of every
+pattern of eight loans. Every decision is the exact event ``U < p_j(Z)``, so this branch
+samples the same law as the sparse one; the switch depends on ``Z`` only. Points on loans
+with ``PD = 0``, ``EAD * LGD = 0`` or a stressed ``PD = 1`` are never drawn: the first two
+cannot change the loss and the last is added as a constant.
+
+Per book the choice between the branches is what keeps the simulator faster than drawing
+one normal per loan and simulation, and than the exact conditional-Bernoulli simulator
+(:func:`simulate_portfolio_loss_bernoulli`), on low-, medium- and high-PD books alike
+(``benchmarks/loan_loss.py``).
+
+Tail figures, their errors and their allocation
+---------------------------------------------------
+:func:`summarise_losses` reports VaR and expected shortfall with Monte Carlo standard
+errors: the ES weights the atom at the VaR by the part of it inside the tail (Acerbi and
+Tasche), which matters for books whose losses sit on a few atoms (a high-grade book's VaR
+is often the zero loss). :func:`contribution_chunk` is a second pass over the same
+simulations that allocates the VaR and ES to loans and segments (Euler allocation), and
+:func:`finite_portfolio_default_pmf` gives the exact law of a homogeneous book, against which
+all of these are tested.
 
 Reproducibility and chunking
 ----------------------------

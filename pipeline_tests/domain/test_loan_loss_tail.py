@@ -12,6 +12,7 @@ import math
 import tracemalloc
 
 import numpy as np
+import polars as pl
 import pytest
 from scipy import integrate, stats
 
@@ -371,3 +372,59 @@ def test_contribution_pass_memory_is_flat_in_the_number_of_simulations():
         peaks[n_sims] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[65_536] / peaks[8_192] < 1.5, peaks
+
+
+def test_tail_spec_weights_the_atom_at_the_var():
+    # 1,000 losses: 985 zeros, 10 at 10.0, 5 at 100.0; at 99% the VaR is 10 and half of the
+    # 10-atom lies in the tail (the tail holds 10 simulations: 5 above, 5 of the atom)
+    losses = np.r_[np.zeros(985), np.full(10, 10.0), np.full(5, 100.0)]
+    np.random.default_rng(0).shuffle(losses)
+    tail = ll.tail_spec(losses, level=0.99)
+    assert (tail.var, tail.n_above, tail.n_atom) == (10.0, 5, 10)
+    assert tail.atom_weight == pytest.approx(0.5)
+    assert ll.summarise_losses(losses)["es_99"] == pytest.approx((5 * 100.0 + 5 * 10.0) / 10)
+    # the window spans one rank either side of the VaR (10% of 10 tail simulations, min 1)
+    assert (tail.window_lo, tail.window_hi) == (10.0, 10.0)
+
+
+def test_contribution_table_lists_segments_and_the_largest_contributors():
+    book = heterogeneous_arrays(120, seed=21)
+    segments = [("retail", "sme", None)[i % 3] for i in range(book.n_loans)]
+    names, codes = ll.segment_codes(segments)
+    assert names == ["retail", "sme", "unassigned"]
+    kw = {"pd_multiplier": 1.5, "rho": 0.2, "seed": 8}
+    losses = ll.simulate_portfolio_loss(book, n_sims=20_000, **kw)
+    tail = ll.tail_spec(losses)
+    sums = contributions(book, tail, groups=codes, n_groups=len(names), **kw)
+    table = ll.contribution_table(book, segments, sums, tail, top_loans=5)
+    seg = table.filter(pl.col("kind") == "segment")
+    loans = table.filter(pl.col("kind") == "loan")
+    assert seg["segment"].to_list() == names and seg["n_loans"].to_list() == [40, 40, 40]
+    assert seg["exposure"].sum() == pytest.approx(float(book.loss_given_default.sum()))
+    assert seg["es_share"].sum() == pytest.approx(1.0, rel=1e-12)
+    summary = ll.summarise_losses(losses)
+    assert math.fsum(seg["es_contribution"]) == pytest.approx(summary["es_99"], rel=1e-12)
+    assert ll.contributions_failure(summary, table) is None
+    by_loan = ll.euler_contributions(sums, tail)["es"]
+    largest = np.argsort(-by_loan)[:5]
+    assert loans["rank"].to_list() == [1, 2, 3, 4, 5]
+    assert loans["loan_id"].to_list() == [str(book.loan_id[i]) for i in largest]
+    assert loans["segment"].to_list() == [names[codes[i]] for i in largest]
+    # a table that does not add up is named by figure and both values
+    broken = table.with_columns(pl.col("es_contribution") * 1.01)
+    message = ll.contributions_failure(summary, broken)
+    assert message is not None and "es_99" in message and "var_99" not in message
+    assert ll.contributions_failure(summary, table.head(0)) == "no segment contributions stored"
+
+
+def test_chunk_ranges_from_a_later_start_continue_the_run():
+    ranges = ll.chunk_ranges(10_000, 2_048, start=3_000)
+    assert ranges[0] == (3_000, 4_096) and ranges[-1][1] == 10_000
+    assert all(lo % 2_048 == 0 for lo, _ in ranges[1:])
+    book = heterogeneous_arrays(30, seed=2)
+    kw = {"pd_multiplier": 1.2, "rho": 0.2, "seed": 4}
+    whole = ll.simulate_portfolio_loss(book, n_sims=10_000, **kw)
+    tail_part = np.concatenate([ll.simulate_chunk(book, start=a, stop=b, **kw) for a, b in ranges])
+    assert tail_part.tobytes() == whole[3_000:].tobytes()
+    with pytest.raises(ll.LoanBookError, match="below n_sims"):
+        ll.chunk_ranges(100, 10, start=100)
