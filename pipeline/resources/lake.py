@@ -51,11 +51,12 @@ LAYERS = ("bronze", "curated", "quarantine", "gold", "ops")
 BATCH_COLUMN = "_batch_id"
 COMMITS_TABLE = "ingest_commits"
 """``ops/ingest_commits``: one row per partition and committed batch."""
-_BATCH = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{8}$")
+_BATCH = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{8}")
 _BATCH_METADATA_KEY = "pipeline.batch_id"
-_TABLE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-_PREDICATE_VALUE = re.compile(r"^[A-Za-z0-9_.:\- |]{1,64}$")
-_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# matched with fullmatch: ``$`` alone would also accept a trailing newline
+_TABLE = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_PREDICATE_VALUE = re.compile(r"[A-Za-z0-9_.:\- |]{1,64}")
+_COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
 class LakeError(ValueError):
@@ -207,14 +208,14 @@ class LakeResource(ConfigurableResource):
         """URI of ``<root>/<layer>/<table>`` after validating both names."""
         if layer not in LAYERS:
             raise LakeError(f"layer {layer!r} is not one of {', '.join(LAYERS)}")
-        if not _TABLE.match(table):
+        if not isinstance(table, str) or not _TABLE.fullmatch(table):
             raise LakeError(f"table name {table!r} must match {_TABLE.pattern}")
         return f"{self.root_uri.rstrip('/')}/{layer}/{table}"
 
     def file_uri(self, layer: str, *parts: str) -> str:
         """URI of an artefact file (e.g. a netCDF posterior) under a layer folder."""
         for part in parts:
-            if not re.match(r"^[A-Za-z0-9_.=\-]{1,128}$", part) or part in (".", ".."):
+            if not re.fullmatch(r"[A-Za-z0-9_.=\-]{1,128}", part) or part in (".", ".."):
                 raise LakeError(f"path component {part!r} is not safe")
         return "/".join([self.table_uri(layer, parts[0]), *parts[1:]])
 
@@ -386,11 +387,11 @@ class LakeResource(ConfigurableResource):
             for col, value in partition.items():
                 # the column name and value are pasted into the predicate and become a
                 # folder name ``col=value``: neither may carry quotes, operators or ``..``
-                if not _COLUMN.match(col):
+                if not _COLUMN.fullmatch(col):
                     raise LakeError(f"{layer}/{table}: partition column {col!r} is not safe")
                 if (
                     not isinstance(value, str)
-                    or not _PREDICATE_VALUE.match(value)
+                    or not _PREDICATE_VALUE.fullmatch(value)
                     or (".." in value)
                 ):
                     raise LakeError(f"{layer}/{table}: partition value {value!r} is not safe")
@@ -410,6 +411,22 @@ class LakeResource(ConfigurableResource):
                 f"written (e.g. {first}); refusing to write outside them"
             )
         return columns, allowed
+
+    def partition_predicate(
+        self,
+        layer: str,
+        table: str,
+        frame: pl.DataFrame,
+        partitions: Sequence[Mapping[str, str]],
+    ) -> str:
+        """The Delta predicate a write of ``partitions`` would use, after every validation.
+
+        Raises
+        ------
+        LakeError
+            As :meth:`overwrite_partitions` would, before anything is written.
+        """
+        return _predicate(self._partitions_of(layer, table, frame, partitions)[1])
 
     # --- outcomes committed together --------------------------------------------------
     def commit_outcome(self, writes: Sequence[PartitionWrite]) -> BatchCommit:
@@ -487,7 +504,7 @@ class LakeResource(ConfigurableResource):
         """
         from deltalake.exceptions import CommitFailedError
 
-        if not _BATCH.match(batch):
+        if not _BATCH.fullmatch(batch):
             raise LakeError(f"batch id {batch!r} is not one this lake writes")
         uri = self.table_uri(layer, table)
         predicate = (
@@ -576,7 +593,7 @@ class LakeResource(ConfigurableResource):
             return 0
         keys = [c for c in doomed.columns if c != BATCH_COLUMN]
         for row in doomed.iter_rows(named=True):
-            if not _BATCH.match(str(row[BATCH_COLUMN])):
+            if not _BATCH.fullmatch(str(row[BATCH_COLUMN])):
                 raise LakeError(f"{layer}/{table}: batch id {row[BATCH_COLUMN]!r} is not valid")
         partitions = doomed.select(pl.col(keys).cast(pl.String))
         self._partitions_of(layer, table, partitions, list(partitions.iter_rows(named=True)))

@@ -53,6 +53,9 @@ class TrackingResource(ConfigurableResource):
     uc_catalog, uc_schema
         When both are set, models are registered as
         ``<catalog>.<schema>.fx_spread_<symbol>``.
+    request_timeout_s
+        Bound (seconds) on the reachability probe of an HTTP tracking server;
+        ``None`` reads ``PIPELINE_SERVICE_TIMEOUT_S``.
     """
 
     tracking_uri: str
@@ -61,9 +64,37 @@ class TrackingResource(ConfigurableResource):
     ui_url: str = "http://127.0.0.1:5000"
     uc_catalog: str | None = None
     uc_schema: str | None = None
+    request_timeout_s: int | None = None
 
     def client(self) -> Any:
-        """An ``MlflowClient`` bound to this tracking store and registry."""
+        """An ``MlflowClient`` bound to this tracking store and registry.
+
+        An HTTP(S) tracking server is first asked ``GET /health`` with a bounded wait
+        (``request_timeout_s``): a server that is down or never answers fails the step
+        within that bound with a ``ConnectionError`` naming it (the retry policy then
+        retries the step), before any run is opened or alias moved, instead of after
+        MLflow's own timeouts and retries (``MLFLOW_HTTP_REQUEST_TIMEOUT`` and
+        ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, which MLflow reads from the environment
+        and this resource leaves alone). An HTTP error status means the server answered.
+        """
+        import urllib.error
+        import urllib.request
+
+        if self.tracking_uri.startswith(("http://", "https://")):
+            from pipeline.settings import get_settings
+
+            bound = self.request_timeout_s or get_settings().service_timeout_s
+            url = f"{self.tracking_uri.rstrip('/')}/health"
+            try:
+                with urllib.request.urlopen(url, timeout=bound):  # noqa: S310 - http(s) only
+                    pass
+            except urllib.error.HTTPError:
+                pass  # an answer, even an error status: the server is there
+            except OSError as exc:  # refused, unreachable, DNS, or no answer within the bound
+                raise ConnectionError(
+                    f"MLflow tracking server {self.tracking_uri} did not answer GET /health "
+                    f"within {bound} s (PIPELINE_SERVICE_TIMEOUT_S): {exc}"
+                ) from exc
         from mlflow import MlflowClient
 
         return MlflowClient(
@@ -140,14 +171,14 @@ class TrackingResource(ConfigurableResource):
 
     def model_name(self, symbol: str) -> str:
         """Registered model name of a symbol's spread model."""
-        if not _SAFE_SYMBOL.match(symbol):
+        if not isinstance(symbol, str) or not _SAFE_SYMBOL.fullmatch(symbol):
             raise TrackingError(f"symbol {symbol!r} is not a normalised partition key")
         base = f"fx_spread_{symbol.lower()}"
         if self.uc_catalog and self.uc_schema:
             # the resource can be built without Settings (tests, notebooks), so the
             # catalog and schema are validated again before they reach the registry
             for label, value in (("catalog", self.uc_catalog), ("schema", self.uc_schema)):
-                if not _UC_NAME.match(value):
+                if not _UC_NAME.fullmatch(value):
                     raise TrackingError(f"Unity Catalog {label} {value!r} is not an identifier")
             return f"{self.uc_catalog}.{self.uc_schema}.{base}"
         return base
