@@ -147,7 +147,11 @@ def ui_commands(
     """Commands of the MLflow UI and ``dagster dev`` on the embedded stores of ``settings``.
 
     Shared by ``pipeline dev`` and the README screenshot script, so both start the
-    servers the same way.
+    servers the same way. The MLflow command runs through ``env`` with
+    ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``: MLflow 3 otherwise starts job
+    consumer processes (about 2 GB resident) for server-side jobs this platform never
+    submits. Setting it on the command keeps it out of the caller's environment and
+    holds for any caller, whatever environment it passes to the child.
     """
     bin_dir = os.path.dirname(sys.executable)
     repo_workspace = os.path.join(os.path.dirname(os.path.dirname(__file__)), "workspace.yaml")
@@ -157,6 +161,8 @@ def ui_commands(
         else ["-m", "pipeline.definitions"]  # installed as a package, no checkout
     )
     mlflow_cmd = [
+        shutil.which("env") or "/usr/bin/env",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false",
         os.path.join(bin_dir, "mlflow"),
         "ui",
         "--backend-store-uri",
