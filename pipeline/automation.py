@@ -643,8 +643,10 @@ def bronze_gate_status(
     return "passed", f"{', '.join(check_names)} passed on {partition_key} in run {record.run_id}"
 
 
-def evaluate_fx_spreads(context: SensorEvaluationContext, lake: LakeResource) -> SensorResult:
-    """One evaluation of :data:`fx_spreads_sensor`."""
+def evaluate_fx_spreads(
+    context: SensorEvaluationContext, lake: LakeResource, *, now_s: float | None = None
+) -> SensorResult:
+    """One evaluation of :data:`fx_spreads_sensor` (``now_s``: see :func:`bronze_gate_status`)."""
     after = int(context.cursor) if context.cursor else None
     records = context.instance.fetch_materializations(
         AssetRecordsFilter(asset_key=keys.BRONZE_FX_TICKS, after_storage_id=after),
@@ -654,7 +656,7 @@ def evaluate_fx_spreads(context: SensorEvaluationContext, lake: LakeResource) ->
     cursor = after
     latest_by_date: dict[str, EventLogRecord] = {}
     for record in records:
-        status, reason = bronze_gate_status(context.instance, record, BRONZE_FX_GATE)
+        status, reason = bronze_gate_status(context.instance, record, BRONZE_FX_GATE, now_s=now_s)
         if status == "pending":
             context.log.info(f"bronze fx_ticks {record.partition_key}: waiting, {reason}")
             break  # keep the cursor before this record and look again next tick
