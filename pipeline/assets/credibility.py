@@ -3,8 +3,10 @@
 ``credibility_posterior`` fits the hierarchical Poisson model on a trailing
 window of ``claims_by_district`` (:mod:`pipeline.jobs.credibility_fit`), stores the
 ArviZ netCDF under ``gold/credibility_posterior/month=<month>/`` beside its
-diagnostics, and logs both to MLflow. ``credibility_table`` writes the estimates only
-when the convergence gate passed for that month, in this run or any earlier one, and
+diagnostics, and logs both to MLflow; it draws longer samples while R-hat or ESS fall
+short (run config ``max_draw_rounds`` / ``max_total_draws``). ``credibility_table``
+writes the estimates only when the gate (convergence and the posterior predictive
+check) passed for that month, in this run or any earlier one, and
 only from a posterior fitted on the claims now stored (a re-delivered month makes the
 posterior stale until it is refitted).
 """
@@ -22,8 +24,13 @@ from pydantic import Field
 
 from pipeline import keys
 from pipeline.gates import require_gate
-from pipeline.jobs.credibility_fit import SamplerSettings, credibility_table_rows, fit_month
-from pipeline.metadata import column_schema, markdown_table, png_markdown
+from pipeline.jobs.credibility_fit import (
+    SamplerSettings,
+    credibility_table_rows,
+    fit_month,
+    posterior_metadata,
+)
+from pipeline.metadata import column_schema, markdown_table
 from pipeline.partitions import month_partitions
 from pipeline.policies import MODEL_POOL, domain_errors_are_final, gated_eager, model_retry_policy
 from pipeline.resources.lake import LakeResource
@@ -47,16 +54,24 @@ PREVIEW_COLUMNS = (
 
 
 class CredibilityConfig(Config):
-    """Sampler settings; the defaults are the notebook's, which pass the gate on demo data."""
+    """Sampler settings and the budget of draws; the defaults pass the gate on demo data."""
 
-    draws: int = Field(default=1000, description="posterior draws per chain")
-    tune: int = Field(default=1000, description="tuning steps per chain")
+    draws: int = Field(default=1000, description="posterior draws per chain (first round)")
+    tune: int = Field(default=1000, description="tuning steps per chain (every round)")
     chains: int = Field(default=4, description="number of chains")
     target_accept: float = Field(default=0.9, description="NUTS target acceptance")
-    random_seed: int = Field(default=42, description="sampler seed")
+    random_seed: int = Field(default=42, description="sampler seed (first round)")
     sampler: str = Field(default="nutpie", description="nutpie or pymc")
     parameterization: str = Field(
         default="auto", description="auto (chosen from the data), centered or non_centered"
+    )
+    max_draw_rounds: int = Field(
+        default=3,
+        description="most sampling rounds: while R-hat or ESS fall short without divergences, "
+        "a fresh sample at least twice as long is drawn and judged instead",
+    )
+    max_total_draws: int = Field(
+        default=7000, description="most draws per chain over all sampling rounds together"
     )
 
 
@@ -99,23 +114,12 @@ def credibility_posterior(
             tracking=tracking,
             dagster_run_id=context.run_id,
         )
-    d = fitted.diagnostics
-    context.log.info(f"credibility {month}: gate failures: {d['gate_failures'] or 'none'}")
-    return MaterializeResult(
-        metadata={
-            **{k: float(d[k]) for k in ("max_rhat", "min_ess_bulk", "min_ess_tail")},
-            "n_divergences": int(d["n_divergences"]),
-            **{k: d[k] for k in ("parameterization", "sampler", "n_districts")},
-            **{k: float(d[k]) for k in ("sigma_district_mean", "grand_mean_rate")},
-            "sampling_seconds": round(d["sampling_seconds"], 3),
-            "compile_seconds": round(d["compile_seconds"], 3),
-            "netcdf": MetadataValue.path(fitted.netcdf_uri),
-            "mlflow_run": MetadataValue.url(fitted.mlflow_run_url),
-            "mlflow_run_id": d["mlflow_run_id"],
-            "trace_plot": png_markdown(fitted.trace_png, "trace plot"),
-            "shrinkage_plot": png_markdown(fitted.shrinkage_png, "shrinkage plot"),
-        }
+    failures = fitted.diagnostics["gate_failures"]
+    rounds = len(fitted.diagnostics["draw_rounds"])
+    context.log.info(
+        f"credibility {month}: {rounds} sampling round(s); gate failures: {failures or 'none'}"
     )
+    return MaterializeResult(metadata=posterior_metadata(fitted))
 
 
 @asset(
@@ -129,28 +133,29 @@ def credibility_posterior(
     kinds={"delta", "polars"},
     description=(
         "Credibility-weighted claim frequencies by district for the rating table. Written "
-        "only when the posterior of the same month passed every convergence check."
+        "only when the posterior of the same month passed every convergence check and its "
+        "posterior predictive check."
     ),
     automation_condition=gated_eager(),
 )
 def credibility_table(
     context: AssetExecutionContext, lake: LakeResource, tracking: TrackingResource
 ) -> MaterializeResult:
-    """Write the estimates of a converged posterior; refuse otherwise."""
-    from pipeline.domain.credibility import convergence_failures
+    """Write the estimates of a posterior that passed its gate; refuse otherwise."""
+    from pipeline.domain.credibility import gate_failures
 
     month = context.partition_key
     diagnostics = store.read_diagnostics(lake, month)
     window = store.read_claims_window(lake, month)
     rule_failures = (
-        convergence_failures(diagnostics)
+        gate_failures(diagnostics)
         if diagnostics
         else [f"no stored posterior diagnostics for {month}"]
     )
     require_gate(
         instance=context.instance,
         asset_key=keys.CREDIBILITY_POSTERIOR,
-        check_names=keys.CONVERGENCE_CHECKS,
+        check_names=keys.CREDIBILITY_POSTERIOR_CHECKS,
         partition_key=month,
         rule_failures=[*rule_failures, *store.stale_posterior_failures(diagnostics, window, month)],
         what="the credibility table",

@@ -1,9 +1,10 @@
-"""Convergence gate on ``credibility_posterior``: three blocking, per-month checks.
+"""The gate on ``credibility_posterior``: five blocking, per-month checks.
 
-Each check applies one rule of :data:`pipeline.domain.credibility.GATE_RULES` to
-the diagnostics stored beside the posterior, so the check, the guard in
-``credibility_table`` and a user re-running the check later all judge the same
-numbers.
+Four convergence checks (R-hat, divergences, bulk and tail ESS) and a posterior
+predictive check of the observed claim counts. Each applies one rule of
+:data:`pipeline.domain.credibility.GATE_RULES` to the diagnostics stored beside the
+posterior (the final sample of the fit's sampling rounds), so the check, the guard in
+``credibility_table`` and a user re-running the check later all judge the same numbers.
 """
 
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetChecksDefinition, asset_check
@@ -11,16 +12,22 @@ from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetChecksDef
 from pipeline import keys
 from pipeline.partitions import month_partitions
 from pipeline.resources.lake import LakeResource
-from pipeline.stores.credibility import read_diagnostics
+from pipeline.stores.credibility import check_metadata, read_diagnostics
 
 _DESCRIPTIONS = {
-    keys.CHECK_RHAT: "Max rank-normalised split R-hat over alpha, sigma and district rates ≤ 1.01.",
+    keys.CHECK_RHAT: "Max rank-normalised split R-hat over alpha, sigma and district rates ≤ 1.01, "
+    "judged on the final sample after drawing more while it fell short.",
     keys.CHECK_DIVERGENCES: "No divergent transitions after tuning.",
     keys.CHECK_ESS: "Min bulk effective sample size over all model variables ≥ 400.",
+    keys.CHECK_ESS_TAIL: "Min tail effective sample size (5 % and 95 % quantiles) over all model "
+    "variables ≥ 400.",
+    keys.CHECK_POSTERIOR_PREDICTIVE: "Observed district-month claim counts against the posterior "
+    "predictive distribution: Pearson dispersion p-value ≥ 0.01 and no more counts outside "
+    "their 98 % predictive interval than a fitting model leaves there with 99.9 % probability.",
 }
 
 
-def _convergence_check(name: str) -> AssetChecksDefinition:
+def _posterior_check(name: str) -> AssetChecksDefinition:
     @asset_check(
         asset=keys.CREDIBILITY_POSTERIOR,
         name=name,
@@ -28,7 +35,7 @@ def _convergence_check(name: str) -> AssetChecksDefinition:
         blocking=True,
         description=_DESCRIPTIONS[name],
     )
-    def convergence_check(
+    def posterior_check(
         context: AssetCheckExecutionContext, lake: LakeResource
     ) -> AssetCheckResult:
         from pipeline.domain.credibility import GATE_RULES
@@ -41,16 +48,10 @@ def _convergence_check(name: str) -> AssetChecksDefinition:
         return AssetCheckResult(
             passed=failure is None,
             description=failure or f"{month}: passed",
-            metadata={
-                "max_rhat": float(diagnostics["max_rhat"]),
-                "min_ess_bulk": float(diagnostics["min_ess_bulk"]),
-                "min_ess_tail": float(diagnostics["min_ess_tail"]),
-                "n_divergences": int(diagnostics["n_divergences"]),
-                "parameterization": diagnostics.get("parameterization", ""),
-            },
+            metadata=check_metadata(diagnostics),
         )
 
-    return convergence_check
+    return posterior_check
 
 
-credibility_checks = [_convergence_check(name) for name in keys.CONVERGENCE_CHECKS]
+credibility_checks = [_posterior_check(name) for name in keys.CREDIBILITY_POSTERIOR_CHECKS]

@@ -97,6 +97,29 @@ def stale_posterior_failures(diagnostics: dict, window: pl.DataFrame, month: str
     return [f"{what}; materialise {keys.CREDIBILITY_POSTERIOR.to_user_string()} for {month} again"]
 
 
+def check_metadata(diagnostics: dict) -> dict[str, float | int | str]:
+    """The stored facts every check on the posterior shows beside its verdict.
+
+    Posterior predictive figures are left out for a posterior stored before the check
+    existed (its check fails and says so).
+    """
+    ppc = {
+        key: diagnostics[key]
+        for key in ("ppc_pearson_p_value", "ppc_share_outside_98", "ppc_n_outside_98")
+        if key in diagnostics
+    }
+    return {
+        "max_rhat": float(diagnostics["max_rhat"]),
+        "min_ess_bulk": float(diagnostics["min_ess_bulk"]),
+        "min_ess_tail": float(diagnostics["min_ess_tail"]),
+        "n_divergences": int(diagnostics["n_divergences"]),
+        "draw_rounds": len(diagnostics.get("draw_rounds", [])) or 1,
+        "draws_per_chain": int(diagnostics.get("draws_per_chain", 0)),
+        "parameterization": diagnostics.get("parameterization", ""),
+        **ppc,
+    }
+
+
 def read_diagnostics(lake: LakeResource, month: str) -> dict:
     """Diagnostics stored beside the posterior (empty when never fitted)."""
     uri = posterior_uri(lake, month, "diagnostics.json")
