@@ -1169,6 +1169,13 @@ def tail_spec(
     )
 
 
+def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a + b`` as ``(s, e)`` with ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
 @dataclass
 class ContributionSums:
     """Additive sums over simulations from which :func:`euler_contributions` allocates the tail.
@@ -1177,74 +1184,89 @@ class ContributionSums:
     segments) and its loss ``G_g`` in a simulation with portfolio loss ``L``: ``above`` sums
     ``G_g`` over ``L > VaR``, ``atom`` over ``L = VaR``, ``window`` over the VaR window,
     ``*_sq`` the same sums of ``G_g^2`` and ``window_cross`` sums ``G_g * L`` in the window.
-    Sums from chunks add up (:meth:`merge`, in chunk order for bit-identical totals), and
-    :meth:`to_bytes` carries them across processes (Spark tasks) exactly.
+
+    Each sum is kept as an unevaluated pair ``hi + lo`` accumulated block by block with
+    error-free additions (Knuth's TwoSum), so that the total is the exact sum of the blocks'
+    values to about 1e-26 relative and rounds to the same float whatever the chunks were:
+    a Spark run with another chunk size, or a Databricks run, gives the local run's floats.
+    :meth:`to_bytes` carries the pairs across processes exactly.
     """
 
     n_sims: int
     n_above: int
     n_atom: int
     n_window: int
-    window_loss: float
-    window_loss_sq: float
-    loans: dict[str, np.ndarray]
-    groups: dict[str, np.ndarray]
+    parts: dict[str, np.ndarray]  # name -> (2, size) array of hi and lo parts
 
     @classmethod
     def zeros(cls, n_loans: int, n_groups: int) -> "ContributionSums":
         """Empty sums for a book of ``n_loans`` loans and a partition into ``n_groups``."""
-        return cls(
-            n_sims=0,
-            n_above=0,
-            n_atom=0,
-            n_window=0,
-            window_loss=0.0,
-            window_loss_sq=0.0,
-            loans={k: np.zeros(n_loans) for k in _SUMS},
-            groups={k: np.zeros(n_groups) for k in _SUMS},
-        )
+        parts = {"window": np.zeros((2, 2))}
+        for prefix, size in (("loans", n_loans), ("groups", n_groups)):
+            parts.update({f"{prefix}.{k}": np.zeros((2, size)) for k in _SUMS})
+        return cls(n_sims=0, n_above=0, n_atom=0, n_window=0, parts=parts)
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        """Add one block's ``values`` to the sum ``name`` without rounding error."""
+        pair = self.parts[name]
+        pair[0], error = _two_sum(pair[0], values)
+        pair[1] += error
 
     def merge(self, other: "ContributionSums") -> "ContributionSums":
-        """Sums over the simulations of both (``self`` first)."""
+        """Sums over the simulations of both."""
+        parts = {}
+        for name, pair in self.parts.items():
+            hi, error = _two_sum(pair[0], other.parts[name][0])
+            parts[name] = np.stack([hi, pair[1] + other.parts[name][1] + error])
         return ContributionSums(
             n_sims=self.n_sims + other.n_sims,
             n_above=self.n_above + other.n_above,
             n_atom=self.n_atom + other.n_atom,
             n_window=self.n_window + other.n_window,
-            window_loss=self.window_loss + other.window_loss,
-            window_loss_sq=self.window_loss_sq + other.window_loss_sq,
-            loans={k: self.loans[k] + other.loans[k] for k in _SUMS},
-            groups={k: self.groups[k] + other.groups[k] for k in _SUMS},
+            parts=parts,
         )
+
+    def _totals(self, prefix: str) -> dict[str, np.ndarray]:
+        return {k: self.parts[f"{prefix}.{k}"][0] + self.parts[f"{prefix}.{k}"][1] for k in _SUMS}
+
+    @property
+    def loans(self) -> dict[str, np.ndarray]:
+        """The sums per loan, in the book's order."""
+        return self._totals("loans")
+
+    @property
+    def groups(self) -> dict[str, np.ndarray]:
+        """The sums per group of the partition."""
+        return self._totals("groups")
+
+    @property
+    def window_loss(self) -> float:
+        """Sum of the portfolio losses in the VaR window."""
+        return float(self.parts["window"][0, 0] + self.parts["window"][1, 0])
+
+    @property
+    def window_loss_sq(self) -> float:
+        """Sum of the squared portfolio losses in the VaR window."""
+        return float(self.parts["window"][0, 1] + self.parts["window"][1, 1])
 
     def to_bytes(self) -> bytes:
         """The sums as ``.npz`` bytes (float64 exact, no pickle)."""
         buffer = io.BytesIO()
         counts = [self.n_sims, self.n_above, self.n_atom, self.n_window]
-        np.savez(
-            buffer,
-            counts=np.array(counts, dtype=np.int64),
-            window=np.array([self.window_loss, self.window_loss_sq]),
-            **{f"loans_{k}": v for k, v in self.loans.items()},
-            **{f"groups_{k}": v for k, v in self.groups.items()},
-        )
+        np.savez(buffer, counts=np.array(counts, dtype=np.int64), **self.parts)
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ContributionSums":
         """The sums written by :meth:`to_bytes`."""
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            counts, window = npz["counts"].tolist(), npz["window"].tolist()
-            return cls(
-                *counts,
-                *window,
-                loans={k: npz[f"loans_{k}"] for k in _SUMS},
-                groups={k: npz[f"groups_{k}"] for k in _SUMS},
-            )
+            counts = npz["counts"].tolist()
+            return cls(*counts, parts={k: npz[k] for k in npz.files if k != "counts"})
 
 
 def _add_group_sums(
-    target: dict[str, np.ndarray],
+    sums: ContributionSums,
+    prefix: str,
     codes: np.ndarray,
     n_codes: int,
     sims: np.ndarray,
@@ -1254,23 +1276,21 @@ def _add_group_sums(
     atom: np.ndarray,
     window: np.ndarray,
 ) -> None:
-    """Add one block's group losses in the tail simulations to ``target``."""
+    """Add one block's group losses in the tail simulations to the sums under ``prefix``."""
     key = sims * n_codes + codes
     unique, inverse = np.unique(key, return_inverse=True)
     g_loss = np.bincount(inverse, weights=values)
     g_sim, g = np.divmod(unique, n_codes)
-    for name, mask, weight in (
-        ("above", above, None),
-        ("atom", atom, None),
-        ("window", window, losses),
-    ):
+    for name, mask in (("above", above), ("atom", atom), ("window", window)):
         sel = mask[g_sim]
         gl = g_loss[sel]
-        target[name] += np.bincount(g[sel], weights=gl, minlength=n_codes)
-        target[name + "_sq"] += np.bincount(g[sel], weights=gl * gl, minlength=n_codes)
-        if weight is not None:
-            cross = gl * weight[g_sim[sel]]
-            target["window_cross"] += np.bincount(g[sel], weights=cross, minlength=n_codes)
+        sums.add(f"{prefix}.{name}", np.bincount(g[sel], weights=gl, minlength=n_codes))
+        sums.add(f"{prefix}.{name}_sq", np.bincount(g[sel], weights=gl * gl, minlength=n_codes))
+        if name == "window":
+            cross = gl * losses[g_sim[sel]]
+            sums.add(
+                f"{prefix}.window_cross", np.bincount(g[sel], weights=cross, minlength=n_codes)
+            )
 
 
 def contribution_chunk(
@@ -1352,8 +1372,7 @@ def contribution_chunk(
         sums.n_above += int(above.sum())
         sums.n_atom += int(atom.sum())
         sums.n_window += int(wl.size)
-        sums.window_loss += float(wl.sum())
-        sums.window_loss_sq += float(np.dot(wl, wl))
+        sums.add("window", np.array([wl.sum(), np.dot(wl, wl)]))
         selected = above | atom | window
         sims, pos = log.pairs(selected)
         loan = plan.index[pos]
@@ -1364,9 +1383,9 @@ def contribution_chunk(
             loan = np.r_[loan, np.tile(plan.certain_index, chosen.size)]
             values = np.r_[values, np.tile(plan.certain_losses, chosen.size)]
         parts = (sims, values, losses, above, atom, window)
-        _add_group_sums(sums.loans, positions[loan], n_loans, *parts)
+        _add_group_sums(sums, "loans", positions[loan], n_loans, *parts)
         if n_groups:
-            _add_group_sums(sums.groups, codes[loan], n_groups, *parts)
+            _add_group_sums(sums, "groups", codes[loan], n_groups, *parts)
     return sums
 
 
@@ -1432,16 +1451,17 @@ def euler_contributions(
     if by not in ("loans", "groups"):
         raise LoanBookError(f"by = {by!r} must be 'loans' or 'groups'")
     g = sums.loans if by == "loans" else sums.groups
+    window_loss, window_loss_sq = sums.window_loss, sums.window_loss_sq
     n, q, theta = sums.n_sims, tail.level, tail.atom_weight
     es = (g["above"] + theta * g["atom"]) / (n * (1.0 - q))
     var = np.zeros_like(es)
     se_var = np.zeros_like(es)
-    if sums.window_loss > 0.0 and sums.n_window >= 2:
+    if window_loss > 0.0 and sums.n_window >= 2:
         w = sums.n_window
-        ratio = g["window"] / sums.window_loss
+        ratio = g["window"] / window_loss
         var = tail.var * ratio
-        resid = g["window_sq"] - 2.0 * ratio * g["window_cross"] + ratio**2 * sums.window_loss_sq
-        mean_loss = sums.window_loss / w
+        resid = g["window_sq"] - 2.0 * ratio * g["window_cross"] + ratio**2 * window_loss_sq
+        mean_loss = window_loss / w
         se_var = tail.var * np.sqrt(np.maximum(resid, 0.0) / (w - 1) / w) / mean_loss
     n_le = n - sums.n_above
     c = var

@@ -176,8 +176,8 @@ def scenario_contributions(
 ) -> Any:
     """The contribution pass of one scenario: tail sums mapped over the same chunks.
 
-    Chunk sums are merged in chunk order, so the local and Spark backends give identical
-    floats; the merged counts must equal the first pass's (``check_second_pass``).
+    Chunk sums add up without rounding error, so every backend and chunk size gives the
+    same floats; the merged counts must equal the first pass's (``check_second_pass``).
     """
     from pipeline.domain import loan_loss
 

@@ -288,9 +288,13 @@ def test_contributions_add_up_to_the_portfolio_var_and_es():
     scale = tail.var * sums.n_window / sums.window_loss
     assert by_loan["var"][0] == pytest.approx(ead[0] * book.lgd[0] * scale, rel=1e-12)
     assert by_loan["es"][1] == 0.0 and by_loan["es"][2] == 0.0
-    # the same sums whatever the chunking (to float rounding), and exactly through bytes
-    other = contributions(book, tail, groups=segments, n_groups=4, chunk_size=3_000, **kw)
-    assert np.allclose(other.loans["above"], sums.loans["above"], rtol=1e-12, atol=0.0)
+    # the same floats whatever the chunking (error-free accumulation), and through bytes
+    for chunk_size in (1_024, 3_000, 40_000):
+        other = contributions(book, tail, groups=segments, n_groups=4, chunk_size=chunk_size, **kw)
+        assert other.window_loss == sums.window_loss
+        for name, values in sums.loans.items():
+            assert other.loans[name].tobytes() == values.tobytes(), (chunk_size, name)
+            assert other.groups[name].tobytes() == sums.groups[name].tobytes(), (chunk_size, name)
     back = ll.ContributionSums.from_bytes(sums.to_bytes())
     assert back.n_sims == sums.n_sims and back.window_loss == sums.window_loss
     for name, values in sums.groups.items():
