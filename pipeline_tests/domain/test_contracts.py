@@ -398,3 +398,75 @@ def test_aggregate_claims_sums_per_district() -> None:
     table = contracts.aggregate_claims(policies, "2026-07")
     assert table.rows() == [("2026-07", "D1", 1.0, 0, 1), ("2026-07", "D2", 1.0, 3, 3)]
     assert contracts.rule_violations(table, contracts.claims_by_district_contract("2026-07")) == {}
+
+
+# --- columns the contract does not declare ------------------------------------------------
+
+
+def test_undeclared_columns_are_named_in_file_order_without_lineage() -> None:
+    frame = bronze(
+        [["P1", "D1", "2026-07", "1", "0", "web", "B1"]],
+        [*CLAIMS_COLUMNS, "channel", "broker"],
+        CLAIMS_FILE,
+    )
+    contract = contracts.claims_contract("2026-07")
+    assert contracts.undeclared_columns(frame, contract) == ["channel", "broker"]
+
+
+def test_undeclared_columns_stay_out_of_curated_and_in_the_quarantined_record() -> None:
+    rows = [
+        ["P1", "D1", "2026-07", "1", "0", "web"],
+        ["P2", "D1", "2026-07", "-1", "0", "branch"],
+        ["P3", "D2", "2026-07", "2", "1", None],  # a file that did not deliver the column
+    ]
+    frame = bronze(rows, [*CLAIMS_COLUMNS, "channel"], CLAIMS_FILE)
+    curated, quarantined = apply_contract(
+        frame, contracts.claims_contract("2026-07"), partition_key="2026-07"
+    )
+    assert "channel" not in curated.columns
+    assert curated["policy_id"].to_list() == ["P1", "P3"]
+    assert json.loads(quarantined["record"].item()) == {
+        "policy_id": "P2",
+        "district": "D1",
+        "valuation_month": "2026-07",
+        "exposure": "-1",
+        "claim_count": "0",
+        "channel": "branch",
+    }
+
+
+def test_a_delivered_column_named_like_a_derived_one_does_not_shadow_it() -> None:
+    frame = bronze(
+        [["EUR/USD", "2026-09-01T00:00:01", "1.1", "1.2", "yesterday", "9"]],
+        [*FX_COLUMNS, "date", "spread"],
+        FX_FILE,
+    )
+    curated, quarantined = apply_contract(
+        frame, contracts.fx_ticks_contract("2026-09-01"), partition_key="2026-09-01"
+    )
+    assert quarantined.height == 0
+    assert curated.select("symbol", "date").row(0) == ("EURUSD", "2026-09-01")
+    assert curated["spread"].item() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("columns", "problem"),
+    [
+        (["a", "_source_file"], "'_source_file' is a column the platform adds"),
+        (["a", "_BATCH_ID"], "'_BATCH_ID' is a column the platform adds"),
+        (["Note", "note"], "'note' repeats 'Note' (names ignore case)"),
+        (["sales channel"], "'sales channel' is empty or holds one of"),
+        (["a=b"], "'a=b' is empty or holds one of"),
+        (["a\nb"], "is empty or holds one of"),
+        ([""], "'' is empty or holds one of"),
+    ],
+)
+def test_column_names_bronze_cannot_store_fail_the_file(columns: list[str], problem: str) -> None:
+    with pytest.raises(ContractError) as err:
+        contracts.check_storable_columns(columns, CLAIMS_FILE)
+    assert str(err.value).startswith(f"{CLAIMS_FILE}: column name(s) cannot be stored in bronze: ")
+    assert problem in str(err.value)
+
+
+def test_ordinary_column_names_are_storable() -> None:
+    contracts.check_storable_columns(["policy_id", "Broker-Name", "région", "x.y"], CLAIMS_FILE)

@@ -9,6 +9,10 @@ import pytest
 
 from pipeline.domain.landing import (
     LandingFileError,
+    expected_name,
+    is_settled,
+    landing_name_problem,
+    parquet_footer_intact,
     partition_key_of,
     read_as_text,
 )
@@ -155,3 +159,74 @@ def test_header_only_csv_reads_as_zero_rows(tmp_path: Path) -> None:
     frame = read_as_text(path)
     assert frame.height == 0
     assert frame.columns == ["policy_id", "exposure"]
+
+
+# --- names the platform cannot place, completeness ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "name", "problem"),
+    [
+        ("claims", "claims_2026-07.csv", None),
+        ("claims", "claims_2026-07_resend.parquet", None),
+        ("claims", "claims-2026-07.csv", "the separator after 'claims' must be '_'"),
+        ("claims", "claims.2026-07.csv", "the separator after 'claims' must be '_'"),
+        ("claims", "claims_2026-07.CSV", "extension '.CSV' must be lower-case .csv or .parquet"),
+        ("claims", "claims_2026-07.Parquet", "extension '.Parquet' must be lower-case"),
+        ("claims", "claims_2026-07.csv.gz", "compressed (.gz): deliver uncompressed"),
+        ("claims", "claims_2026-07.zip", "compressed (.zip)"),
+        ("claims", "claims_202607.csv", "no YYYY-MM date right after 'claims_'"),
+        ("claims", "claims_07-2026.csv", "no YYYY-MM date right after 'claims_'"),
+        ("claims", "claims_2026_07.csv", "no YYYY-MM date right after 'claims_'"),
+        ("claims", "Claims_2026-07.csv", "must start with 'claims_' in lower case"),
+        ("claims", "notes.txt", "extension '.txt' is not .csv or .parquet"),
+        ("claims", "README", "extension '(none)' is not .csv or .parquet"),
+        ("claims", "fx_ticks_2026-09-01.csv", "names source 'fx_ticks' but lies in the 'claims'"),
+        ("fx_ticks", "fx_ticks_2026-9-1.parquet", "no YYYY-MM-DD date right after 'fx_ticks_'"),
+        ("loan_book", "loanbook_2026-09-30.parquet", "does not start with 'loan_book_'"),
+    ],
+)
+def test_a_name_that_names_no_partition_says_what_is_wrong(
+    source: str, name: str, problem: str | None
+) -> None:
+    found = landing_name_problem(source, name)
+    if problem is None:
+        assert found is None
+        return
+    assert found is not None and problem in found, found
+    assert found.endswith(f"expected {expected_name(source)}")
+
+
+def test_expected_names_follow_each_source_partition_format() -> None:
+    assert expected_name("claims") == "claims_<YYYY-MM>[_suffix].csv|parquet"
+    assert expected_name("loan_book") == "loan_book_<YYYY-MM-DD>[_suffix].csv|parquet"
+
+
+@pytest.mark.parametrize(
+    ("first_seen_s", "mtime_s", "now_s", "settled"),
+    [
+        (100.0, 100.0, 105.0, False),  # written 5 s ago, seen 5 s ago
+        (100.0, 100.0, 115.0, True),  # unchanged for the whole interval
+        (100.0, 110.0, 112.0, False),  # still being written (mtime moves, sensor saw it late)
+        (110.0, 10.0, 110.0, True),  # modified long ago (cp -p sets an old time when done)
+        (100.0, 200.0, 116.0, True),  # a clock ahead of the sensor: the sensor's own time counts
+    ],
+)
+def test_a_file_is_settled_after_the_interval_by_either_clock(
+    first_seen_s: float, mtime_s: float, now_s: float, settled: bool
+) -> None:
+    assert (
+        is_settled(first_seen_s=first_seen_s, mtime_ns=int(mtime_s * 1e9), now_s=now_s, settle_s=15)
+        is settled
+    )
+
+
+def test_a_parquet_file_is_complete_only_with_its_footer(tmp_path: Path) -> None:
+    path = tmp_path / "ticks.parquet"
+    pl.DataFrame({"x": list(range(1000))}).write_parquet(path)
+    payload = path.read_bytes()
+    assert parquet_footer_intact(payload)
+    for cut in (0, 4, 11, len(payload) // 2, len(payload) - 1):
+        assert not parquet_footer_intact(payload[:cut]), cut
+    assert not parquet_footer_intact(b"PAR1" + b"\x00" * 8 + b"PAR1")  # footer of length 0
+    assert not parquet_footer_intact(b"policy_id\nP1\n")

@@ -50,20 +50,14 @@ class BlackHole:
             conn.close()
 
 
-@pytest.fixture
-def black_hole() -> Iterator[BlackHole]:
-    hole = BlackHole()
-    yield hole
-    hole.close()
-
-
 STEP = """
 import json, sys, time
 import dagster as dg
 import deltalake, mlflow.exceptions  # imported up front: the time measured is time waited
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.tracking import TrackingResource
-port, bound, which, home = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+mlflow_port, lake_port, bound, home = map(str, sys.argv[1:5])
+bound = int(bound)
 
 @dg.asset
 def talks_to_mlflow(tracking: TrackingResource) -> None:
@@ -75,12 +69,14 @@ def talks_to_the_lake(lake: LakeResource) -> None:
     lake.overwrite_partition("bronze", "claims", pl.DataFrame({"p": ["a"]}), {"p": "a"})
 
 resources = {
-    "tracking": TrackingResource(tracking_uri=f"http://127.0.0.1:{port}", request_timeout_s=bound),
+    "tracking": TrackingResource(
+        tracking_uri=f"http://127.0.0.1:{mlflow_port}", request_timeout_s=bound
+    ),
     "lake": LakeResource(
         root_uri="s3://landing-bucket/lake",
         service_timeout_s=bound,
         storage_options={
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{lake_port}",
             "AWS_ALLOW_HTTP": "true",
             "AWS_REGION": "us-east-1",
             "AWS_ACCESS_KEY_ID": "test-only",
@@ -89,52 +85,80 @@ resources = {
         },
     ),
 }
-asset = talks_to_mlflow if which == "mlflow" else talks_to_the_lake
+outcomes = {}
 with dg.instance_for_test(temp_dir=home) as instance:
-    started = time.monotonic()
-    result = dg.materialize([asset], resources=resources, instance=instance, raise_on_error=False)
-    elapsed = time.monotonic() - started
-    failure = result.failure_data_for_node(asset.op.name)
-    error = failure.error if failure else None
-    print(json.dumps({
-        "success": result.success,
-        "elapsed_s": elapsed,
-        "error": error.to_string() if error else "",
-    }))
+    for which, asset in (("mlflow", talks_to_mlflow), ("lake", talks_to_the_lake)):
+        started = time.monotonic()
+        result = dg.materialize(
+            [asset], resources=resources, instance=instance, raise_on_error=False
+        )
+        elapsed = time.monotonic() - started
+        failure = result.failure_data_for_node(asset.op.name)
+        error = failure.error if failure else None
+        outcomes[which] = {
+            "success": result.success,
+            "elapsed_s": elapsed,
+            "error": error.to_string() if error else "",
+        }
+print(json.dumps(outcomes))
 """
 
 
-def _run_step(which: str, port: int, tmp_path: Path) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", STEP, str(port), str(BOUND_S), which, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-        cwd=REPO,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict, dict]]:
+    """Both steps, against one unanswering server each, in one child interpreter."""
+    mlflow_hole, lake_hole = BlackHole(), BlackHole()
+    home = tmp_path_factory.mktemp("unreachable")
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                STEP,
+                str(mlflow_hole.port),
+                str(lake_hole.port),
+                str(BOUND_S),
+                str(home),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=HANG_GUARD_S,
+            cwd=REPO,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        steps = json.loads(done.stdout.strip().splitlines()[-1])
+        yield (
+            {
+                **steps["mlflow"],
+                "port": mlflow_hole.port,
+                "connections": len(mlflow_hole.connections),
+            },
+            {**steps["lake"], "port": lake_hole.port, "connections": len(lake_hole.connections)},
+        )
+    finally:
+        mlflow_hole.close()
+        lake_hole.close()
 
 
 def test_an_unanswering_mlflow_server_fails_the_step_naming_server_and_bound(
-    black_hole: BlackHole, tmp_path: Path
+    outcomes: tuple[dict, dict],
 ) -> None:
-    outcome = _run_step("mlflow", black_hole.port, tmp_path)
+    outcome, _ = outcomes
     print(f"MLflow unreachable: the step failed after {outcome['elapsed_s']:.1f} s")
     assert not outcome["success"]
     assert (
-        f"MLflow tracking server http://127.0.0.1:{black_hole.port} did not answer GET /health "
+        f"MLflow tracking server http://127.0.0.1:{outcome['port']} did not answer GET /health "
         f"within {BOUND_S} s (PIPELINE_SERVICE_TIMEOUT_S)"
     ) in outcome["error"]
     assert "ConnectionError" in outcome["error"]
-    assert len(black_hole.connections) == 1  # one bounded probe, no retry storm
+    assert outcome["connections"] == 1  # one bounded probe, no retry storm
 
 
 def test_an_unanswering_object_store_fails_the_step_naming_table_and_bound(
-    black_hole: BlackHole, tmp_path: Path
+    outcomes: tuple[dict, dict],
 ) -> None:
-    outcome = _run_step("lake", black_hole.port, tmp_path)
+    _, outcome = outcomes
     print(f"object store unreachable: the step failed after {outcome['elapsed_s']:.1f} s")
     assert not outcome["success"]
     assert "LakeUnavailableError" in outcome["error"]
@@ -142,4 +166,4 @@ def test_an_unanswering_object_store_fails_the_step_naming_table_and_bound(
         f"s3://landing-bucket/lake/bronze/claims: the object store failed or did not answer "
         f"within the bound of {BOUND_S} s (PIPELINE_SERVICE_TIMEOUT_S)"
     ) in outcome["error"]
-    assert 1 <= len(black_hole.connections) <= 6  # bounded retries, not a retry storm
+    assert 1 <= outcome["connections"] <= 6  # bounded retries, not a retry storm

@@ -5,6 +5,7 @@ interrupted write, and concurrent writers (other processes, and threads racing f
 same commit).
 """
 
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -21,7 +22,14 @@ from deltalake.exceptions import CommitFailedError
 from polars.testing import assert_frame_equal
 
 from pipeline.resources import lake as lake_module
-from pipeline.resources.lake import LakeError, LakeResource
+from pipeline.resources.lake import (
+    LakeError,
+    LakeResource,
+    PartitionWrite,
+    batch_time,
+    new_batch_id,
+    visible_rows,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -383,3 +391,154 @@ def test_a_lost_commit_is_retried_with_backoff_then_raised(
     assert always.calls == lake.commit_retries
     assert sleeps == [0.2, 0.4, 0.8, 1.6]
     assert lake.read("curated", "t")["x"].to_list() == [0, 1, 2, 3, 4]
+
+
+# --- outcomes committed together (commit point) ------------------------------------------
+
+
+def outcome(partition: str, curated: int, quarantined: int, offset: float = 0.0) -> list:
+    """A curated table and its quarantine, for one partition of ``curated/t``."""
+    return [
+        PartitionWrite("curated", "t", frame(partition, curated, offset), [{"p": partition}]),
+        PartitionWrite(
+            "quarantine",
+            "t",
+            pl.DataFrame(
+                {"partition_key": [partition] * quarantined, "reason": ["bad"] * quarantined},
+                schema={"partition_key": pl.String, "reason": pl.String},
+            ),
+            [{"partition_key": partition}],
+        ),
+    ]
+
+
+def test_curated_and_quarantine_rows_become_visible_together(lake: LakeResource) -> None:
+    first = lake.commit_outcome(outcome("a", 3, 2))
+    other = lake.commit_outcome(outcome("b", 1, 0))
+    assert lake.read("curated", "t").group_by("p").len().sort("p").rows() == [("a", 3), ("b", 1)]
+    assert lake.read("quarantine", "t", {"partition_key": "a"}).height == 2
+    assert "_batch_id" not in lake.read("curated", "t").columns
+
+    second = lake.commit_outcome(outcome("a", 1, 4, offset=10))
+    assert second.batch_id > first.batch_id
+    assert lake.read("curated", "t", {"p": "a"})["x"].to_list() == [10.0]
+    assert lake.read("quarantine", "t", {"partition_key": "a"}).height == 4
+    # the superseded batch of a was deleted after the commit; b kept its own
+    stored = lake.read("curated", "t", committed=False)
+    assert set(stored["_batch_id"]) == {second.batch_id, other.batch_id}
+    assert stored.filter(pl.col("p") == "a")["_batch_id"].unique().to_list() == [second.batch_id]
+    commits = lake.read("ops", "ingest_commits")
+    assert commits.filter(pl.col("batch_id") == second.batch_id).select(
+        "layer", "table", "partition", "rows"
+    ).sort("layer").rows() == [
+        ("curated", "t", '{"p": "a"}', 1),
+        ("quarantine", "t", '{"partition_key": "a"}', 4),
+    ]
+
+
+def test_an_all_rejected_partition_is_committed_empty_not_left_as_it_was(
+    lake: LakeResource,
+) -> None:
+    lake.commit_outcome(outcome("a", 3, 0))
+    lake.commit_outcome(outcome("a", 0, 3))
+    assert lake.read("curated", "t", {"p": "a"}).height == 0
+    assert lake.read("quarantine", "t").height == 3
+
+
+def test_a_failed_quarantine_write_publishes_nothing(lake: LakeResource) -> None:
+    lake.commit_outcome(outcome("a", 3, 1))
+    before = lake.read("curated", "t")
+    blocked = Path(lake.table_uri("quarantine", "t"))
+    moved = blocked.with_name("moved")
+    blocked.rename(moved)
+    blocked.write_text("a file where the table should be")
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - delta-rs reports it as it sees fit
+            lake.commit_outcome(outcome("a", 5, 0, offset=50))
+    finally:
+        blocked.unlink()
+        moved.rename(blocked)
+    assert_frame_equal(lake.read("curated", "t"), before)
+    assert lake.read("quarantine", "t").height == 1
+    assert lake.read("curated", "t", committed=False).height == 3 + 5  # appended, invisible
+
+
+def test_invalid_writes_are_refused_before_any_table_is_touched(lake: LakeResource) -> None:
+    stray = outcome("a", 2, 1)
+    stray[1] = PartitionWrite(
+        "quarantine", "t", pl.DataFrame({"partition_key": ["z"]}), [{"partition_key": "a"}]
+    )
+    with pytest.raises(LakeError, match="lie outside the partitions"):
+        lake.commit_outcome(stray)
+    assert not lake.exists("curated", "t")
+    with pytest.raises(LakeError, match="at least one write"):
+        lake.commit_outcome([])
+
+
+def test_readers_see_the_newest_committed_batch_that_their_snapshot_holds() -> None:
+    rows = pl.DataFrame(
+        {
+            "p": ["a", "a", "b", "c", "d"],
+            "x": [1, 2, 3, 4, 5],
+            "_batch_id": ["B1", "B2", "B1", None, "B9"],
+        }
+    )
+    commits = pl.DataFrame(
+        {
+            "p": ["a", "a", "a", "b", "b", "d"],
+            "_batch_id": ["B1", "B2", "B3", "B1", "B4", "B8"],
+            "rows": [1, 1, 7, 1, 0, 1],
+        }
+    )
+    visible = visible_rows(rows, commits, ["p"]).sort("p")
+    # a: B3 committed after the snapshot was read (absent): B2; b: B4 emptied it;
+    # c: rows from before commit points; d: B9 never committed and B8 absent: nothing
+    assert visible.select("p", "x").rows() == [("a", 2), ("c", 4)]
+
+
+def test_a_commit_reported_lost_after_it_landed_is_not_appended_twice(
+    lake: LakeResource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = deltalake.write_deltalake
+    calls = []
+
+    def lands_then_reports_a_conflict(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(kwargs.get("mode"))
+        if len(calls) == 1:
+            raise CommitFailedError("injected: the commit landed but the response was lost")
+
+    monkeypatch.setattr(deltalake, "write_deltalake", lands_then_reports_a_conflict)
+    monkeypatch.setattr(lake_module.time, "sleep", lambda _: None)
+    lake.commit_outcome(outcome("a", 3, 1))
+    assert lake.read("curated", "t", committed=False).height == 3
+    assert lake.read("curated", "t").height == 3
+
+
+def test_object_store_requests_are_bounded_and_local_folders_are_not() -> None:
+    remote = LakeResource(root_uri="s3://bucket/lake", service_timeout_s=30)
+    assert remote._delta_options() == {
+        "timeout": "10s",
+        "connect_timeout": "5s",
+        "max_retries": "2",
+        "retry_timeout": "30s",
+    }
+    assert remote._polars_options()["retry_timeout_ms"] == "30000"
+    tuned = LakeResource(
+        root_uri="abfss://c@a.dfs.core.windows.net/lake",
+        service_timeout_s=9,
+        storage_options={"timeout": "60s"},
+    )
+    assert tuned._delta_options()["timeout"] == "60s"  # what the user configured wins
+    assert tuned._delta_options()["retry_timeout"] == "9s"
+    assert LakeResource(root_uri="/data/lake", service_timeout_s=30)._delta_options() is None
+
+
+def test_ops_is_a_layer_and_batch_ids_sort_by_time(lake: LakeResource) -> None:
+    assert lake.table_uri("ops", "landing_rejects").endswith("/ops/landing_rejects")
+    early = new_batch_id(dt.datetime(2026, 9, 1, 12, 0, tzinfo=dt.UTC))
+    late = new_batch_id(dt.datetime(2026, 9, 1, 12, 0, 0, 1, tzinfo=dt.UTC))
+    assert early < late
+    assert batch_time(early) == dt.datetime(2026, 9, 1, 12, 0)
+    with pytest.raises(LakeError, match="is not valid"):
+        lake.delete_batches("curated", "t", pl.DataFrame({"p": ["a"], "_batch_id": ["x' OR 1=1"]}))
