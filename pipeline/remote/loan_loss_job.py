@@ -17,6 +17,12 @@ The cluster has no ``pipeline`` installation: the orchestrator uploads a zip of
 ``pipeline/domain`` and ``pipeline/remote`` and names it in the extras as ``code_bundle``;
 it goes first on ``sys.path`` here and, with Spark, is shipped to the executors.
 
+When the orchestrator asks for ``contributions.npz`` (and sends each loan's segment code in
+the book file), the job also runs the contribution pass of
+:func:`pipeline.domain.loan_loss.contribution_chunk` over the same chunks, on the tail of the
+losses it just simulated, and writes the merged sums; the orchestrator checks them against
+the tail of the losses it receives. One run per scenario thus carries both passes.
+
 What crosses the wire, and why files rather than messages
 ----------------------------------------------------------
 The Pipes extras carry scalars and DBFS paths only. The loan book comes as ``book.npz``
