@@ -84,7 +84,8 @@ def postgres(tmp_path: Path) -> Iterator[dict]:
         "-l",
         str(root / "server.log"),
         "-o",
-        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
+        # TCP only: a Unix socket path under a deep test folder can pass Linux's 107-byte limit
+        f"-p {port} -c unix_socket_directories='' -c listen_addresses=127.0.0.1 -c fsync=off",
         "-w",
         "start",
     )
