@@ -17,6 +17,9 @@ writer is dead), so ``pipeline maintenance`` does, for every table of the lake:
 3. writes a checkpoint and lets delta-rs drop log files older than the table's log
    retention (``create_checkpoint``, ``cleanup_metadata``).
 
+The append-only ``ops`` tables are compacted first (``optimize.compact``): every read
+of a curated table reads ``ops/ingest_commits``, one small file per commit otherwise.
+
 The retention (``PIPELINE_VACUUM_RETENTION_HOURS``, default 168 h) also protects
 writers in flight: their files are younger than it, so they are never taken for
 orphans. It must exceed the longest write.
@@ -142,6 +145,10 @@ def maintain_table(
     loaded = lake.delta_table(layer, table)
     if loaded is None:
         raise LakeError(f"{layer}/{table}: not a Delta table")
+    if layer == "ops":
+        # append-only logs grow one small file per write, and every read of a curated
+        # table reads ops/ingest_commits: compacting keeps that read cheap
+        loaded.optimize.compact()
     candidates = loaded.vacuum(
         retention_hours=retention_hours,
         dry_run=True,

@@ -31,6 +31,8 @@ KEYS = st.one_of(
     st.text(max_size=40),
     st.lists(st.one_of(NASTY, st.text(max_size=4)), max_size=8).map("".join),
 )
+LAKE = LakeResource(root_uri="/lake", service_timeout_s=30)
+TRACKING = TrackingResource(tracking_uri="sqlite:///unused.db")
 CHECKS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -52,9 +54,8 @@ def test_a_symbol_is_normalised_to_a_safe_key_or_refused(raw: str) -> None:
 @example("EURUSD\n")  # regression: ``$`` matched before a trailing newline
 @example("eurusd")
 def test_a_registry_name_is_built_only_from_a_safe_symbol(raw: str) -> None:
-    tracking = TrackingResource(tracking_uri="sqlite:///unused.db")
     try:
-        name = tracking.model_name(raw)
+        name = TRACKING.model_name(raw)
     except TrackingError:
         return
     assert re.fullmatch(r"fx_spread_[a-z0-9]{3,12}", name)
@@ -66,16 +67,15 @@ def test_a_registry_name_is_built_only_from_a_safe_symbol(raw: str) -> None:
 @example("claims\n", "trace.nc\n")  # regression: ``$`` matched before a trailing newline
 @example("claims", "..")
 def test_a_table_name_or_artefact_path_stays_inside_the_lake(table: str, part: str) -> None:
-    lake = LakeResource(root_uri="/lake", service_timeout_s=30)
     try:
-        uri = lake.table_uri("curated", table)
+        uri = LAKE.table_uri("curated", table)
     except LakeError:
         uri = None
     if uri is not None:
         assert uri == f"/lake/curated/{table}" and re.fullmatch(r"[a-z][a-z0-9_]*", table)
     assume(uri is not None or table == "")
     try:
-        path = lake.file_uri("gold", "posteriors", part)
+        path = LAKE.file_uri("gold", "posteriors", part)
     except LakeError:
         return
     assert Path(path).parent == Path("/lake/gold/posteriors")
@@ -90,10 +90,9 @@ def test_a_table_name_or_artefact_path_stays_inside_the_lake(table: str, part: s
 def test_a_partition_value_is_refused_before_it_reaches_a_predicate_or_a_folder(
     value: str,
 ) -> None:
-    lake = LakeResource(root_uri="/lake", service_timeout_s=30)
     frame = pl.DataFrame({"p": [value], "x": [1]})
     try:
-        predicate = lake.partition_predicate("curated", "t", frame, [{"p": value}])
+        predicate = LAKE.partition_predicate("curated", "t", frame, [{"p": value}])
     except LakeError as exc:
         assert "is not safe" in str(exc) or "outside the partitions" in str(exc)
         return
