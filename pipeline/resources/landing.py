@@ -76,15 +76,19 @@ class LandingResource(ConfigurableResource):
 
     def completion_policy(self) -> tuple[str, int]:
         """``(completion mode, settle seconds)``, from this resource or the settings."""
-        from pipeline.settings import get_settings
+        from pipeline.settings import LANDING_COMPLETION_MODES, get_settings
 
-        if self.settle_s is None or self.completion is None:
+        mode, settle_s = self.completion, self.settle_s
+        if mode is None or settle_s is None:
             settings = get_settings()
-            return (
-                self.completion or settings.landing_completion,
-                settings.landing_settle_s if self.settle_s is None else self.settle_s,
+            mode = mode or settings.landing_completion
+            settle_s = settings.landing_settle_s if settle_s is None else settle_s
+        if mode not in LANDING_COMPLETION_MODES or settle_s < 0:
+            raise ValueError(
+                f"landing completion {mode!r} with settle {settle_s} s: the mode must be one of "
+                f"{', '.join(LANDING_COMPLETION_MODES)} and the interval at least 0 s"
             )
-        return self.completion, self.settle_s
+        return mode, settle_s
 
     @property
     def root(self) -> Path:

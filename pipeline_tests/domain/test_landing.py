@@ -230,3 +230,12 @@ def test_a_parquet_file_is_complete_only_with_its_footer(tmp_path: Path) -> None
         assert not parquet_footer_intact(payload[:cut]), cut
     assert not parquet_footer_intact(b"PAR1" + b"\x00" * 8 + b"PAR1")  # footer of length 0
     assert not parquet_footer_intact(b"policy_id\nP1\n")
+
+
+def test_the_landing_completion_policy_is_validated() -> None:
+    assert LandingResource(path="/x", settle_s=5, completion="marker").completion_policy() == (
+        "marker",
+        5,
+    )
+    with pytest.raises(ValueError, match="must be one of settle, marker"):
+        LandingResource(path="/x", settle_s=5, completion="eventually").completion_policy()
