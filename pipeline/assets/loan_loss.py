@@ -135,7 +135,7 @@ def loan_loss_distribution(
                 compute=compute,
                 lake=lake,
                 tracking=tracking,
-                dagster_run_id=context.run_id,
+                dagster_run_id=context.run.run_id,
                 pipes_context=context,
             )
         except ComputeError as exc:
