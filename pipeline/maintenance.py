@@ -13,7 +13,11 @@ writer is dead), so ``pipeline maintenance`` does, for every table of the lake:
    (``DeltaTable.vacuum(retention_hours=..., full=True, enforce_retention_duration=False)``):
    files no version within the retention references, including orphans older than
    the retention, are deleted; every version committed within the retention stays
-   readable;
+   readable. A writer killed *while* writing a file on a local disk leaves the file
+   under its staging name (``part-….parquet#1``), which the vacuum does not list:
+   those older than the retention are deleted too (on S3 or ADLS an unfinished
+   upload is not an object; a lifecycle rule aborting incomplete multipart uploads
+   cleans it);
 3. writes a checkpoint and lets delta-rs drop log files older than the table's log
    retention (``create_checkpoint``, ``cleanup_metadata``).
 
@@ -26,6 +30,7 @@ orphans. It must exceed the longest write.
 """
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 
 import polars as pl
@@ -162,6 +167,11 @@ def maintain_table(
         enforce_retention_duration=False,
         full=True,
     )
+    staged = _sweep_staged_files(
+        lake.table_uri(layer, table), now - dt.timedelta(hours=retention_hours)
+    )
+    sizes.update(staged)
+    removed = [*removed, *staged]
     loaded.create_checkpoint()
     loaded.cleanup_metadata()
     return TableMaintenance(
@@ -192,6 +202,34 @@ def maintain_lake(
 def _partition_columns(lake: LakeResource, layer: str, table: str) -> list[str]:
     loaded = lake.delta_table(layer, table)
     return [] if loaded is None else list(loaded.metadata().partition_columns)
+
+
+_STAGED = re.compile(r"\.parquet#\d+$")
+
+
+def _sweep_staged_files(table_uri: str, cutoff: dt.datetime) -> dict[str, int]:
+    """Delete data files a killed writer left under their staging name, if older than ``cutoff``.
+
+    Returns their paths (relative to the table) and sizes.
+    """
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(table_uri)
+    root = root.rstrip("/")
+    deleted = {}
+    for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True)):
+        relative = info.path[len(root) + 1 :]
+        if (
+            info.type != fs.FileType.File
+            or relative.startswith("_delta_log")
+            or not _STAGED.search(relative)
+            or info.mtime is None
+            or info.mtime.replace(tzinfo=None) >= cutoff
+        ):
+            continue
+        filesystem.delete_file(info.path)
+        deleted[relative] = int(info.size or 0)
+    return deleted
 
 
 def _sizes(table_uri: str, relative_paths: list[str]) -> dict[str, int]:

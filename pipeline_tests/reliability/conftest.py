@@ -16,12 +16,17 @@ def referenced_files(table_dir: Path) -> set[str]:
 
 
 def unreferenced_files(table_dir: Path) -> list[Path]:
-    """Parquet files under a table that no commit references: what a killed writer left."""
+    """Data files under a table that no commit references: what a killed writer left.
+
+    Both whole files never committed (``part-….parquet``) and files cut off while being
+    written, still under their staging name (``part-….parquet#1``).
+    """
     from urllib.parse import unquote
 
     referenced = {unquote(p) for p in referenced_files(table_dir)}
     return sorted(
         p
-        for p in table_dir.rglob("*.parquet")
+        for pattern in ("*.parquet", "*.parquet#*")
+        for p in table_dir.rglob(pattern)
         if "_delta_log" not in p.parts and str(p.relative_to(table_dir)) not in referenced
     )

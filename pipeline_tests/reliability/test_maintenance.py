@@ -1,7 +1,8 @@
 """``pipeline maintenance`` on tables left by real killed writers.
 
 Writers are forked and ``SIGKILL``-ed mid-write until the lake holds what a crash
-leaves: Parquet files no commit references, and (on a curated table) a batch appended
+leaves: Parquet files no commit references, a file cut off while being written (still
+under its staging name ``part-….parquet#1``), and (on a curated table) a batch appended
 without its commit record. Maintenance two hours later (the files are dated back two
 hours, the clock of the batch ids moved on) must remove the orphans' bytes and the
 invisible rows, keep every version readable, and leave what readers see unchanged;
@@ -64,12 +65,61 @@ def _kill_until(server: WriterServer, root: str, spec: TableSpec, work: Path, do
     pytest.fail(f"{spec.name}: {MAX_TRIALS} kills left no orphan; nothing to maintain")
 
 
+_BIG_WRITER = """
+import sys
+import numpy as np
+import polars as pl
+from pipeline.resources.lake import LakeResource
+
+n = 4_000_000
+x = np.random.default_rng(0).random(n)
+frame = pl.DataFrame({"valuation_date": ["2026-09-30"] * n, "x": x})
+print("ready", flush=True)
+LakeResource(root_uri=sys.argv[1], service_timeout_s=30).overwrite_partition(
+    "gold", "loan_loss_summary", frame, {"valuation_date": "2026-09-30"}
+)
+"""
+
+
+def _kill_while_writing_a_file(root: str) -> Path:
+    """SIGKILL a writer while its data file is still being written; return that file."""
+    lake = LakeResource(root_uri=root, service_timeout_s=30)
+    lake.overwrite_partition(
+        "gold",
+        "loan_loss_summary",
+        pl.DataFrame({"valuation_date": ["2026-09-30"], "x": [0.5]}),
+        {"valuation_date": "2026-09-30"},
+    )
+    folder = Path(lake.table_uri("gold", "loan_loss_summary")) / "valuation_date=2026-09-30"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BIG_WRITER, root],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        while proc.poll() is None:
+            staged = [p for p in folder.glob("*.parquet#*") if p.stat().st_size > 0]
+            if staged:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.001)
+    finally:
+        proc.wait(timeout=120)
+    if proc.returncode != -signal.SIGKILL:
+        pytest.skip("the writer finished before a file under its staging name was seen")
+    return staged[0]
+
+
 def _age_files(table_dir: Path, hours: float) -> None:
     """Date every data file back: the lake as it is ``hours`` after the crash."""
     then = time.time() - hours * 3600
     for path in table_dir.rglob("*.parquet"):
         if "_delta_log" not in path.parts:
             os.utime(path, (then, then))
+    for path in table_dir.rglob("*.parquet#*"):
+        os.utime(path, (then, then))
 
 
 def _every_version_reads(uri: str) -> int:
@@ -88,7 +138,10 @@ def test_maintenance_removes_what_killed_writers_left_and_keeps_every_version(
     curated_dir = Path(lake.table_uri("curated", CURATED.table))
     _kill_until(server, root, BRONZE, tmp_path, lambda: bool(unreferenced_files(bronze_dir)))
     _kill_until(server, root, CURATED, tmp_path, lambda: bool(_uncommitted(lake)))
-    orphans = unreferenced_files(bronze_dir) + unreferenced_files(curated_dir)
+    cut_off = _kill_while_writing_a_file(root)  # left under its staging name
+    gold_dir = Path(lake.table_uri("gold", "loan_loss_summary"))
+    assert cut_off in unreferenced_files(gold_dir)
+    orphans = [*unreferenced_files(bronze_dir), *unreferenced_files(curated_dir), cut_off]
     orphan_bytes = sum(p.stat().st_size for p in orphans)
     visible = {
         (layer, table): lake.read(layer, table)
@@ -114,6 +167,7 @@ def test_maintenance_removes_what_killed_writers_left_and_keeps_every_version(
 
     assert not [p for p in orphans if p.exists()], "orphaned files survived maintenance"
     assert unreferenced_files(bronze_dir) == unreferenced_files(curated_dir) == []
+    assert unreferenced_files(gold_dir) == []
     removed = sum(r.bytes_removed for r in reports.values())
     assert removed >= orphan_bytes
     assert reports[("curated", CURATED.table)].rows_deleted >= invisible_rows
