@@ -127,6 +127,7 @@ def train_challenger(
             **{f"holdout_{k}": float(v) for k, v in challenger.items()},
             **{f"champion_holdout_{k}": float(v) for k, v in (champion or {}).items()},
             "train_rows": train.height,
+            "fit_seconds": watch.seconds()["fit"],
         },
         windows={
             "train_dates": f"{train_dates[0]}..{train_dates[-1]}",

@@ -330,14 +330,12 @@ def test_first_challenger_is_registered_gated_by_the_floor_promoted_and_tracked(
 def test_champion_loaded_by_alias_scores_exactly_like_the_model_trained_in_memory(
     fx: Platform,
 ) -> None:
-    import mlflow.sklearn
-
     assert run(fx, [keys.FX_CHALLENGER_MODEL, keys.FX_CHAMPION_MODEL], SYMBOL).success
     features = symbol_features(fx)
     in_memory = fx_anomaly.fit_spread_model(
         features.filter(pl.col("date").is_in(TRAIN_DATES)), random_state=42
     )
-    loaded = mlflow.sklearn.load_model(f"models:/{MODEL}@{CHAMPION}")
+    loaded = fx.tracking.load_sklearn(MODEL, CHAMPION)
     x = fx_anomaly.feature_matrix(features)
     expected = in_memory.score_samples(x)
     assert np.array_equal(loaded.score_samples(x), expected)
