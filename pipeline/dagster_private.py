@@ -1,6 +1,6 @@
 """Every use of Dagster's private API, in one place, with the reason for each.
 
-Dagster 1.13's public API does not serve three needs of this platform:
+Dagster 1.13's public API does not serve four needs of this platform:
 
 * **The latest check evaluation of one partition.** The cross-run gates
   (:mod:`pipeline.gates`) must know whether a blocking check passed *for the same
@@ -10,6 +10,14 @@ Dagster 1.13's public API does not serve three needs of this platform:
   does, and its records carry an ``AssetCheckExecutionRecordStatus``.
 * **The check history of a range run.** A run over a partition range may record a check
   result without a partition; ``get_asset_check_execution_history`` is the one reader.
+* **A check result per partition of a range run.** ``AssetCheckResult`` takes no
+  partition: in a run over a partition range Dagster records it once, without a
+  partition, and every partition's planned execution stays PLANNED (the UI shows
+  "Skipped"). ``AssetCheckEvaluation(partition=...)`` is public, but the data linking
+  an evaluation to the materialisation it judged
+  (``AssetCheckEvaluationTargetMaterializationData``) is not exported;
+  :func:`partition_check_evaluation` builds it as ``AssetCheckResult`` does for one
+  partition.
 * **Naming a failed Databricks run.** ``PipesDatabricksClient`` reports a failed task only
   by its state message ("Workload failed"); ``_poll_til_success`` is the one hook that
   knows the run id, so :func:`named_run_pipes_client_class` overrides it.
@@ -20,11 +28,17 @@ that changes any of it fails loudly in the test suite instead of silently openin
 
 import enum
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dagster import AssetCheckKey, DagsterInstance
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetCheckSeverity,
+    AssetRecordsFilter,
+    DagsterInstance,
+)
 
 
 class CheckStatus(enum.Enum):
@@ -86,6 +100,48 @@ def check_history(
     """The ``limit`` most recent executions of one check, newest first."""
     history = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=limit)
     return [_record(raw) for raw in history]
+
+
+def partition_check_evaluation(
+    instance: DagsterInstance,
+    check_key: AssetCheckKey,
+    partition_key: str,
+    *,
+    passed: bool,
+    description: str,
+    metadata: Mapping[str, Any],
+    severity: AssetCheckSeverity,
+    blocking: bool,
+) -> AssetCheckEvaluation:
+    """The evaluation of one check on one partition, tied to that partition's latest write."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
+
+    latest = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=check_key.asset_key, asset_partitions=[partition_key]),
+        limit=1,
+    ).records
+    target = (
+        AssetCheckEvaluationTargetMaterializationData(
+            run_id=latest[0].event_log_entry.run_id,
+            storage_id=latest[0].storage_id,
+            timestamp=latest[0].timestamp,
+        )
+        if latest
+        else None
+    )
+    return AssetCheckEvaluation(
+        asset_key=check_key.asset_key,
+        check_name=check_key.name,
+        passed=passed,
+        metadata=metadata,
+        target_materialization_data=target,
+        severity=severity,
+        description=description,
+        blocking=blocking,
+        partition=partition_key,
+    )
 
 
 @functools.cache

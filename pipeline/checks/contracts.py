@@ -15,13 +15,12 @@ A missing declared column fails the blocking schema check.
 """
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import polars as pl
 from dagster import (
     AssetCheckExecutionContext,
-    AssetCheckResult,
     AssetChecksDefinition,
     AssetCheckSeverity,
     AssetKey,
@@ -31,6 +30,7 @@ from dagster import (
 )
 
 from pipeline import keys
+from pipeline.check_outcomes import CheckEvent, Verdict, check_outcomes
 from pipeline.domain import contracts
 from pipeline.metadata import counts_table
 from pipeline.partitions import split_symbol_date, symbol_date_partitions
@@ -49,27 +49,14 @@ CHECK_NO_UNDECLARED_COLUMNS = "delivered_columns_are_all_declared"
 """Drift check name (to move to :mod:`pipeline.keys` with the other check names)."""
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """Outcome of one check on one partition."""
-
-    passed: bool
-    summary: str
-    metadata: dict
-
-
-def _combine(
-    context: AssetCheckExecutionContext, evaluate: Callable[[str], Verdict]
-) -> AssetCheckResult:
+def _judge(
+    context: AssetCheckExecutionContext,
+    evaluate: Callable[[str], Verdict],
+    severity: AssetCheckSeverity = AssetCheckSeverity.ERROR,
+) -> Iterator[CheckEvent]:
     """Evaluate every partition of the run (one, or a range in a single-run backfill)."""
     verdicts = {key: evaluate(key) for key in context.partition_keys}
-    failed = {k: v for k, v in verdicts.items() if not v.passed}
-    metadata: dict = {"partitions_checked": len(verdicts), "partitions_failed": len(failed)}
-    if len(verdicts) == 1:
-        metadata.update(next(iter(verdicts.values())).metadata)
-    summary = "; ".join(f"{k}: {v.summary}" for k, v in (failed or verdicts).items())
-    metadata["summary"] = MetadataValue.text(summary[:2000])
-    return AssetCheckResult(passed=not failed, metadata=metadata, description=summary[:500])
+    yield from check_outcomes(context, verdicts, severity=severity)
 
 
 def _bronze_checks(source: Source) -> list[AssetChecksDefinition]:
@@ -80,7 +67,9 @@ def _bronze_checks(source: Source) -> list[AssetChecksDefinition]:
         blocking=True,
         description="The stored partition has rows and every column the contract requires.",
     )
-    def schema_check(context: AssetCheckExecutionContext, lake: LakeResource) -> AssetCheckResult:
+    def schema_check(
+        context: AssetCheckExecutionContext, lake: LakeResource
+    ) -> Iterator[CheckEvent]:
         def evaluate(partition_key: str) -> Verdict:
             stored = read_bronze(lake, source, partition_key)
             required = source.contract(partition_key).required_columns
@@ -91,7 +80,7 @@ def _bronze_checks(source: Source) -> list[AssetChecksDefinition]:
                 return Verdict(False, f"missing columns {missing}", {"missing": str(missing)})
             return Verdict(True, f"{stored.height} rows, all columns", {"rows": stored.height})
 
-        return _combine(context, evaluate)
+        yield from _judge(context, evaluate)
 
     @asset_check(
         asset=source.key,
@@ -101,7 +90,7 @@ def _bronze_checks(source: Source) -> list[AssetChecksDefinition]:
     )
     def ingest_lag_check(
         context: AssetCheckExecutionContext, lake: LakeResource
-    ) -> AssetCheckResult:
+    ) -> Iterator[CheckEvent]:
         def evaluate(partition_key: str) -> Verdict:
             stored = read_bronze(lake, source, partition_key)
             if stored.height == 0:
@@ -116,13 +105,7 @@ def _bronze_checks(source: Source) -> list[AssetChecksDefinition]:
                 {"max_ingest_lag_hours": round(hours, 3)},
             )
 
-        result = _combine(context, evaluate)
-        return AssetCheckResult(
-            passed=result.passed,
-            metadata=result.metadata,
-            description=result.description,
-            severity=AssetCheckSeverity.WARN,
-        )
+        yield from _judge(context, evaluate, severity=AssetCheckSeverity.WARN)
 
     @asset_check(
         asset=source.key,
@@ -133,7 +116,9 @@ def _bronze_checks(source: Source) -> list[AssetChecksDefinition]:
             "(kept in bronze as delivered, never curated)."
         ),
     )
-    def drift_check(context: AssetCheckExecutionContext, lake: LakeResource) -> AssetCheckResult:
+    def drift_check(
+        context: AssetCheckExecutionContext, lake: LakeResource
+    ) -> Iterator[CheckEvent]:
         def evaluate(partition_key: str) -> Verdict:
             stored = read_bronze(lake, source, partition_key)
             extra = undeclared_in_bronze(stored, source, partition_key)
@@ -147,13 +132,7 @@ def _bronze_checks(source: Source) -> list[AssetChecksDefinition]:
                 {"undeclared": ", ".join(extra)},
             )
 
-        result = _combine(context, evaluate)
-        return AssetCheckResult(
-            passed=result.passed,
-            metadata=result.metadata,
-            description=result.description,
-            severity=AssetCheckSeverity.WARN,
-        )
+        yield from _judge(context, evaluate, severity=AssetCheckSeverity.WARN)
 
     return [schema_check, ingest_lag_check, drift_check]
 
@@ -255,7 +234,9 @@ def _curated_checks(spec: CuratedSpec) -> list[AssetChecksDefinition]:
             "bid ≤ ask, PD and LGD in [0, 1]), no NaN/inf, unique keys."
         ),
     )
-    def contract_check(context: AssetCheckExecutionContext, lake: LakeResource) -> AssetCheckResult:
+    def contract_check(
+        context: AssetCheckExecutionContext, lake: LakeResource
+    ) -> Iterator[CheckEvent]:
         def evaluate(partition_key: str) -> Verdict:
             stored = spec.read(lake, partition_key)
             if stored.height == 0:
@@ -267,7 +248,7 @@ def _curated_checks(spec: CuratedSpec) -> list[AssetChecksDefinition]:
                 {"rows": stored.height, "violations": MetadataValue.md(counts_table(violations))},
             )
 
-        return _combine(context, evaluate)
+        yield from _judge(context, evaluate)
 
     @asset_check(
         asset=spec.key,
@@ -278,7 +259,7 @@ def _curated_checks(spec: CuratedSpec) -> list[AssetChecksDefinition]:
     )
     def reconciliation_check(
         context: AssetCheckExecutionContext, lake: LakeResource
-    ) -> AssetCheckResult:
+    ) -> Iterator[CheckEvent]:
         def evaluate(partition_key: str) -> Verdict:
             rows_in = spec.delivered_rows(lake, partition_key)
             curated = spec.curated_rows(spec.read(lake, partition_key))
@@ -289,7 +270,7 @@ def _curated_checks(spec: CuratedSpec) -> list[AssetChecksDefinition]:
                 {"rows_in": rows_in, "rows_curated": curated, "rows_quarantined": quarantined},
             )
 
-        return _combine(context, evaluate)
+        yield from _judge(context, evaluate)
 
     return [contract_check, reconciliation_check]
 

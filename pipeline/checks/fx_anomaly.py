@@ -7,20 +7,25 @@ again before it moves an alias. ``champion_kpi_within_bounds`` shows a
 regression found by the monitor in the UI.
 """
 
-import polars as pl
-from dagster import (
-    AssetCheckExecutionContext,
-    AssetCheckResult,
-    AssetCheckSeverity,
-    MetadataValue,
-    asset_check,
-)
+from collections.abc import Iterator
+
+from dagster import AssetCheckExecutionContext, asset_check
 
 from pipeline import keys
-from pipeline.metadata import markdown_table
+from pipeline.check_outcomes import CheckEvent, Verdict, check_outcomes
 from pipeline.partitions import split_symbol_date, symbol_date_partitions, symbol_partitions
 from pipeline.resources.lake import LakeResource
 from pipeline.stores.fx import latest_evaluation, promotion_rule_failures
+
+MONITOR_METADATA = (
+    "anomaly_rate",
+    "promotion_anomaly_rate",
+    "psi",
+    "ks",
+    "action",
+    "model_version",
+)
+"""Monitor columns shown on each partition's KPI check."""
 
 
 @asset_check(
@@ -36,40 +41,26 @@ from pipeline.stores.fx import latest_evaluation, promotion_rule_failures
 )
 def challenger_beats_champion(
     context: AssetCheckExecutionContext, lake: LakeResource
-) -> AssetCheckResult:
+) -> Iterator[CheckEvent]:
     """Apply the promotion rule to every symbol of the run."""
     verdicts = {}
     for symbol in context.partition_keys:
         evaluation = latest_evaluation(lake, symbol)
-        verdicts[symbol] = (evaluation, promotion_rule_failures(evaluation))
-    failed = {s: f for s, (_, f) in verdicts.items() if f}
-    rows = [
-        {
-            "symbol": s,
-            "challenger_version": e["model_version"] if e else "",
-            "challenger_ap": e["challenger_average_precision"] if e else float("nan"),
-            "champion_version": e["champion_version"] if e else "",
-            "champion_ap": e["champion_average_precision"] if e else float("nan"),
-            "verdict": "; ".join(f) or "passed",
-        }
-        for s, (e, f) in verdicts.items()
-    ]
-    metadata: dict = {
-        "symbols_checked": len(verdicts),
-        "symbols_failed": len(failed),
-        "verdicts": MetadataValue.md(
-            markdown_table(pl.DataFrame(rows), max_rows=60) if rows else "_none_"
-        ),
-    }
-    if len(verdicts) == 1:
-        ((evaluation, _),) = verdicts.values()
-        if evaluation:
-            metadata["challenger_average_precision"] = evaluation["challenger_average_precision"]
-            metadata["champion_average_precision"] = evaluation["champion_average_precision"]
-            metadata["ap_floor"] = evaluation["ap_floor"]
-            metadata["ap_tolerance"] = evaluation["ap_tolerance"]
-    description = "; ".join(f"{s}: {'; '.join(f)}" for s, f in failed.items()) or "passed"
-    return AssetCheckResult(passed=not failed, metadata=metadata, description=description[:500])
+        failures = promotion_rule_failures(evaluation)
+        metadata = (
+            {
+                "challenger_version": evaluation["model_version"],
+                "challenger_average_precision": evaluation["challenger_average_precision"],
+                "champion_version": evaluation["champion_version"],
+                "champion_average_precision": evaluation["champion_average_precision"],
+                "ap_floor": evaluation["ap_floor"],
+                "ap_tolerance": evaluation["ap_tolerance"],
+            }
+            if evaluation
+            else {}
+        )
+        verdicts[symbol] = Verdict(not failures, "; ".join(failures) or "passed", metadata)
+    yield from check_outcomes(context, verdicts)
 
 
 @asset_check(
@@ -83,47 +74,24 @@ def challenger_beats_champion(
 )
 def champion_kpi_within_bounds(
     context: AssetCheckExecutionContext, lake: LakeResource
-) -> AssetCheckResult:
+) -> Iterator[CheckEvent]:
     """Show the monitor's verdict for every partition of the run."""
-    rows, failed = [], []
+    verdicts = {}
     for key in context.partition_keys:
         symbol, date = split_symbol_date(key)
         stored = lake.read("gold", "fx_model_monitor", {"symbol": symbol, "date": date})
         if stored.height == 0:
-            failed.append(f"{symbol} {date}: not monitored")
+            verdicts[key] = Verdict(False, "not monitored")
             continue
         record = stored.row(0, named=True)
-        rows.append(record)
-        failed += [f"{symbol} {date}: {f}" for f in record["failures"].split("\n") if f]
-    metadata: dict = {"partitions_checked": len(context.partition_keys)}
-    if len(rows) == 1:
-        metadata.update(
-            {
-                k: rows[0][k]
-                for k in (
-                    "anomaly_rate",
-                    "promotion_anomaly_rate",
-                    "psi",
-                    "ks",
-                    "action",
-                    "model_version",
-                )
-            }
+        failures = [f for f in record["failures"].split("\n") if f]
+        action = f" (action: {record['action']})" if record["action"] != "none" else ""
+        verdicts[key] = Verdict(
+            not failures,
+            ("; ".join(failures) or "within bounds") + action,
+            {name: record[name] for name in MONITOR_METADATA},
         )
-    elif rows:
-        metadata["monitor"] = MetadataValue.md(
-            markdown_table(
-                pl.DataFrame(rows).select("symbol", "date", "anomaly_rate", "psi", "action")
-            )
-        )
-    actions = sorted({r["action"] for r in rows if r["action"] != "none"})
-    return AssetCheckResult(
-        passed=not failed,
-        severity=AssetCheckSeverity.ERROR,
-        description=("; ".join(failed) or "within bounds")[:450]
-        + (f" (actions: {', '.join(actions)})" if actions else ""),
-        metadata=metadata,
-    )
+    yield from check_outcomes(context, verdicts)
 
 
 fx_checks = [challenger_beats_champion, champion_kpi_within_bounds]

@@ -52,7 +52,7 @@ BATCH_COLUMN = "_batch_id"
 COMMITS_TABLE = "ingest_commits"
 """``ops/ingest_commits``: one row per partition and committed batch."""
 _BATCH = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{8}")
-_BATCH_METADATA_KEY = "pipeline.batch_id"
+BATCH_METADATA_KEY = "pipeline.batch_id"
 # matched with fullmatch: ``$`` alone would also accept a trailing newline
 _TABLE = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _PREDICATE_VALUE = re.compile(r"[A-Za-z0-9_.:\- |]{1,64}")
@@ -545,7 +545,7 @@ class LakeResource(ConfigurableResource):
         uri = self.table_uri(layer, table)
         data = frame.to_arrow()
         properties = CommitProperties(
-            custom_metadata={_BATCH_METADATA_KEY: batch} if batch else None
+            custom_metadata={BATCH_METADATA_KEY: batch} if batch else None
         )
         for attempt in range(self.commit_retries):
             if attempt and batch and self._has_commit(uri, batch):
@@ -577,7 +577,7 @@ class LakeResource(ConfigurableResource):
         loaded = self._load(uri)
         if loaded is None:
             return False
-        return any(entry.get(_BATCH_METADATA_KEY) == batch for entry in loaded.history(20))
+        return any(entry.get(BATCH_METADATA_KEY) == batch for entry in loaded.history(20))
 
     def delete_batches(self, layer: str, table: str, doomed: pl.DataFrame) -> int:
         """Delete the rows of ``(partition values..., _batch_id)`` pairs of one table.

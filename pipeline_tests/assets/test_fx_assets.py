@@ -26,6 +26,7 @@ import pytest
 
 from pipeline import keys
 from pipeline.automation import normalise_symbols, read_landing_symbols
+from pipeline.dagster_private import CheckStatus, latest_check_records
 from pipeline.domain import fx_anomaly
 from pipeline.domain.demo_data import write_demo_landing
 from pipeline.gates import GateClosedError, check_record_failures
@@ -58,6 +59,7 @@ AP_FLOOR = 0.95
 CHALLENGER_OP = "models__fx_challenger_model"
 MONITOR_OP = "gold__fx_model_monitor"
 BAD_FOREST = {"max_samples": 2, "n_estimators": 1}
+CHALLENGER_GATE = dg.AssetCheckKey(keys.FX_CHALLENGER_MODEL, keys.CHECK_CHALLENGER_BEATS_CHAMPION)
 
 
 # --- fixtures ---------------------------------------------------------------------------
@@ -162,6 +164,16 @@ def run(
 
 def checks_of(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
     return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def checks_by_partition(
+    result: dg.ExecuteInProcessResult, check_name: str
+) -> dict[str, dg.AssetCheckEvaluation]:
+    """Partition key -> evaluation of one check in a range run (one per partition)."""
+    found = [e for e in result.get_asset_check_evaluations() if e.check_name == check_name]
+    by_partition = {e.partition: e for e in found}
+    assert len(by_partition) == len(found) and None not in by_partition, found
+    return by_partition
 
 
 def materialized(result: dg.ExecuteInProcessResult) -> set[str]:
@@ -305,7 +317,11 @@ def test_first_challenger_is_registered_gated_by_the_floor_promoted_and_tracked(
     )
 
     # the logged model: signature, input example, explicit (not inferred) requirements
-    info = mlflow.models.get_model_info(f"models:/{MODEL}/1")
+    with fx.tracking.local_copy(version.source) as local:  # read through the bound client
+        info = mlflow.models.get_model_info(str(local))
+        requirements = (local / "requirements.txt").read_text().split()
+        example = json.loads((local / "input_example.json").read_text())
+        files = {p.name for p in local.iterdir()}
     assert info.signature.inputs.to_dict() == [
         {"type": "tensor", "tensor-spec": {"dtype": "float64", "shape": (-1, 5)}}
     ]
@@ -314,16 +330,11 @@ def test_first_challenger_is_registered_gated_by_the_floor_promoted_and_tracked(
     ]
     assert info.flavors["sklearn"]["serialization_format"] == "skops"
     assert info.flavors["sklearn"]["skops_trusted_types"] == SKOPS_TRUSTED_TYPES
-    local = Path(
-        mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path=str(Path.cwd().parent))
-    )
-    requirements = (local / "requirements.txt").read_text().split()
     assert requirements == [f"mlflow=={mlflow.__version__}", *pip_requirements()]
     assert [r.split("==")[0] for r in requirements] == ["mlflow", "scikit-learn", "numpy", "skops"]
-    example = json.loads((local / "input_example.json").read_text())
     train_matrix = fx_anomaly.feature_matrix(train)
     np.testing.assert_array_equal(np.asarray(example), train_matrix[:5])
-    assert not any(p.name == "uv.lock" for p in local.iterdir())
+    assert "uv.lock" not in files
 
 
 @pytest.mark.slow
@@ -411,7 +422,7 @@ def test_promotion_gate_and_revert_over_the_model_lifecycle(fx: Platform) -> Non
     assert bad_eval["model_version"] == "3"
     assert bad_ap < 0.2, bad_eval
     assert not check.passed
-    assert check.description.startswith(f"{SYMBOL}: challenger average_precision {bad_ap:.4f}")
+    assert check.description.startswith(f"challenger average_precision {bad_ap:.4f}")
     assert "not above the floor 0.5000" in check.description
     assert materialized(bad) == {"models/fx_challenger_model"}
     check_step = f"{CHALLENGER_OP}_{keys.CHECK_CHALLENGER_BEATS_CHAMPION}"
@@ -454,7 +465,7 @@ def test_promotion_gate_and_revert_over_the_model_lifecycle(fx: Platform) -> Non
     )
     kpi = checks_of(monitored)[keys.CHECK_CHAMPION_KPI]
     assert not kpi.passed
-    assert kpi.description == f"{SYMBOL} {DATES[-1]}: {row['failures']} (actions: reverted 2 -> 1)"
+    assert kpi.description == f"{row['failures']} (action: reverted 2 -> 1)"
     assert kpi.metadata["action"].value == "reverted 2 -> 1"
 
     # scoring now uses the restored champion
@@ -540,8 +551,8 @@ def test_range_runs_train_every_symbol_and_score_boxes_of_partitions(fx: Platfor
     symbols = fx.instance.get_dynamic_partitions("symbol")
     assert len(symbols) == 8
 
-    # one run trains and promotes every symbol: the check runs once for the range and the
-    # champion's guard accepts that range-run result
+    # one run trains and promotes every symbol: the check records one evaluation per
+    # symbol, and the champion's guard reads each symbol's own result
     trained = materialize_range(
         fx.defs,
         fx.instance,
@@ -559,7 +570,22 @@ def test_range_runs_train_every_symbol_and_score_boxes_of_partitions(fx: Platfor
     assert stored["challenger_average_precision"].min() >= AP_FLOOR
     assert stored["challenger_recall"].min() >= RECALL_FLOOR
     assert stored["challenger_precision"].min() >= PRECISION_FLOOR
-    assert checks_of(trained)[keys.CHECK_CHALLENGER_BEATS_CHAMPION].passed
+    gate = checks_by_partition(trained, keys.CHECK_CHALLENGER_BEATS_CHAMPION)
+    assert sorted(gate) == sorted(symbols)
+    assert all(e.passed and e.description == "passed" for e in gate.values()), gate
+    for symbol, evaluation in gate.items():
+        row = stored.filter(pl.col("symbol") == symbol).row(0, named=True)
+        assert (
+            evaluation.metadata["challenger_average_precision"].value
+            == (row["challenger_average_precision"])
+        )
+    recorded = latest_check_records(fx.instance, [CHALLENGER_GATE], None)
+    assert all(
+        latest_check_records(fx.instance, [CHALLENGER_GATE], s)[CHALLENGER_GATE].status
+        == CheckStatus.SUCCEEDED
+        for s in symbols
+    )
+    assert recorded[CHALLENGER_GATE].partition in symbols  # no partition-less record
     for symbol in symbols:
         assert aliases(fx, fx.tracking.model_name(symbol)) == {CHALLENGER: "1", CHAMPION: "1"}
     events = model_events(fx)
@@ -599,7 +625,9 @@ def test_range_runs_train_every_symbol_and_score_boxes_of_partitions(fx: Platfor
     monitor = fx.lake.read("gold", "fx_model_monitor")
     assert monitor.height == 24
     assert set(monitor["action"].to_list()) == {"none"}
-    assert checks_of(box)[keys.CHECK_CHAMPION_KPI].passed
+    kpi = checks_by_partition(box, keys.CHECK_CHAMPION_KPI)
+    assert len(kpi) == 24 and all(e.passed for e in kpi.values())
+    assert {e.description for e in kpi.values()} == {"within bounds"}
 
     # one symbol over every day, in one run: the overlapping days are identical
     history = materialize_range(

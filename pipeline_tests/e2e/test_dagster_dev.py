@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from pipeline.domain.demo_data import claims_truth, generate_claims
+from pipeline.resources.lake import BATCH_METADATA_KEY as BATCH_METADATA
 from pipeline_tests.e2e.conftest import (
     ARTIFACTS,
     BIN,
@@ -194,7 +195,7 @@ class Backfill:
 
     state: dict
     partitions: list[str]
-    delta_versions: tuple[int, int]
+    commits: list[dict]  # the Delta history entries the backfill added, oldest first
     seconds: float
 
 
@@ -219,7 +220,9 @@ def fx_backfill(dagster_dev: DagsterDev, ingested: Ingested) -> Backfill:
     state = wait_for(finished, timeout=240, interval=2.0, what=f"backfill {backfill_id}")
     seconds = time.monotonic() - started
     print(f"backfill of {len(partitions)} partitions took {seconds:.1f} s")
-    return Backfill(state, partitions, (version_before, DeltaTable(uri).version()), seconds)
+    table = DeltaTable(uri)
+    added = table.history(table.version() - version_before)
+    return Backfill(state, partitions, sorted(added, key=lambda c: c["version"]), seconds)
 
 
 def test_backfill_of_three_symbols_over_two_days(
@@ -233,9 +236,11 @@ def test_backfill_of_three_symbols_over_two_days(
     # never one run per partition, so each day's ticks are read once
     assert len(state["runs"]) == len(FX_DATES), [r["runId"] for r in state["runs"]]
     assert {r["status"] for r in state["runs"]} == {"SUCCESS"}
-    before, after = fx_backfill.delta_versions
-    # every requested symbol of a day is written in one atomic commit
-    assert after - before == len({key.split("|")[0] for key in partitions})
+    # every requested symbol of a day is published in one atomic append (one batch);
+    # the other commits only delete rows of batches it superseded
+    appends = [c for c in fx_backfill.commits if c["operation"] == "WRITE" and BATCH_METADATA in c]
+    assert len(appends) == len({key.split("|")[0] for key in partitions}), fx_backfill.commits
+    assert {c["operation"] for c in fx_backfill.commits} <= {"WRITE", "DELETE"}
 
     uri = str(Path(dagster_dev.settings.lake_uri) / "curated" / "fx_spreads")
     by_polars = _spreads_summary_polars(uri)
