@@ -65,8 +65,8 @@ test: system-deps setup lint
 	echo "temporary files in $$tmp (removed at the end)"; \
 	echo "$(VENV)/bin/dg check defs --no-check-yaml"; \
 	VIRTUAL_ENV="$(CURDIR)/$(VENV)" $(VENV)/bin/dg check defs --no-check-yaml; \
-	echo "$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --basetemp=$$tmp/pytest $(PYTEST_ARGS)"; \
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --basetemp="$$tmp/pytest" $(PYTEST_ARGS)
+	echo "$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=30 --basetemp=$$tmp/pytest $(PYTEST_ARGS)"; \
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=30 --basetemp="$$tmp/pytest" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m benchmarks
