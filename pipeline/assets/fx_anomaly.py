@@ -98,7 +98,7 @@ def fx_challenger_model(
                 landing=landing,
                 params=params,
                 tracking=tracking,
-                dagster_run_id=context.run_id,
+                dagster_run_id=context.run.run_id,
             )
         else:
             fx_spark.require_local_or_spark(compute.backend, "fx_challenger_model")
@@ -110,7 +110,7 @@ def fx_challenger_model(
                     symbol=symbol,
                     params=params,
                     tracking=tracking,
-                    dagster_run_id=context.run_id,
+                    dagster_run_id=context.run.run_id,
                 )
             )
     fx_training.store_evaluations(lake, evaluations)
@@ -192,7 +192,7 @@ def fx_champion_model(
         (
             s,
             *fx_promotion.promote_challenger(
-                s, lake=lake, tracking=tracking, dagster_run_id=context.run_id
+                s, lake=lake, tracking=tracking, dagster_run_id=context.run.run_id
             ),
         )
         for s in context.partition_keys
@@ -292,7 +292,7 @@ def fx_model_monitor(
                 revert=config.revert,
                 lake=lake,
                 tracking=tracking,
-                dagster_run_id=context.run_id,
+                dagster_run_id=context.run.run_id,
                 log=context.log,
             )
             for key in sorted(context.partition_keys, key=lambda k: split_symbol_date(k)[::-1])

@@ -16,7 +16,6 @@ from deltalake import DeltaTable
 from polars.testing import assert_frame_equal
 
 from pipeline import keys
-from pipeline.checks.contracts import CHECK_NO_UNDECLARED_COLUMNS
 from pipeline.domain.contracts import normalise_symbol
 from pipeline.domain.demo_data import (
     SCENARIOS,
@@ -40,7 +39,7 @@ VALUATION = "2026-09-30"
 N_POLICIES = 300
 TICKS = 40
 
-BRONZE_CHECKS = {keys.CHECK_FILE_SCHEMA, keys.CHECK_INGEST_LAG, CHECK_NO_UNDECLARED_COLUMNS}
+BRONZE_CHECKS = {keys.CHECK_FILE_SCHEMA, keys.CHECK_INGEST_LAG, keys.CHECK_NO_UNDECLARED_COLUMNS}
 CURATED_CHECKS = {keys.CHECK_CURATED_CONTRACT, keys.CHECK_RECONCILES}
 CLAIMS_CSV = f"claims/claims_{MONTH}.csv"
 CLAIMS_COLUMNS = ["policy_id", "district", "valuation_month", "exposure", "claim_count"]
@@ -624,12 +623,12 @@ def test_undeclared_columns_are_kept_in_bronze_and_reported_as_drift(platform: P
     assert bronze["broker"].to_list() == ["B0", "B1", "B2", None]
     assert metadata(result, keys.BRONZE_CLAIMS)["undeclared_columns"] == "broker, channel"
     outcomes = check_outcomes(result)
-    assert outcomes[("bronze/claims", CHECK_NO_UNDECLARED_COLUMNS)] is False
+    assert outcomes[("bronze/claims", keys.CHECK_NO_UNDECLARED_COLUMNS)] is False
     assert outcomes[("bronze/claims", keys.CHECK_FILE_SCHEMA)] is True
     drift = next(
         e
         for e in result.get_asset_check_evaluations()
-        if e.check_name == CHECK_NO_UNDECLARED_COLUMNS
+        if e.check_name == keys.CHECK_NO_UNDECLARED_COLUMNS
     )
     assert drift.severity == dg.AssetCheckSeverity.WARN
     assert drift.description == (
