@@ -28,8 +28,13 @@ from pydantic import Field
 from pipeline import keys
 from pipeline.gates import GateClosedError, check_record_failures
 from pipeline.jobs import fx_promotion, fx_scoring, fx_spark, fx_training
-from pipeline.metadata import markdown_table, png_markdown
-from pipeline.partitions import split_symbol_date, symbol_date_partitions, symbol_partitions
+from pipeline.metadata import attach_per_partition, markdown_table, png_markdown
+from pipeline.partitions import (
+    split_symbol_date,
+    symbol_date_key,
+    symbol_date_partitions,
+    symbol_partitions,
+)
 from pipeline.policies import domain_errors_are_final, gated_eager
 from pipeline.resources.compute import ComputeResource
 from pipeline.resources.lake import LakeResource
@@ -114,11 +119,23 @@ def fx_challenger_model(
                 )
             )
     fx_training.store_evaluations(lake, evaluations)
+    attach_per_partition(context, {e["symbol"]: challenger_links(e) for e in evaluations})
     return MaterializeResult(metadata=challenger_metadata(evaluations))
 
 
+def challenger_links(evaluation: dict) -> dict:
+    """What one symbol's materialisation shows: its version, AP and MLflow links."""
+    return {
+        "model_name": evaluation["model_name"],
+        "model_version": evaluation["model_version"],
+        "average_precision": evaluation["challenger_average_precision"],
+        "mlflow_run": MetadataValue.url(evaluation["mlflow_run_url"]),
+        "registered_model": MetadataValue.url(evaluation["model_version_url"]),
+    }
+
+
 def challenger_metadata(evaluations: list[dict]) -> dict:
-    """Per-symbol evaluations, where the time went, and links for a single symbol."""
+    """The run's evaluations of every symbol and where the time went."""
     table = pl.DataFrame(evaluations).select(
         "symbol",
         pl.col("model_version").alias("version"),
@@ -136,17 +153,6 @@ def challenger_metadata(evaluations: list[dict]) -> dict:
         # summed over the symbols of the run: where the time went (fit, MLflow, lake)
         "seconds": MetadataValue.json(watch.seconds()),
     }
-    if len(evaluations) == 1:
-        (e,) = evaluations
-        metadata.update(
-            {
-                "model_name": e["model_name"],
-                "model_version": e["model_version"],
-                "average_precision": e["challenger_average_precision"],
-                "mlflow_run": MetadataValue.url(e["mlflow_run_url"]),
-                "registered_model": MetadataValue.url(e["model_version_url"]),
-            }
-        )
     return metadata
 
 
@@ -198,13 +204,20 @@ def fx_champion_model(
         for s in context.partition_keys
     ]
     table = pl.DataFrame(promoted, schema=["symbol", "from", "to", "action"], orient="row")
+    attach_per_partition(
+        context,
+        {
+            symbol: {
+                "champion_version": version,
+                "action": action,
+                "registered_model": MetadataValue.url(
+                    tracking.model_version_url(tracking.model_name(symbol), version)
+                ),
+            }
+            for symbol, _, version, action in promoted
+        },
+    )
     metadata: dict = {"promotions": MetadataValue.md(markdown_table(table, max_rows=60))}
-    if len(promoted) == 1:
-        symbol, _, version, _ = promoted[0]
-        metadata["champion_version"] = version
-        metadata["registered_model"] = MetadataValue.url(
-            tracking.model_version_url(tracking.model_name(symbol), version)
-        )
     return MaterializeResult(metadata=metadata)
 
 
@@ -228,8 +241,6 @@ def fx_anomaly_scores(
     Each symbol's champion is resolved and loaded once, and all its requested days are read,
     scored and written together (one atomic commit per symbol).
     """
-    from pipeline.domain import plots
-
     by_symbol: dict[str, list[str]] = {}
     for key in context.partition_keys:
         symbol, date = split_symbol_date(key)
@@ -246,21 +257,50 @@ def fx_anomaly_scores(
             champions[symbol], scored[symbol] = fx_scoring.score_symbol_days(
                 symbol, dates, lake=lake, tracking=tracking, watch=watch
             )
+    attach_per_partition(
+        context,
+        {
+            symbol_date_key(symbol, date): score_facts(
+                scored[symbol], symbol, date, version, plot=len(context.partition_keys) <= MAX_PLOTS
+            )
+            for symbol, version in champions.items()
+            for date in by_symbol[symbol]
+        },
+    )
     rows = sum(out.height for out in scored.values())
-    flagged = sum(int(out["is_anomaly"].sum()) for out in scored.values())
-    metadata: dict = {
-        "dagster/row_count": rows,
+    return MaterializeResult(
+        metadata={
+            "rows_in_run": rows,
+            "champion_versions": MetadataValue.json(champions),
+            "seconds": MetadataValue.json(watch.seconds()),
+        }
+    )
+
+
+MAX_PLOTS = 10
+"""Runs of up to this many partitions draw each one's plot (about 0.3 s and 120 kB each)."""
+
+
+def score_facts(scored: pl.DataFrame, symbol: str, date: str, version: str, *, plot: bool) -> dict:
+    """One (symbol, date) partition's rows, flag rate, model version and plot."""
+    from pipeline.domain import plots
+
+    day = scored.filter(pl.col("date") == date)
+    flagged = int(day["is_anomaly"].sum())
+    return {
+        "dagster/row_count": day.height,
         "flagged": flagged,
-        "anomaly_rate": flagged / rows if rows else 0.0,
-        "champion_versions": MetadataValue.json(champions),
-        "seconds": MetadataValue.json(watch.seconds()),
-    }
-    if len(context.partition_keys) == 1:
-        ((symbol, (date,)),) = by_symbol.items()
-        metadata["spreads"] = png_markdown(
-            plots.score_plot_png(scored[symbol], title=f"{symbol} {date}"), "scored spreads"
+        "anomaly_rate": flagged / day.height if day.height else 0.0,
+        "champion_version": version,
+        "spreads": png_markdown(
+            plots.score_plot_png(day, title=f"{symbol} {date}"), "scored spreads"
         )
-    return MaterializeResult(metadata=metadata)
+        if plot
+        else MetadataValue.md(
+            f"_not drawn: runs of more than {MAX_PLOTS} partitions skip the plots; "
+            "materialise this partition alone to draw it_"
+        ),
+    }
 
 
 @asset(
@@ -308,14 +348,21 @@ def fx_model_monitor(
             )
         ),
     }
-    if table.height == 1:
-        (row,) = rows
-        facts = ("model_version", "anomaly_rate", "promotion_anomaly_rate", "psi", "ks", "action")
-        metadata.update({k: row[k] for k in facts})
-        metadata["regression"] = MetadataValue.md(
-            "\n".join(f"- {f}" for f in row["failures"].split("\n") if f) or "_none_"
-        )
+    attach_per_partition(
+        context, {symbol_date_key(r["symbol"], r["date"]): monitor_facts(r) for r in rows}
+    )
     return MaterializeResult(metadata=metadata)
+
+
+def monitor_facts(row: dict) -> dict:
+    """One (symbol, date) partition's KPI, drift and action."""
+    facts = ("model_version", "anomaly_rate", "promotion_anomaly_rate", "psi", "ks", "action")
+    return {
+        **{k: row[k] for k in facts},
+        "regression": MetadataValue.md(
+            "\n".join(f"- {f}" for f in row["failures"].split("\n") if f) or "_none_"
+        ),
+    }
 
 
 fx_assets = [fx_challenger_model, fx_champion_model, fx_anomaly_scores, fx_model_monitor]

@@ -31,7 +31,7 @@ from pipeline.domain import fx_anomaly
 from pipeline.domain.demo_data import write_demo_landing
 from pipeline.gates import GateClosedError, check_record_failures
 from pipeline.jobs.fx_training import SKOPS_TRUSTED_TYPES, pip_requirements
-from pipeline.partitions import symbol_date_key
+from pipeline.partitions import split_symbol_date, symbol_date_key
 from pipeline.resources.tracking import (
     DAGSTER_ASSET_TAG,
     DAGSTER_PARTITION_TAG,
@@ -191,6 +191,16 @@ def metadata_of(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> list[dic
         for e in result.get_asset_materialization_events()
         if e.asset_key == key
     ]
+
+
+def metadata_by_partition(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict[str, dict]:
+    """Partition key -> metadata of its materialisation (what the UI shows on it)."""
+    found = [e for e in result.get_asset_materialization_events() if e.asset_key == key]
+    by_partition = {
+        e.partition: {k: v.value for k, v in e.materialization.metadata.items()} for e in found
+    }
+    assert len(by_partition) == len(found), "a partition was materialised twice"
+    return by_partition
 
 
 def steps_with(result: dg.ExecuteInProcessResult, event_type: dg.DagsterEventType) -> set[str]:
@@ -561,10 +571,21 @@ def test_range_runs_train_every_symbol_and_score_boxes_of_partitions(fx: Platfor
         symbols[-1],
     )
     assert trained.success
-    trained_metadata = metadata_of(trained, keys.FX_CHALLENGER_MODEL)
-    assert len(trained_metadata) == 8  # one materialisation per symbol, same metadata
-    assert {m["models_trained"] for m in trained_metadata} == {8}
+    trained_metadata = metadata_by_partition(trained, keys.FX_CHALLENGER_MODEL)
+    assert sorted(trained_metadata) == sorted(symbols)  # one materialisation per symbol
+    assert {m["models_trained"] for m in trained_metadata.values()} == {8}  # the run's
     stored = fx.lake.read("gold", "fx_model_evaluations")
+    for symbol, shown in trained_metadata.items():  # each symbol's own version and links
+        row = stored.filter(pl.col("symbol") == symbol).row(0, named=True)
+        assert shown["model_name"] == fx.tracking.model_name(symbol)
+        assert shown["model_version"] == row["model_version"] == "1"
+        assert shown["average_precision"] == row["challenger_average_precision"]
+        assert row["mlflow_run_id"] in shown["mlflow_run"]
+        assert shown["registered_model"].endswith(f"/models/{shown['model_name']}/versions/1")
+    promoted = metadata_by_partition(trained, keys.FX_CHAMPION_MODEL)
+    assert {s: (m["champion_version"], m["action"]) for s, m in promoted.items()} == {
+        s: ("1", "promoted") for s in symbols
+    }
     assert sorted(stored["symbol"].to_list()) == sorted(symbols)
     assert set(stored["dagster_run_id"].to_list()) == {trained.run_id}
     assert stored["challenger_average_precision"].min() >= AP_FLOOR
@@ -619,9 +640,19 @@ def test_range_runs_train_every_symbol_and_score_boxes_of_partitions(fx: Platfor
     assert scores.height == curated.height
     assert scores.group_by("symbol", "date").len().height == 8 * 3
     assert set(scores["model_version"].to_list()) == {"1"}
-    box_metadata = metadata_of(box, keys.FX_ANOMALY_SCORES)
+    box_metadata = metadata_by_partition(box, keys.FX_ANOMALY_SCORES)
     assert len(box_metadata) == 24
-    assert box_metadata[0]["champion_versions"] == dict.fromkeys(symbols, "1")
+    for key, shown in box_metadata.items():
+        symbol, date = split_symbol_date(key)
+        day = scores.filter((pl.col("symbol") == symbol) & (pl.col("date") == date))
+        assert shown["dagster/row_count"] == day.height > 0, key  # not the run's total
+        assert shown["flagged"] == int(day["is_anomaly"].sum())
+        assert shown["champion_version"] == "1"
+        assert shown["champion_versions"] == dict.fromkeys(symbols, "1")  # the run's
+        assert "not drawn" in shown["spreads"]  # 24 partitions > MAX_PLOTS
+    assert sum(m["dagster/row_count"] for m in box_metadata.values()) == scores.height
+    monitored = metadata_by_partition(box, keys.FX_MODEL_MONITOR)
+    assert {k: m["action"] for k, m in monitored.items()} == dict.fromkeys(box_metadata, "none")
     monitor = fx.lake.read("gold", "fx_model_monitor")
     assert monitor.height == 24
     assert set(monitor["action"].to_list()) == {"none"}
