@@ -12,6 +12,8 @@ and :mod:`pipeline.jobs.fx_scoring`; the gate's stored facts are read through
 :mod:`pipeline.stores.fx`.
 """
 
+from collections.abc import Iterator
+
 import polars as pl
 from dagster import (
     AssetDep,
@@ -181,7 +183,7 @@ def challenger_metadata(evaluations: list[dict]) -> dict:
 )
 def fx_champion_model(
     context: AssetExecutionContext, lake: LakeResource, tracking: TrackingResource
-) -> MaterializeResult:
+) -> Iterator[MaterializeResult | AssetMaterialization]:
     """Decide every requested symbol, then promote those that passed; fail the others visibly.
 
     A refused symbol keeps its champion and does not stop the others. When a symbol is
@@ -218,12 +220,11 @@ def fx_champion_model(
     failed = [o for o in outcomes if not o.ok]
     if not failed:
         attach_per_partition(context, facts)
-        return MaterializeResult(metadata=metadata)
+        yield MaterializeResult(metadata=metadata)
+        return
     for symbol, shown in facts.items():  # the step fails below: record what did move
-        context.log_event(
-            AssetMaterialization(
-                keys.FX_CHAMPION_MODEL, partition=symbol, metadata={**metadata, **shown}
-            )
+        yield AssetMaterialization(
+            keys.FX_CHAMPION_MODEL, partition=symbol, metadata={**metadata, **shown}
         )
     raise promotion_failure(failed, promoted=list(facts), tracking=tracking)
 

@@ -38,7 +38,8 @@ def stored_gate_failures(
     """The promotion rule on the stored evaluation, and its match with the `challenger` alias.
 
     A challenger that already failed in service (reverted, or its KPI regressed) is refused
-    too, so a rerun cannot put a reverted version back.
+    too, so a rerun cannot put a reverted version back (one still serving, for want of a
+    sound version to revert to, is left alone: promoting it again moves nothing).
     """
     name = tracking.model_name(symbol)
     challenger = tracking.alias_version(name, store.CHALLENGER)
@@ -52,7 +53,9 @@ def stored_gate_failures(
             f"latest evaluation is of version {evaluation['model_version']}, but "
             f"`challenger` points at {challenger.version}"
         )
-    failed = store.failed_in_service(challenger)
+    champion = tracking.alias_version(name, store.CHAMPION)
+    serving = champion is not None and champion.version == challenger.version
+    failed = "" if serving else store.failed_in_service(challenger)
     if failed:
         failures.append(f"challenger failed in service before ({failed}); train a new one")
     return failures
