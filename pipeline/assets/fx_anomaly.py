@@ -175,7 +175,8 @@ def challenger_metadata(evaluations: list[dict]) -> dict:
     kinds={"mlflow"},
     description=(
         "Moves alias `champion` to the challenger's version (the former one becomes "
-        "`previous_champion`) only when `challenger_beats_champion` passed for the symbol."
+        "`previous_champion`) only when `challenger_beats_champion` passed for the symbol. "
+        "A refused symbol keeps its champion and fails the step after the others moved."
     ),
     automation_condition=gated_eager(),
     # the challenger's policy: a backfill of both is one run, not one run per symbol
