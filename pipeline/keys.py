@@ -31,6 +31,7 @@ LOAN_LOSS_DISTRIBUTION = AssetKey(["gold", "loan_loss_distribution"])
 CHECK_FILE_SCHEMA = "delivered_schema_matches_contract"
 CHECK_ROWS_BREAKING_CONTRACT = "rows_breaking_contract_are_quarantined"
 CHECK_INGEST_LAG = "ingested_within_24h_of_delivery"
+CHECK_NO_UNDECLARED_COLUMNS = "delivered_columns_are_all_declared"
 CHECK_CURATED_CONTRACT = "curated_rows_satisfy_contract"
 CHECK_RECONCILES = "rows_in_equal_curated_plus_quarantined"
 
@@ -46,6 +47,7 @@ CREDIBILITY_POSTERIOR_CHECKS = (*CONVERGENCE_CHECKS, CHECK_POSTERIOR_PREDICTIVE)
 
 CHECK_CHALLENGER_BEATS_CHAMPION = "challenger_beats_champion"
 CHECK_CHAMPION_KPI = "champion_kpi_within_bounds"
+CHECK_FEATURE_DRIFT = "model_features_within_drift_bounds"
 
 CHECK_MC_ERROR = "mc_error_within_bound"
 CHECK_EL_ANALYTIC = "expected_loss_matches_analytic"

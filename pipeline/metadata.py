@@ -2,9 +2,10 @@
 
 import base64
 from collections.abc import Mapping
+from typing import Any
 
 import polars as pl
-from dagster import MetadataValue, TableColumn, TableSchema
+from dagster import AssetExecutionContext, MetadataValue, TableColumn, TableSchema
 
 _DAGSTER_TYPES = {
     pl.String: "string",
@@ -52,3 +53,17 @@ def png_markdown(png: bytes, alt: str) -> MetadataValue:
     """Embed a PNG in markdown metadata (the UI renders it inline)."""
     encoded = base64.b64encode(png).decode("ascii")
     return MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
+
+
+def attach_per_partition(
+    context: AssetExecutionContext, by_partition: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Give each partition of the run its own metadata (row counts, versions, links, plots).
+
+    A run over a partition range copies its output metadata to every partition's
+    materialisation, so a run total such as ``dagster/row_count`` would be shown on
+    each partition as if it were that partition's. Metadata attached to a partition
+    here overrides the run's for that partition, in single-partition runs alike.
+    """
+    for partition_key, metadata in by_partition.items():
+        context.add_asset_metadata(dict(metadata), partition_key=partition_key)

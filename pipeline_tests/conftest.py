@@ -9,6 +9,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from pipeline.settings import DEFAULT_PARTITIONS_START
+
+# the tests' partitions start on the default date, whatever start a `make demo` recorded
+# in ./.pipeline (read when pipeline.partitions is first imported, just below)
+os.environ["PIPELINE_PARTITIONS_START"] = DEFAULT_PARTITIONS_START
+
 from pipeline.definitions import build_definitions
 from pipeline.resources import build_resources
 from pipeline.settings import Settings, load_settings

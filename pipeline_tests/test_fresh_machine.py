@@ -12,12 +12,15 @@ import glob
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from pipeline.cli import ui_commands
 from pipeline.settings import load_settings
@@ -141,8 +144,8 @@ def test_mlflow_ui_runs_without_job_execution_and_the_caller_keeps_its_environme
     mlflow_cmd, dagster_cmd = ui_commands(settings, dagster_port=3001, mlflow_port=5001)
     assert dict(os.environ) == before
     assert Path(dagster_cmd[0]).name == "dagster"
-    launcher = mlflow_cmd.index(str(Path(sys.executable).with_name("mlflow")))
-    assert mlflow_cmd[launcher + 1] == "ui"
+    launcher = mlflow_cmd.index(sys.executable)
+    assert mlflow_cmd[launcher + 1 : launcher + 3] == ["-m", "pipeline.mlflow_ui"]
     # what the MLflow server reads, through the same launcher prefix
     probe = (
         "from mlflow.environment_variables import MLFLOW_SERVER_ENABLE_JOB_EXECUTION as v;"
@@ -156,3 +159,41 @@ def test_mlflow_ui_runs_without_job_execution_and_the_caller_keeps_its_environme
         check=True,
     ).stdout
     assert out.strip() == "False"
+
+
+def test_mlflow_ui_serves_from_the_launched_process_itself(tmp_path: Path) -> None:
+    """No idle ``mlflow ui`` parent: the process started is the one answering HTTP."""
+    settings = load_settings({"PIPELINE_HOME": str(tmp_path / "home")})
+    settings.home.mkdir(parents=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mlflow_cmd, _ = ui_commands(settings, dagster_port=3001, mlflow_port=port)
+    log = tmp_path / "mlflow_ui.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(mlflow_cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        # /proc: the launched pid now runs uvicorn, and it has no children
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"uvicorn" in cmdline, cmdline
+        children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        assert children == []
+        experiments = requests.get(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+            params={"max_results": 10},
+            timeout=10,
+        ).json()
+        assert [e["name"] for e in experiments["experiments"]] == ["Default"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

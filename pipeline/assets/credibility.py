@@ -112,7 +112,7 @@ def credibility_posterior(
             settings=SamplerSettings(**config.model_dump()),
             lake=lake,
             tracking=tracking,
-            dagster_run_id=context.run_id,
+            dagster_run_id=context.run.run_id,
         )
     failures = fitted.diagnostics["gate_failures"]
     rounds = len(fitted.diagnostics["draw_rounds"])
@@ -161,7 +161,7 @@ def credibility_table(
         what="the credibility table",
     )
     table = credibility_table_rows(
-        lake, month=month, window=window, diagnostics=diagnostics, dagster_run_id=context.run_id
+        lake, month=month, window=window, diagnostics=diagnostics, dagster_run_id=context.run.run_id
     )
     version = lake.overwrite_partition("gold", "credibility_table", table, {"month": month})
     run_id = diagnostics["mlflow_run_id"]

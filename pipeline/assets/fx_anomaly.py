@@ -12,12 +12,16 @@ and :mod:`pipeline.jobs.fx_scoring`; the gate's stored facts are read through
 :mod:`pipeline.stores.fx`.
 """
 
+from collections.abc import Iterator
+
 import polars as pl
 from dagster import (
     AssetDep,
     AssetExecutionContext,
+    AssetMaterialization,
     BackfillPolicy,
     Config,
+    Failure,
     MaterializeResult,
     MetadataValue,
     MultiToSingleDimensionPartitionMapping,
@@ -28,8 +32,13 @@ from pydantic import Field
 from pipeline import keys
 from pipeline.gates import GateClosedError, check_record_failures
 from pipeline.jobs import fx_promotion, fx_scoring, fx_spark, fx_training
-from pipeline.metadata import markdown_table, png_markdown
-from pipeline.partitions import split_symbol_date, symbol_date_partitions, symbol_partitions
+from pipeline.metadata import attach_per_partition, markdown_table, png_markdown
+from pipeline.partitions import (
+    split_symbol_date,
+    symbol_date_key,
+    symbol_date_partitions,
+    symbol_partitions,
+)
 from pipeline.policies import domain_errors_are_final, gated_eager
 from pipeline.resources.compute import ComputeResource
 from pipeline.resources.lake import LakeResource
@@ -58,11 +67,18 @@ class ChallengerConfig(Config):
 
 
 class MonitorConfig(Config):
-    """When a champion counts as regressed."""
+    """When a champion counts as regressed (reverts), and when its inputs drifted (warns)."""
 
-    max_rate_ratio: float = Field(default=3.0, description="anomaly rate / rate at promotion")
-    max_psi: float = Field(default=0.25, description="PSI of relative spread vs training")
-    revert: bool = Field(default=True, description="move champion back on regression")
+    max_rate_ratio: float = Field(
+        default=3.0, description="KPI: anomaly rate / rate at promotion; beyond it, revert"
+    )
+    max_psi: float = Field(
+        default=0.25, description="drift warning: PSI of any model feature vs training"
+    )
+    max_ks: float = Field(
+        default=0.25, description="drift warning: KS statistic of any model feature vs training"
+    )
+    revert: bool = Field(default=True, description="move champion back on a KPI regression")
 
 
 @asset(
@@ -98,7 +114,7 @@ def fx_challenger_model(
                 landing=landing,
                 params=params,
                 tracking=tracking,
-                dagster_run_id=context.run_id,
+                dagster_run_id=context.run.run_id,
             )
         else:
             fx_spark.require_local_or_spark(compute.backend, "fx_challenger_model")
@@ -110,15 +126,27 @@ def fx_challenger_model(
                     symbol=symbol,
                     params=params,
                     tracking=tracking,
-                    dagster_run_id=context.run_id,
+                    dagster_run_id=context.run.run_id,
                 )
             )
     fx_training.store_evaluations(lake, evaluations)
+    attach_per_partition(context, {e["symbol"]: challenger_links(e) for e in evaluations})
     return MaterializeResult(metadata=challenger_metadata(evaluations))
 
 
+def challenger_links(evaluation: dict) -> dict:
+    """What one symbol's materialisation shows: its version, AP and MLflow links."""
+    return {
+        "model_name": evaluation["model_name"],
+        "model_version": evaluation["model_version"],
+        "average_precision": evaluation["challenger_average_precision"],
+        "mlflow_run": MetadataValue.url(evaluation["mlflow_run_url"]),
+        "registered_model": MetadataValue.url(evaluation["model_version_url"]),
+    }
+
+
 def challenger_metadata(evaluations: list[dict]) -> dict:
-    """Per-symbol evaluations, where the time went, and links for a single symbol."""
+    """The run's evaluations of every symbol and where the time went."""
     table = pl.DataFrame(evaluations).select(
         "symbol",
         pl.col("model_version").alias("version"),
@@ -136,17 +164,6 @@ def challenger_metadata(evaluations: list[dict]) -> dict:
         # summed over the symbols of the run: where the time went (fit, MLflow, lake)
         "seconds": MetadataValue.json(watch.seconds()),
     }
-    if len(evaluations) == 1:
-        (e,) = evaluations
-        metadata.update(
-            {
-                "model_name": e["model_name"],
-                "model_version": e["model_version"],
-                "average_precision": e["challenger_average_precision"],
-                "mlflow_run": MetadataValue.url(e["mlflow_run_url"]),
-                "registered_model": MetadataValue.url(e["model_version_url"]),
-            }
-        )
     return metadata
 
 
@@ -158,7 +175,8 @@ def challenger_metadata(evaluations: list[dict]) -> dict:
     kinds={"mlflow"},
     description=(
         "Moves alias `champion` to the challenger's version (the former one becomes "
-        "`previous_champion`) only when `challenger_beats_champion` passed for the symbol."
+        "`previous_champion`) only when `challenger_beats_champion` passed for the symbol. "
+        "A refused symbol keeps its champion and fails the step after the others moved."
     ),
     automation_condition=gated_eager(),
     # the challenger's policy: a backfill of both is one run, not one run per symbol
@@ -166,8 +184,14 @@ def challenger_metadata(evaluations: list[dict]) -> dict:
 )
 def fx_champion_model(
     context: AssetExecutionContext, lake: LakeResource, tracking: TrackingResource
-) -> MaterializeResult:
-    """Promote the gated challenger of each requested symbol; decide all before moving any."""
+) -> Iterator[MaterializeResult | AssetMaterialization]:
+    """Decide every requested symbol, then promote those that passed; fail the others visibly.
+
+    A refused symbol keeps its champion and does not stop the others. When a symbol is
+    refused (or MLflow failed while moving its aliases, which are then rolled back), the
+    promoted symbols are recorded as materialised, each with its own metadata, and the step
+    fails naming the others: those partitions show as failed in Dagster, never as promoted.
+    """
     refused = {}
     for symbol in context.partition_keys:
         failures = fx_promotion.stored_gate_failures(symbol, lake=lake, tracking=tracking)
@@ -180,32 +204,66 @@ def fx_champion_model(
         )
         if failures:
             refused[symbol] = failures
-    if refused:
-        raise GateClosedError(
-            description="; ".join(
-                f"refusing to promote {tracking.model_name(s)} for symbol {s}: " + "; ".join(f)
-                for s, f in refused.items()
-            ),
-            allow_retries=False,
-        )
-    promoted = [
-        (
-            s,
-            *fx_promotion.promote_challenger(
-                s, lake=lake, tracking=tracking, dagster_run_id=context.run_id
-            ),
-        )
-        for s in context.partition_keys
-    ]
-    table = pl.DataFrame(promoted, schema=["symbol", "from", "to", "action"], orient="row")
+    outcomes = fx_promotion.promote_passing(
+        list(context.partition_keys),
+        refused,
+        lake=lake,
+        tracking=tracking,
+        dagster_run_id=context.run.run_id,
+    )
+    table = pl.DataFrame(
+        [(o.symbol, o.from_version, o.to_version, o.action, o.reason) for o in outcomes],
+        schema=["symbol", "champion before", "champion after", "action", "reason"],
+        orient="row",
+    )
     metadata: dict = {"promotions": MetadataValue.md(markdown_table(table, max_rows=60))}
-    if len(promoted) == 1:
-        symbol, _, version, _ = promoted[0]
-        metadata["champion_version"] = version
-        metadata["registered_model"] = MetadataValue.url(
-            tracking.model_version_url(tracking.model_name(symbol), version)
+    facts = {o.symbol: champion_facts(o, tracking) for o in outcomes if o.ok}
+    failed = [o for o in outcomes if not o.ok]
+    if not failed:
+        attach_per_partition(context, facts)
+        yield MaterializeResult(metadata=metadata)
+        return
+    for symbol, shown in facts.items():  # the step fails below: record what did move
+        yield AssetMaterialization(
+            keys.FX_CHAMPION_MODEL, partition=symbol, metadata={**metadata, **shown}
         )
-    return MaterializeResult(metadata=metadata)
+    raise promotion_failure(failed, promoted=list(facts), tracking=tracking)
+
+
+def champion_facts(outcome: fx_promotion.Promotion, tracking: TrackingResource) -> dict:
+    """One promoted (or unchanged) symbol's champion version, action and MLflow link."""
+    name = tracking.model_name(outcome.symbol)
+    return {
+        "champion_version": outcome.to_version,
+        "action": outcome.action,
+        "registered_model": MetadataValue.url(tracking.model_version_url(name, outcome.to_version)),
+    }
+
+
+def promotion_failure(
+    failed: list[fx_promotion.Promotion], *, promoted: list[str], tracking: TrackingResource
+) -> Failure:
+    """The step's error: every refused or failed symbol, with why, and what was promoted.
+
+    Refusals alone are final (a retry would refuse again); an MLflow error is retried.
+    """
+    parts = [
+        (
+            f"refusing to promote {tracking.model_name(o.symbol)} for symbol {o.symbol}: "
+            if o.action == "refused"
+            else f"could not promote {tracking.model_name(o.symbol)} for symbol {o.symbol} "
+            "(its aliases were left as they were): "
+        )
+        + o.reason
+        for o in failed
+    ]
+    errors = any(o.action == "error" for o in failed)
+    description = "; ".join(parts) + (
+        f" -- promoted or already champion: {', '.join(promoted)}" if promoted else ""
+    )
+    if errors:
+        return Failure(description=description, allow_retries=True)
+    return GateClosedError(description=description, allow_retries=False)
 
 
 @asset(
@@ -228,8 +286,6 @@ def fx_anomaly_scores(
     Each symbol's champion is resolved and loaded once, and all its requested days are read,
     scored and written together (one atomic commit per symbol).
     """
-    from pipeline.domain import plots
-
     by_symbol: dict[str, list[str]] = {}
     for key in context.partition_keys:
         symbol, date = split_symbol_date(key)
@@ -246,21 +302,50 @@ def fx_anomaly_scores(
             champions[symbol], scored[symbol] = fx_scoring.score_symbol_days(
                 symbol, dates, lake=lake, tracking=tracking, watch=watch
             )
+    attach_per_partition(
+        context,
+        {
+            symbol_date_key(symbol, date): score_facts(
+                scored[symbol], symbol, date, version, plot=len(context.partition_keys) <= MAX_PLOTS
+            )
+            for symbol, version in champions.items()
+            for date in by_symbol[symbol]
+        },
+    )
     rows = sum(out.height for out in scored.values())
-    flagged = sum(int(out["is_anomaly"].sum()) for out in scored.values())
-    metadata: dict = {
-        "dagster/row_count": rows,
+    return MaterializeResult(
+        metadata={
+            "rows_in_run": rows,
+            "champion_versions": MetadataValue.json(champions),
+            "seconds": MetadataValue.json(watch.seconds()),
+        }
+    )
+
+
+MAX_PLOTS = 10
+"""Runs of up to this many partitions draw each one's plot (about 0.3 s and 120 kB each)."""
+
+
+def score_facts(scored: pl.DataFrame, symbol: str, date: str, version: str, *, plot: bool) -> dict:
+    """One (symbol, date) partition's rows, flag rate, model version and plot."""
+    from pipeline.domain import plots
+
+    day = scored.filter(pl.col("date") == date)
+    flagged = int(day["is_anomaly"].sum())
+    return {
+        "dagster/row_count": day.height,
         "flagged": flagged,
-        "anomaly_rate": flagged / rows if rows else 0.0,
-        "champion_versions": MetadataValue.json(champions),
-        "seconds": MetadataValue.json(watch.seconds()),
-    }
-    if len(context.partition_keys) == 1:
-        ((symbol, (date,)),) = by_symbol.items()
-        metadata["spreads"] = png_markdown(
-            plots.score_plot_png(scored[symbol], title=f"{symbol} {date}"), "scored spreads"
+        "anomaly_rate": flagged / day.height if day.height else 0.0,
+        "champion_version": version,
+        "spreads": png_markdown(
+            plots.score_plot_png(day, title=f"{symbol} {date}"), "scored spreads"
         )
-    return MaterializeResult(metadata=metadata)
+        if plot
+        else MetadataValue.md(
+            f"_not drawn: runs of more than {MAX_PLOTS} partitions skip the plots; "
+            "materialise this partition alone to draw it_"
+        ),
+    }
 
 
 @asset(
@@ -271,8 +356,8 @@ def fx_anomaly_scores(
     kinds={"delta", "mlflow"},
     description=(
         "Champion KPI (anomaly rate against the rate at promotion) and drift (PSI, KS of "
-        "relative spread against training). Past the bounds it reverts `champion` to "
-        "`previous_champion` and records the event."
+        "each model feature against training). A KPI regression reverts `champion` to a "
+        "sound `previous_champion` and records the event; drift only warns."
     ),
     backfill_policy=BackfillPolicy.single_run(),
 )
@@ -289,10 +374,11 @@ def fx_model_monitor(
                 *split_symbol_date(key),
                 max_rate_ratio=config.max_rate_ratio,
                 max_psi=config.max_psi,
+                max_ks=config.max_ks,
                 revert=config.revert,
                 lake=lake,
                 tracking=tracking,
-                dagster_run_id=context.run_id,
+                dagster_run_id=context.run.run_id,
                 log=context.log,
             )
             for key in sorted(context.partition_keys, key=lambda k: split_symbol_date(k)[::-1])
@@ -301,21 +387,34 @@ def fx_model_monitor(
     metadata: dict = {
         "partitions_monitored": table.height,
         "regressions": table.filter(pl.col("failures") != "").height,
+        "drift_warnings": table.filter(pl.col("drift_warnings") != "").height,
         "monitor": MetadataValue.md(
             markdown_table(
-                table.select("symbol", "date", "model_version", "anomaly_rate", "psi", "action"),
+                table.select(
+                    "symbol", "date", "model_version", "anomaly_rate", "psi", "ks", "action"
+                ),
                 max_rows=40,
             )
         ),
     }
-    if table.height == 1:
-        (row,) = rows
-        facts = ("model_version", "anomaly_rate", "promotion_anomaly_rate", "psi", "ks", "action")
-        metadata.update({k: row[k] for k in facts})
-        metadata["regression"] = MetadataValue.md(
-            "\n".join(f"- {f}" for f in row["failures"].split("\n") if f) or "_none_"
-        )
+    attach_per_partition(
+        context, {symbol_date_key(r["symbol"], r["date"]): monitor_facts(r) for r in rows}
+    )
     return MaterializeResult(metadata=metadata)
+
+
+def monitor_facts(row: dict) -> dict:
+    """One (symbol, date) partition's KPI, drift and action."""
+    facts = ("model_version", "anomaly_rate", "promotion_anomaly_rate", "psi", "ks", "action")
+    return {
+        **{k: row[k] for k in facts},
+        "regression": MetadataValue.md(
+            "\n".join(f"- {f}" for f in row["failures"].split("\n") if f) or "_none_"
+        ),
+        "drift": MetadataValue.md(
+            "\n".join(f"- {w}" for w in row["drift_warnings"].split("\n") if w) or "_none_"
+        ),
+    }
 
 
 fx_assets = [fx_challenger_model, fx_champion_model, fx_anomaly_scores, fx_model_monitor]

@@ -25,8 +25,8 @@ from dagster import (
 
 from pipeline import keys
 from pipeline.domain import contracts
-from pipeline.metadata import column_schema, markdown_table
-from pipeline.partitions import split_symbol_date, symbol_date_partitions
+from pipeline.metadata import attach_per_partition, column_schema, markdown_table
+from pipeline.partitions import split_symbol_date, symbol_date_key, symbol_date_partitions
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.landing import LandingResource
 from pipeline.stores.sources import (
@@ -206,18 +206,27 @@ def fx_spreads(context: AssetExecutionContext, lake: LakeResource) -> Materializ
                 "partition key ([A-Z0-9]{3,12})"
             )
         by_date.setdefault(date, []).append(symbol)
-    totals, published = Counter(), pl.DataFrame()
+    totals, published, per_partition = Counter(), pl.DataFrame(), {}
     for date, symbols in sorted(by_date.items()):
         published, counts, commit = curate_fx_day(lake, date, symbols)
         totals.update(counts)
+        per_partition.update(
+            {
+                symbol_date_key(s, date): {
+                    "dagster/row_count": counts[f"rows_curated:{s}"],
+                    "rows_curated": counts[f"rows_curated:{s}"],
+                    "rows_quarantined_for_symbol": counts[f"rows_quarantined:{s}"],
+                }
+                for s in symbols
+            }
+        )
         for leftover in commit.leftovers:
             context.log.warning(leftover)
         context.log.info(f"fx_spreads {date}: {counts['rows_curated']} ticks of {symbols}")
+    attach_per_partition(context, per_partition)
     metadata = {
-        "dagster/row_count": totals["rows_curated"],
         "partitions_written": len(context.partition_keys),
-        "rows_curated": totals["rows_curated"],
-        "rows_quarantined_for_symbol": totals["rows_quarantined_for_symbol"],
+        "rows_curated_in_run": totals["rows_curated"],
         "rows_in_days_all_symbols": totals["rows_in_days"],
         "rows_quarantined_days_all_symbols": totals["rows_quarantined_days"],
         "table_uri": MetadataValue.path(lake.table_uri("curated", "fx_spreads")),

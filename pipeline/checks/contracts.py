@@ -45,8 +45,6 @@ from pipeline.stores.sources import (
 )
 
 MAX_INGEST_LAG = dt.timedelta(hours=24)
-CHECK_NO_UNDECLARED_COLUMNS = "delivered_columns_are_all_declared"
-"""Drift check name (to move to :mod:`pipeline.keys` with the other check names)."""
 
 
 def _judge(
@@ -109,7 +107,7 @@ def _bronze_checks(source: Source) -> list[AssetChecksDefinition]:
 
     @asset_check(
         asset=source.key,
-        name=CHECK_NO_UNDECLARED_COLUMNS,
+        name=keys.CHECK_NO_UNDECLARED_COLUMNS,
         partitions_def=source.partitions_def,
         description=(
             "Warns when a delivery carries columns the contract does not declare "

@@ -278,7 +278,7 @@ class ComputeResource(ConfigurableResource):
         pipes = self.databricks_pipes_client()
         workspace = pipes.client
         root = self.databricks_dbfs_root.rstrip("/")
-        exchange = f"{root}/runs/{_path_safe(context.run_id)}/{uuid.uuid4().hex}"
+        exchange = f"{root}/runs/{_path_safe(context.run.run_id)}/{uuid.uuid4().hex}"
         stage = "deploying the job code"
         uploaded_inputs = False
         try:

@@ -246,7 +246,8 @@ def curate_fx_day(
     -------
     tuple of (published rows, counts, commit)
         ``counts`` has ``rows_curated`` and ``rows_quarantined_for_symbol`` (requested
-        symbols only), ``rows_in_days`` and ``rows_quarantined_days`` (whole day).
+        symbols only), ``rows_in_days`` and ``rows_quarantined_days`` (whole day), and
+        ``rows_curated:<symbol>`` and ``rows_quarantined:<symbol>`` for each symbol.
     """
     rows, quarantined, rows_in = split_partition(lake, SOURCES["fx_ticks"], date)
     published = (
@@ -264,6 +265,9 @@ def curate_fx_day(
         rows_in_days=rows_in,
         rows_quarantined_days=quarantined.height,
     )
+    for symbol in symbols:
+        counts[f"rows_curated:{symbol}"] = int((published["symbol"] == symbol).sum())
+        counts[f"rows_quarantined:{symbol}"] = int((q_symbols == symbol).sum())
     return published, counts, commit
 
 

@@ -16,7 +16,7 @@ from deltalake import DeltaTable
 from polars.testing import assert_frame_equal
 
 from pipeline import keys
-from pipeline.checks.contracts import CHECK_NO_UNDECLARED_COLUMNS
+from pipeline.dagster_private import CheckStatus, latest_check_records
 from pipeline.domain.contracts import normalise_symbol
 from pipeline.domain.demo_data import (
     SCENARIOS,
@@ -27,6 +27,7 @@ from pipeline.domain.demo_data import (
     write_demo_landing,
 )
 from pipeline.partitions import symbol_date_key
+from pipeline.runs import materialize_range
 from pipeline_tests.conftest import Platform
 from pipeline_tests.sensor_helpers import (
     added_symbols,
@@ -40,8 +41,9 @@ VALUATION = "2026-09-30"
 N_POLICIES = 300
 TICKS = 40
 
-BRONZE_CHECKS = {keys.CHECK_FILE_SCHEMA, keys.CHECK_INGEST_LAG, CHECK_NO_UNDECLARED_COLUMNS}
+BRONZE_CHECKS = {keys.CHECK_FILE_SCHEMA, keys.CHECK_INGEST_LAG, keys.CHECK_NO_UNDECLARED_COLUMNS}
 CURATED_CHECKS = {keys.CHECK_CURATED_CONTRACT, keys.CHECK_RECONCILES}
+CURATED_CHECK_KEYS = [dg.AssetCheckKey(keys.FX_SPREADS, name) for name in sorted(CURATED_CHECKS)]
 CLAIMS_CSV = f"claims/claims_{MONTH}.csv"
 CLAIMS_COLUMNS = ["policy_id", "district", "valuation_month", "exposure", "claim_count"]
 
@@ -271,6 +273,48 @@ def test_the_demo_defects_are_quarantined_exactly_where_the_truth_says(
     assert metadata(fx, keys.FX_SPREADS)["rows_quarantined_for_symbol"] == sum(
         d["file"] == ticks_file for d in injected
     )
+
+
+def test_a_range_run_shows_each_partition_its_own_rows_and_check_results(
+    platform: Platform,
+) -> None:
+    """A single-run backfill over three symbols: every partition's materialisation and
+    check results are that partition's, not the run's totals or one partition-less result."""
+    demo(platform)
+    symbols = register_symbols_with_landing_sensor(platform)[:3]
+    platform.materialize([keys.BRONZE_FX_TICKS], DAY)
+    result = materialize_range(
+        platform.defs,
+        platform.instance,
+        [keys.FX_SPREADS],
+        symbol_date_key(symbols[0], DAY),
+        symbol_date_key(symbols[-1], DAY),
+    )
+    assert result.success
+    shown = {
+        e.partition: {k: v.value for k, v in e.materialization.metadata.items()}
+        for e in result.get_asset_materialization_events()
+    }
+    assert sorted(shown) == sorted(symbol_date_key(s, DAY) for s in symbols)
+    for key, meta in shown.items():
+        symbol = key.split("|")[1]
+        stored = platform.lake.read("curated", "fx_spreads", {"symbol": symbol, "date": DAY})
+        assert meta["dagster/row_count"] == meta["rows_curated"] == stored.height == TICKS
+        assert meta["rows_curated_in_run"] == 3 * TICKS
+    evaluations = result.get_asset_check_evaluations()
+    assert sorted((e.check_name, e.partition) for e in evaluations) == sorted(
+        (check, key) for check in CURATED_CHECKS for key in shown
+    )
+    reconciled = {e.partition: e for e in evaluations if e.check_name == keys.CHECK_RECONCILES}
+    for evaluation in reconciled.values():
+        assert evaluation.passed
+        assert evaluation.description == f"{TICKS} in = {TICKS} curated + 0 quarantined"
+        assert evaluation.metadata["rows_curated"].value == TICKS
+    # the instance records each partition's result (the UI's partition statuses)
+    for key in shown:
+        records = latest_check_records(platform.instance, CURATED_CHECK_KEYS, key)
+        assert {r.status for r in records.values()} == {CheckStatus.SUCCEEDED}, key
+        assert {r.run_id for r in records.values()} == {result.run_id}
 
 
 def test_fx_spreads_are_ask_minus_bid_per_normalised_symbol(platform: Platform) -> None:
@@ -624,12 +668,12 @@ def test_undeclared_columns_are_kept_in_bronze_and_reported_as_drift(platform: P
     assert bronze["broker"].to_list() == ["B0", "B1", "B2", None]
     assert metadata(result, keys.BRONZE_CLAIMS)["undeclared_columns"] == "broker, channel"
     outcomes = check_outcomes(result)
-    assert outcomes[("bronze/claims", CHECK_NO_UNDECLARED_COLUMNS)] is False
+    assert outcomes[("bronze/claims", keys.CHECK_NO_UNDECLARED_COLUMNS)] is False
     assert outcomes[("bronze/claims", keys.CHECK_FILE_SCHEMA)] is True
     drift = next(
         e
         for e in result.get_asset_check_evaluations()
-        if e.check_name == CHECK_NO_UNDECLARED_COLUMNS
+        if e.check_name == keys.CHECK_NO_UNDECLARED_COLUMNS
     )
     assert drift.severity == dg.AssetCheckSeverity.WARN
     assert drift.description == (
