@@ -3,12 +3,14 @@
 import argparse
 import datetime
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.settings import (
     PARTITIONS_START_FILE,
@@ -43,10 +45,28 @@ def seed_landing(
     return len(files)
 
 
+def demo_pii_salt(home: Path) -> str:
+    """The demo's tokenisation salt: random, made once per ``PIPELINE_HOME`` (mode 0600).
+
+    Only ``pipeline demo`` uses it, when ``PIPELINE_PII_SALT`` is unset; elsewhere an unset
+    salt fails the PII scan naming the variable.
+    """
+    path = home / "pii_salt"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
 def demo(settings: Settings) -> None:
     """Seed the landing zone and materialise every asset on embedded defaults."""
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     ensure_dagster_home(settings)
+    from pipeline.resources.pii import SALT_VARIABLE
+
+    if not os.environ.get(SALT_VARIABLE):
+        os.environ[SALT_VARIABLE] = demo_pii_salt(settings.home)
     seed_landing(settings)
     # imported after seeding: pipeline.partitions reads the start seeding recorded
     from pipeline.demo import run_demo

@@ -7,6 +7,7 @@ from pipeline.assets.credibility import credibility_assets
 from pipeline.assets.fx_anomaly import fx_assets
 from pipeline.assets.ingest import bronze_assets, curated_assets
 from pipeline.assets.loan_loss import loan_loss_assets
+from pipeline.assets.pii import pii_assets
 from pipeline.checks.contracts import contract_checks
 from pipeline.checks.credibility import credibility_checks
 from pipeline.checks.fx_anomaly import fx_checks
@@ -22,6 +23,7 @@ def build_definitions(settings=None) -> Definitions:
         assets=[
             *bronze_assets,
             *curated_assets,
+            *pii_assets,
             *credibility_assets,
             *fx_assets,
             *loan_loss_assets,
