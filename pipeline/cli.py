@@ -46,10 +46,11 @@ def seed_landing(
 
 
 def demo_pii_salt(home: Path) -> str:
-    """The demo's tokenisation salt: random, made once per ``PIPELINE_HOME`` (mode 0600).
+    """The local tokenisation salt: random, made once per ``PIPELINE_HOME`` (mode 0600).
 
-    Only ``pipeline demo`` uses it, when ``PIPELINE_PII_SALT`` is unset; elsewhere an unset
-    salt fails the PII scan naming the variable.
+    ``pipeline demo`` and ``pipeline dev`` (the embedded, one-machine set-up) use it when
+    ``PIPELINE_PII_SALT`` is unset, so tokens of the demo and of later sensor runs in
+    ``make dev`` agree; everywhere else an unset salt fails the PII scan naming the variable.
     """
     path = home / "pii_salt"
     if not path.exists():
@@ -59,14 +60,19 @@ def demo_pii_salt(home: Path) -> str:
     return path.read_text().strip()
 
 
-def demo(settings: Settings) -> None:
-    """Seed the landing zone and materialise every asset on embedded defaults."""
-    os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
-    ensure_dagster_home(settings)
+def use_local_pii_salt(settings: Settings) -> None:
+    """Export the home's local salt as ``PIPELINE_PII_SALT`` unless one is set."""
     from pipeline.resources.pii import SALT_VARIABLE
 
     if not os.environ.get(SALT_VARIABLE):
         os.environ[SALT_VARIABLE] = demo_pii_salt(settings.home)
+
+
+def demo(settings: Settings) -> None:
+    """Seed the landing zone and materialise every asset on embedded defaults."""
+    os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
+    ensure_dagster_home(settings)
+    use_local_pii_salt(settings)
     seed_landing(settings)
     # imported after seeding: pipeline.partitions reads the start seeding recorded
     from pipeline.demo import run_demo
@@ -99,6 +105,7 @@ def dev(settings: Settings, *, dagster_port: int, mlflow_port: int) -> int:
     """
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     ensure_dagster_home(settings)
+    use_local_pii_salt(settings)  # sensor-launched claims runs scan for PII
     os.environ["MLFLOW_UI_URL"] = f"http://127.0.0.1:{mlflow_port}"
     mlflow_cmd, dagster_cmd = ui_commands(
         settings, dagster_port=dagster_port, mlflow_port=mlflow_port

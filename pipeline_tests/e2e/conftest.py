@@ -7,6 +7,7 @@ Every process it spawns lives in its own session, which the fixture stops with
 """
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -133,6 +134,7 @@ def e2e_environment(home: Path, **extra: str) -> dict[str, str]:
         PIPELINE_HOME=str(home),
         DAGSTER_HOME=str(home / "dagster"),
         PIPELINE_SENSOR_INTERVAL_S="3",
+        PIPELINE_PII_SALT=secrets.token_hex(16),  # the claims runs scan for PII
         PYTHONUNBUFFERED="1",
         **extra,
     )
