@@ -422,6 +422,12 @@ LANDING_TARGETS = {
     "fx_ticks": LandingTarget(
         "fx_ticks", keys.BRONZE_FX_TICKS, None, SOURCES["fx_ticks"].partitions_def
     ),
+    "fx_incidents": LandingTarget(
+        "fx_incidents",
+        keys.BRONZE_FX_INCIDENTS,
+        keys.FX_INCIDENTS,
+        SOURCES["fx_incidents"].partitions_def,
+    ),
     "loan_book": LandingTarget(
         "loan_book", keys.BRONZE_LOAN_BOOK, keys.LOAN_BOOK, SOURCES["loan_book"].partitions_def
     ),
