@@ -54,7 +54,7 @@ class ChallengerConfig(Config):
     n_estimators: int = Field(default=100, description="trees per forest")
     random_state: int = Field(default=42, description="forest seed")
     ap_tolerance: float = Field(
-        default=0.0, description="allowed AP shortfall vs champion beyond the bootstrap interval"
+        default=0.02, description="allowed AP shortfall vs champion beyond the bootstrap interval"
     )
     ap_floor: float = Field(
         default=0.3,

@@ -886,6 +886,23 @@ def count_bursts(y_true: np.ndarray) -> int:
     return int((y & ~np.r_[False, y[:-1]]).sum())
 
 
+def _weighted_ap(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """:func:`fast_average_precision` of many resamples at once, each a row of tick weights.
+
+    A resample that draws a block ``k`` times holds each of its ticks ``k`` times; copies
+    share their score, so they fall in one threshold group, and the AP of the resample is
+    that of the original ticks with counts as weights (sorted once, not once per resample).
+    """
+    order = np.argsort(-score, kind="mergesort")
+    last = np.r_[np.flatnonzero(np.diff(score[order])), score.size - 1]
+    w = weights[:, order]
+    tps = np.cumsum(w * y[order], axis=1)[:, last]
+    counts = np.cumsum(w, axis=1)[:, last]
+    precision = np.divide(tps, counts, out=np.zeros_like(tps), where=counts > 0)
+    recall = tps / tps[:, -1:]
+    return np.sum(np.diff(recall, axis=1, prepend=0.0) * precision, axis=1)
+
+
 def burst_blocks(y_true: np.ndarray) -> np.ndarray:
     """Block id of each tick (in time order) for a bootstrap over anomaly bursts.
 
@@ -912,8 +929,8 @@ def paired_ap_bootstrap(
     """Uncertainty of ``AP(challenger) - AP(champion)`` on the same labelled ticks.
 
     A paired block bootstrap: the ticks (in time order) are cut into :func:`burst_blocks`;
-    each resample draws as many blocks as there are, with replacement, and both models' AP
-    are computed on the same resampled ticks, so what the two models share (which bursts are
+    each resample draws as many blocks as there are, with replacement (as multinomial
+    counts, which is the same), and both models' AP are computed on the same resampled ticks, so what the two models share (which bursts are
     easy) cancels in the difference. The interval is the percentile interval of the resampled
     differences; the standard error their standard deviation.
 
@@ -953,12 +970,15 @@ def paired_ap_bootstrap(
     if n_bursts == 0:
         return {k: math.nan for k in DIFFERENCE_KEYS} | {"n_bursts": 0.0}
     blocks = burst_blocks(y)
-    parts = np.split(np.arange(y.size), np.flatnonzero(np.diff(blocks)) + 1)
+    n_blocks = int(blocks[-1]) + 1
     rng = np.random.default_rng(seed)
     diffs = np.empty(n_resamples)
-    for r in range(n_resamples):
-        idx = np.concatenate([parts[i] for i in rng.integers(0, len(parts), len(parts))])
-        diffs[r] = fast_average_precision(y[idx], a[idx]) - fast_average_precision(y[idx], b[idx])
+    for first in range(0, n_resamples, 250):  # 250 resamples x ticks at a time
+        size = min(250, n_resamples - first)
+        # how often each block is drawn; a tick counts as often as its block
+        drawn = rng.multinomial(n_blocks, np.full(n_blocks, 1.0 / n_blocks), size=size)
+        weights = drawn[:, blocks].astype(np.float64)
+        diffs[first : first + size] = _weighted_ap(y, a, weights) - _weighted_ap(y, b, weights)
     tail = (1.0 - level) / 2.0
     lower, upper = np.quantile(diffs, [tail, 1.0 - tail])
     return {

@@ -40,7 +40,7 @@ class TrainingParams:
     contamination: float = 0.03
     n_estimators: int = 100
     random_state: int = 42
-    ap_tolerance: float = 0.0  # allowed shortfall beyond the bootstrap interval
+    ap_tolerance: float = 0.02  # allowed shortfall beyond the bootstrap interval
     ap_floor: float = 0.3
     max_samples: int = 0  # 0 = sklearn's auto (min(256, n))
     bootstrap_resamples: int = 1_000  # paired bootstrap over anomaly bursts

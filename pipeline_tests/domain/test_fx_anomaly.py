@@ -912,3 +912,19 @@ def test_promotion_with_an_interval_refuses_only_a_challenger_worse_beyond_it(
     assert len(failures) == len(expected), failures
     for failure, fragment in zip(failures, expected, strict=True):
         assert fragment in failure
+
+
+def test_weighted_resample_ap_equals_the_ap_of_the_expanded_ticks() -> None:
+    """The bootstrap weights ticks by how often their block was drawn; that must equal the
+    AP of the resample written out tick by tick (copies tie with their original)."""
+    from pipeline.domain.fx_anomaly import _weighted_ap
+
+    rng = np.random.default_rng(13)
+    y = rng.random(500) < 0.08
+    score = rng.integers(0, 40, 500).astype(float) + 5.0 * y  # ties on purpose
+    weights = rng.integers(0, 3, (6, 500)).astype(float)
+    for row in weights:
+        expanded = np.repeat(np.arange(500), row.astype(int))
+        assert _weighted_ap(y, score, row[None, :])[0] == pytest.approx(
+            average_precision_score(y[expanded], score[expanded]), abs=1e-12
+        )
