@@ -930,9 +930,10 @@ def paired_ap_bootstrap(
 
     A paired block bootstrap: the ticks (in time order) are cut into :func:`burst_blocks`;
     each resample draws as many blocks as there are, with replacement (as multinomial
-    counts, which is the same), and both models' AP are computed on the same resampled ticks, so what the two models share (which bursts are
-    easy) cancels in the difference. The interval is the percentile interval of the resampled
-    differences; the standard error their standard deviation.
+    counts, which is the same), and both models' AP are computed on the same resampled
+    ticks, so what the two models share (which bursts are easy) cancels in the difference.
+    The interval is the percentile interval of the resampled differences; the standard
+    error their standard deviation.
 
     Parameters
     ----------
