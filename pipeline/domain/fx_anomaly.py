@@ -1020,7 +1020,8 @@ def holdout_comparison(
     Returns
     -------
     dict
-        ``gate`` (:data:`LABELLED` or :data:`LABEL_FREE`), ``reviewed_ticks``, ``n_positive``,
+        ``gate`` (:data:`LABELLED` or :data:`LABEL_FREE`), ``n`` (held-out ticks scored),
+        ``reviewed_ticks`` (those inside a reviewed window), ``n_positive``,
         ``challenger_`` and ``champion_`` ``average_precision``, ``precision``, ``recall``,
         ``anomaly_rate``; ``rank_agreement`` (Spearman correlation of the two models' scores),
         and the bootstrap's ``ap_difference``, ``ap_difference_se``,
@@ -1036,6 +1037,7 @@ def holdout_comparison(
     gate = LABELLED if y.any() else LABEL_FREE
     out: dict[str, float | str] = {
         "gate": gate,
+        "n": float(challenger.height),
         "reviewed_ticks": float(y.size),
         "n_positive": float(y.sum()),
         "rank_agreement": math.nan,
