@@ -11,6 +11,7 @@ promotion gate judges; :func:`store_evaluations` appends such rows to
 import dataclasses
 import datetime as dt
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,20 +139,22 @@ def train_challenger(
         train,
         symbol=symbol,
         params=params,
-        metrics={
-            **{
-                f"holdout_{k}": float(v)
-                for k, v in challenger.items()
-                if k != "gate" and not k.startswith("champion_")
-            },
-            **{
-                f"champion_holdout_{k.removeprefix('champion_')}": float(v)
-                for k, v in compared.items()
-                if k.startswith("champion_") and champion_version is not None
-            },
-            "train_rows": train.height,
-            "fit_seconds": watch.seconds()["fit"],
-        },
+        metrics=_measured(
+            {
+                **{
+                    f"holdout_{k}": v
+                    for k, v in challenger.items()
+                    if k != "gate" and not k.startswith("champion_")
+                },
+                **{
+                    f"champion_holdout_{k.removeprefix('champion_')}": v
+                    for k, v in compared.items()
+                    if k.startswith("champion_")
+                },
+                "train_rows": train.height,
+                "fit_seconds": watch.seconds()["fit"],
+            }
+        ),
         windows={
             "train_dates": f"{train_dates[0]}..{train_dates[-1]}",
             "holdout_dates": f"{holdout_dates[0]}..{holdout_dates[-1]}",
@@ -254,6 +257,15 @@ def _log_and_register(
         "run_id": run.run_id,
         "run_url": tracking.run_url(run.experiment_id, run.run_id),
     }
+
+
+def _measured(metrics: dict[str, float]) -> dict[str, float]:
+    """Keep the finite metrics only.
+
+    What could not be measured (no champion, a label-free gate) is not logged to MLflow
+    as NaN; the evaluation row keeps it as NaN.
+    """
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
 
 
 def difference_text(evaluation: dict) -> str:

@@ -358,6 +358,10 @@ def test_first_challenger_is_registered_gated_by_the_floor_promoted_and_tracked(
     assert set(challenger_metadata["seconds"]) >= {"fit", "log_model", "register", "alias"}
     assert metrics["holdout_average_precision"] == evaluation["challenger_average_precision"]
     assert metrics["holdout_recall"] == evaluation["challenger_recall"]
+    assert metrics["holdout_reviewed_ticks"] == evaluation["reviewed_ticks"]
+    assert metrics["holdout_n"] == holdout.height
+    # nothing unmeasured is logged as NaN: no champion, no difference
+    assert not {"holdout_ap_difference", "champion_holdout_average_precision"} & set(metrics)
     assert 0 < metrics["fit_seconds"] < 60
     tags = mlflow_run.data.tags
     assert tags[DAGSTER_RUN_TAG] == result.run_id
