@@ -49,6 +49,7 @@ CREDIBILITY_POSTERIOR_CHECKS = (*CONVERGENCE_CHECKS, CHECK_POSTERIOR_PREDICTIVE)
 
 CHECK_CHALLENGER_BEATS_CHAMPION = "challenger_beats_champion"
 CHECK_CHAMPION_KPI = "champion_kpi_within_bounds"
+CHECK_FEATURE_DRIFT = "model_features_within_drift_bounds"
 
 CHECK_MC_ERROR = "mc_error_within_bound"
 CHECK_EL_ANALYTIC = "expected_loss_matches_analytic"

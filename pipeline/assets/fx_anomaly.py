@@ -12,13 +12,17 @@ and :mod:`pipeline.jobs.fx_scoring`; the gate's stored facts are read through
 :mod:`pipeline.stores.fx`.
 """
 
+from collections.abc import Iterator
+
 import polars as pl
 from dagster import (
     AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
+    AssetMaterialization,
     BackfillPolicy,
     Config,
+    Failure,
     MaterializeResult,
     MetadataValue,
     MultiToSingleDimensionPartitionMapping,
@@ -81,11 +85,18 @@ class ChallengerConfig(Config):
 
 
 class MonitorConfig(Config):
-    """When a champion counts as regressed."""
+    """When a champion counts as regressed (reverts), and when its inputs drifted (warns)."""
 
-    max_rate_ratio: float = Field(default=3.0, description="anomaly rate / rate at promotion")
-    max_psi: float = Field(default=0.25, description="PSI of relative spread vs training")
-    revert: bool = Field(default=True, description="move champion back on regression")
+    max_rate_ratio: float = Field(
+        default=3.0, description="KPI: anomaly rate / rate at promotion; beyond it, revert"
+    )
+    max_psi: float = Field(
+        default=0.25, description="drift warning: PSI of any model feature vs training"
+    )
+    max_ks: float = Field(
+        default=0.25, description="drift warning: KS statistic of any model feature vs training"
+    )
+    revert: bool = Field(default=True, description="move champion back on a KPI regression")
 
 
 @asset(
@@ -196,7 +207,8 @@ def challenger_metadata(evaluations: list[dict]) -> dict:
     kinds={"mlflow"},
     description=(
         "Moves alias `champion` to the challenger's version (the former one becomes "
-        "`previous_champion`) only when `challenger_beats_champion` passed for the symbol."
+        "`previous_champion`) only when `challenger_beats_champion` passed for the symbol. "
+        "A refused symbol keeps its champion and fails the step after the others moved."
     ),
     automation_condition=gated_eager(),
     # the challenger's policy: a backfill of both is one run, not one run per symbol
@@ -204,8 +216,14 @@ def challenger_metadata(evaluations: list[dict]) -> dict:
 )
 def fx_champion_model(
     context: AssetExecutionContext, lake: LakeResource, tracking: TrackingResource
-) -> MaterializeResult:
-    """Promote the gated challenger of each requested symbol; decide all before moving any."""
+) -> Iterator[MaterializeResult | AssetMaterialization]:
+    """Decide every requested symbol, then promote those that passed; fail the others visibly.
+
+    A refused symbol keeps its champion and does not stop the others. When a symbol is
+    refused (or MLflow failed while moving its aliases, which are then rolled back), the
+    promoted symbols are recorded as materialised, each with its own metadata, and the step
+    fails naming the others: those partitions show as failed in Dagster, never as promoted.
+    """
     refused = {}
     for symbol in context.partition_keys:
         failures = fx_promotion.stored_gate_failures(symbol, lake=lake, tracking=tracking)
@@ -218,39 +236,66 @@ def fx_champion_model(
         )
         if failures:
             refused[symbol] = failures
-    if refused:
-        raise GateClosedError(
-            description="; ".join(
-                f"refusing to promote {tracking.model_name(s)} for symbol {s}: " + "; ".join(f)
-                for s, f in refused.items()
-            ),
-            allow_retries=False,
-        )
-    promoted = [
-        (
-            s,
-            *fx_promotion.promote_challenger(
-                s, lake=lake, tracking=tracking, dagster_run_id=context.run.run_id
-            ),
-        )
-        for s in context.partition_keys
-    ]
-    table = pl.DataFrame(promoted, schema=["symbol", "from", "to", "action"], orient="row")
-    attach_per_partition(
-        context,
-        {
-            symbol: {
-                "champion_version": version,
-                "action": action,
-                "registered_model": MetadataValue.url(
-                    tracking.model_version_url(tracking.model_name(symbol), version)
-                ),
-            }
-            for symbol, _, version, action in promoted
-        },
+    outcomes = fx_promotion.promote_passing(
+        list(context.partition_keys),
+        refused,
+        lake=lake,
+        tracking=tracking,
+        dagster_run_id=context.run.run_id,
+    )
+    table = pl.DataFrame(
+        [(o.symbol, o.from_version, o.to_version, o.action, o.reason) for o in outcomes],
+        schema=["symbol", "champion before", "champion after", "action", "reason"],
+        orient="row",
     )
     metadata: dict = {"promotions": MetadataValue.md(markdown_table(table, max_rows=60))}
-    return MaterializeResult(metadata=metadata)
+    facts = {o.symbol: champion_facts(o, tracking) for o in outcomes if o.ok}
+    failed = [o for o in outcomes if not o.ok]
+    if not failed:
+        attach_per_partition(context, facts)
+        yield MaterializeResult(metadata=metadata)
+        return
+    for symbol, shown in facts.items():  # the step fails below: record what did move
+        yield AssetMaterialization(
+            keys.FX_CHAMPION_MODEL, partition=symbol, metadata={**metadata, **shown}
+        )
+    raise promotion_failure(failed, promoted=list(facts), tracking=tracking)
+
+
+def champion_facts(outcome: fx_promotion.Promotion, tracking: TrackingResource) -> dict:
+    """One promoted (or unchanged) symbol's champion version, action and MLflow link."""
+    name = tracking.model_name(outcome.symbol)
+    return {
+        "champion_version": outcome.to_version,
+        "action": outcome.action,
+        "registered_model": MetadataValue.url(tracking.model_version_url(name, outcome.to_version)),
+    }
+
+
+def promotion_failure(
+    failed: list[fx_promotion.Promotion], *, promoted: list[str], tracking: TrackingResource
+) -> Failure:
+    """The step's error: every refused or failed symbol, with why, and what was promoted.
+
+    Refusals alone are final (a retry would refuse again); an MLflow error is retried.
+    """
+    parts = [
+        (
+            f"refusing to promote {tracking.model_name(o.symbol)} for symbol {o.symbol}: "
+            if o.action == "refused"
+            else f"could not promote {tracking.model_name(o.symbol)} for symbol {o.symbol} "
+            "(its aliases were left as they were): "
+        )
+        + o.reason
+        for o in failed
+    ]
+    errors = any(o.action == "error" for o in failed)
+    description = "; ".join(parts) + (
+        f" -- promoted or already champion: {', '.join(promoted)}" if promoted else ""
+    )
+    if errors:
+        return Failure(description=description, allow_retries=True)
+    return GateClosedError(description=description, allow_retries=False)
 
 
 @asset(
@@ -343,8 +388,8 @@ def score_facts(scored: pl.DataFrame, symbol: str, date: str, version: str, *, p
     kinds={"delta", "mlflow"},
     description=(
         "Champion KPI (anomaly rate against the rate at promotion) and drift (PSI, KS of "
-        "relative spread against training). Past the bounds it reverts `champion` to "
-        "`previous_champion` and records the event."
+        "each model feature against training). A KPI regression reverts `champion` to a "
+        "sound `previous_champion` and records the event; drift only warns."
     ),
     backfill_policy=BackfillPolicy.single_run(),
 )
@@ -361,6 +406,7 @@ def fx_model_monitor(
                 *split_symbol_date(key),
                 max_rate_ratio=config.max_rate_ratio,
                 max_psi=config.max_psi,
+                max_ks=config.max_ks,
                 revert=config.revert,
                 lake=lake,
                 tracking=tracking,
@@ -373,9 +419,12 @@ def fx_model_monitor(
     metadata: dict = {
         "partitions_monitored": table.height,
         "regressions": table.filter(pl.col("failures") != "").height,
+        "drift_warnings": table.filter(pl.col("drift_warnings") != "").height,
         "monitor": MetadataValue.md(
             markdown_table(
-                table.select("symbol", "date", "model_version", "anomaly_rate", "psi", "action"),
+                table.select(
+                    "symbol", "date", "model_version", "anomaly_rate", "psi", "ks", "action"
+                ),
                 max_rows=40,
             )
         ),
@@ -393,6 +442,9 @@ def monitor_facts(row: dict) -> dict:
         **{k: row[k] for k in facts},
         "regression": MetadataValue.md(
             "\n".join(f"- {f}" for f in row["failures"].split("\n") if f) or "_none_"
+        ),
+        "drift": MetadataValue.md(
+            "\n".join(f"- {w}" for w in row["drift_warnings"].split("\n") if w) or "_none_"
         ),
     }
 

@@ -3,13 +3,16 @@
 ``challenger_beats_champion`` (blocking) judges the stored evaluation of the
 symbol's latest challenger with :func:`pipeline.domain.fx_anomaly.promotion_failures`
 and the recomputed tick contract; ``fx_champion_model`` applies the same rule
-again before it moves an alias. ``champion_kpi_within_bounds`` shows a
-regression found by the monitor in the UI.
+again before it moves an alias. ``champion_kpi_within_bounds`` shows a KPI
+regression found by the monitor (the one reason it reverts the alias);
+``model_features_within_drift_bounds`` (severity WARN, non-blocking) shows drift of
+the model's features against its training sample, which warns and reverts nothing.
 """
 
+import json
 from collections.abc import Iterator
 
-from dagster import AssetCheckExecutionContext, asset_check
+from dagster import AssetCheckExecutionContext, AssetCheckSeverity, MetadataValue, asset_check
 
 from pipeline import keys
 from pipeline.check_outcomes import CheckEvent, Verdict, check_outcomes
@@ -20,12 +23,14 @@ from pipeline.stores.fx import latest_evaluation, promotion_rule_failures
 MONITOR_METADATA = (
     "anomaly_rate",
     "promotion_anomaly_rate",
-    "psi",
-    "ks",
+    "max_rate_ratio",
     "action",
     "model_version",
 )
 """Monitor columns shown on each partition's KPI check."""
+
+DRIFT_METADATA = ("psi", "ks", "max_psi", "max_ks", "model_version")
+"""Monitor columns shown on each partition's drift check (plus each feature's measures)."""
 
 
 @asset_check(
@@ -77,22 +82,20 @@ def challenger_beats_champion(
     name=keys.CHECK_CHAMPION_KPI,
     partitions_def=symbol_date_partitions,
     description=(
-        "The serving model's anomaly rate stays within the configured ratio of its rate at "
-        "promotion, and the spread distribution has not drifted (PSI) from training."
+        "The serving model's anomaly (flag) rate stays within the configured ratio of its "
+        "rate at promotion. A regression reverts `champion` to a `previous_champion` that "
+        "has not failed itself."
     ),
 )
 def champion_kpi_within_bounds(
     context: AssetCheckExecutionContext, lake: LakeResource
 ) -> Iterator[CheckEvent]:
-    """Show the monitor's verdict for every partition of the run."""
+    """Show the monitor's KPI verdict for every partition of the run."""
     verdicts = {}
-    for key in context.partition_keys:
-        symbol, date = split_symbol_date(key)
-        stored = lake.read("gold", "fx_model_monitor", {"symbol": symbol, "date": date})
-        if stored.height == 0:
+    for key, record in monitor_records(lake, context.partition_keys).items():
+        if record is None:
             verdicts[key] = Verdict(False, "not monitored")
             continue
-        record = stored.row(0, named=True)
         failures = [f for f in record["failures"].split("\n") if f]
         action = f" (action: {record['action']})" if record["action"] != "none" else ""
         verdicts[key] = Verdict(
@@ -103,4 +106,52 @@ def champion_kpi_within_bounds(
     yield from check_outcomes(context, verdicts)
 
 
-fx_checks = [challenger_beats_champion, champion_kpi_within_bounds]
+@asset_check(
+    asset=keys.FX_MODEL_MONITOR,
+    name=keys.CHECK_FEATURE_DRIFT,
+    partitions_def=symbol_date_partitions,
+    blocking=False,
+    description=(
+        "Warning only: the PSI and KS statistic of each model feature on the day stay within "
+        "their bounds against the model's training sample. Drift never reverts the model."
+    ),
+)
+def model_features_within_drift_bounds(
+    context: AssetCheckExecutionContext, lake: LakeResource
+) -> Iterator[CheckEvent]:
+    """Show the monitor's drift warnings for every partition of the run (severity WARN)."""
+    verdicts = {}
+    for key, record in monitor_records(lake, context.partition_keys).items():
+        if record is None:
+            verdicts[key] = Verdict(False, "not monitored")
+            continue
+        warnings = [w for w in record["drift_warnings"].split("\n") if w]
+        drift = json.loads(record["drift"])
+        verdicts[key] = Verdict(
+            not warnings,
+            f"{len(warnings)} drift warning(s): " + "; ".join(warnings)
+            if warnings
+            else f"{len(drift)} features within bounds",
+            {
+                **{name: record[name] for name in DRIFT_METADATA},
+                "drift_by_feature": MetadataValue.json(drift),
+            },
+        )
+    yield from check_outcomes(context, verdicts, severity=AssetCheckSeverity.WARN)
+
+
+def monitor_records(lake: LakeResource, partition_keys: list[str]) -> dict[str, dict | None]:
+    """Partition key -> its stored ``gold/fx_model_monitor`` row (``None`` when absent)."""
+    records: dict[str, dict | None] = {}
+    for key in partition_keys:
+        symbol, date = split_symbol_date(key)
+        stored = lake.read("gold", "fx_model_monitor", {"symbol": symbol, "date": date})
+        records[key] = stored.row(0, named=True) if stored.height else None
+    return records
+
+
+fx_checks = [
+    challenger_beats_champion,
+    champion_kpi_within_bounds,
+    model_features_within_drift_bounds,
+]

@@ -72,7 +72,7 @@ MIN_TRAINING_ROWS: int = 50
 """Fewest rows :func:`fit_spread_model` accepts: below this an Isolation Forest is noise."""
 
 RATE_FLOOR: float = 1e-3
-"""Floor of the promotion-time anomaly rate in :func:`monitor_failures` (no division blow-up)."""
+"""Floor of the promotion-time anomaly rate in :func:`kpi_failures` (no division blow-up)."""
 
 PSI_EPSILON: float = 1e-4
 """Floor of a bin proportion in :func:`population_stability_index` (keeps ``log`` finite)."""
@@ -725,21 +725,19 @@ def _difference_failures(difference: Mapping[str, float], tolerance: float) -> l
     return []
 
 
-def monitor_failures(
+def kpi_failures(
     *,
     anomaly_rate: float,
     promotion_anomaly_rate: float,
-    psi: float,
     max_rate_ratio: float,
-    max_psi: float,
 ) -> list[str]:
-    """Reasons the serving model regressed (KPI or drift); empty when it is healthy.
+    """Reasons the serving model's KPI regressed; empty when it is within bounds.
 
-    * KPI: today's anomaly rate must not exceed ``max_rate_ratio`` times the rate measured when
-      the model was promoted. The promotion rate is floored at :data:`RATE_FLOOR` so a model
-      promoted with (almost) no alarms is not reverted for its first few flags.
-    * Drift: the PSI of today's distribution against the promotion reference must not exceed
-      ``max_psi`` (0.25 is the usual "major shift" line).
+    Today's anomaly (flag) rate must not exceed ``max_rate_ratio`` times the rate measured when
+    the model was promoted. The promotion rate is floored at :data:`RATE_FLOOR` so a model
+    promoted with (almost) no alarms is not reverted for its first few flags. Only a KPI
+    regression justifies moving the alias back: input drift is a warning
+    (:func:`drift_warnings`), because an older model does not cure a change of the inputs.
 
     Non-finite measurements fail closed (a monitor that cannot measure is not healthy).
 
@@ -747,10 +745,8 @@ def monitor_failures(
     ----------
     anomaly_rate, promotion_anomaly_rate
         Fractions of flagged ticks today and at promotion, in [0, 1].
-    psi
-        Population stability index, e.g. from :func:`population_stability_index`.
-    max_rate_ratio, max_psi
-        Bounds, both > 0.
+    max_rate_ratio
+        Bound, > 0.
 
     Returns
     -------
@@ -760,37 +756,112 @@ def monitor_failures(
     Raises
     ------
     FxGateConfigError
-        If a bound is not positive or a finite rate is outside [0, 1].
+        If the bound is not positive or a finite rate is outside [0, 1].
     """
     if not (math.isfinite(max_rate_ratio) and max_rate_ratio > 0):
         raise FxGateConfigError(f"max_rate_ratio must be finite and > 0; got {max_rate_ratio}")
-    if not (math.isfinite(max_psi) and max_psi > 0):
-        raise FxGateConfigError(f"max_psi must be finite and > 0; got {max_psi}")
     for name, rate in (
         ("anomaly_rate", anomaly_rate),
         ("promotion_anomaly_rate", promotion_anomaly_rate),
     ):
         if math.isfinite(rate) and not 0 <= rate <= 1:
             raise FxGateConfigError(f"{name} must be in [0, 1]; got {rate}")
-    failures: list[str] = []
     if not (math.isfinite(anomaly_rate) and math.isfinite(promotion_anomaly_rate)):
-        failures.append(
+        return [
             f"anomaly rate {anomaly_rate!r} or promotion rate {promotion_anomaly_rate!r} "
             "is not finite"
+        ]
+    base = max(promotion_anomaly_rate, RATE_FLOOR)
+    bound = max_rate_ratio * base
+    if anomaly_rate > bound:
+        return [
+            f"anomaly rate {anomaly_rate:.4f} exceeds {max_rate_ratio:g} x promotion rate "
+            f"{base:.4f} (floored at {RATE_FLOOR:g}) = {bound:.4f}"
+        ]
+    return []
+
+
+def feature_drift(
+    reference: Mapping[str, np.ndarray], current: pl.DataFrame
+) -> dict[str, dict[str, float]]:
+    """PSI and KS of each model feature today against the model's training sample.
+
+    Drift is measured on what the model sees (:data:`FEATURE_COLUMNS`, scale-free), not on
+    raw relative spreads, so a harmless change of a pair's spread level moves
+    ``rel_spread_bps`` alone, and the deviation features stay put.
+
+    Parameters
+    ----------
+    reference
+        Feature name -> the training sample of that feature (as logged with the model).
+        Features missing from it are skipped.
+    current
+        Output of :func:`spread_features` for the monitored day.
+
+    Returns
+    -------
+    dict
+        Feature -> ``{"psi": ..., "ks": ...}``, in :data:`FEATURE_COLUMNS` order.
+
+    Raises
+    ------
+    FxInputError
+        If a sample is empty or non-finite, or no feature of the model is in ``reference``.
+    """
+    measured = {}
+    for name in FEATURE_COLUMNS:
+        if name not in reference:
+            continue
+        today = current[name].to_numpy()
+        measured[name] = {
+            "psi": population_stability_index(reference[name], today),
+            "ks": ks_statistic(reference[name], today),
+        }
+    if not measured:
+        raise FxInputError(
+            f"no reference sample of any model feature {list(FEATURE_COLUMNS)}; "
+            f"got {sorted(reference)}"
         )
-    else:
-        base = max(promotion_anomaly_rate, RATE_FLOOR)
-        bound = max_rate_ratio * base
-        if anomaly_rate > bound:
-            failures.append(
-                f"anomaly rate {anomaly_rate:.4f} exceeds {max_rate_ratio:g} x promotion rate "
-                f"{base:.4f} (floored at {RATE_FLOOR:g}) = {bound:.4f}"
-            )
-    if not math.isfinite(psi):
-        failures.append(f"PSI {psi!r} is not finite")
-    elif psi > max_psi:
-        failures.append(f"PSI {psi:.4f} exceeds the bound {max_psi:.4f}")
-    return failures
+    return measured
+
+
+def drift_warnings(
+    drift: Mapping[str, Mapping[str, float]], *, max_psi: float, max_ks: float
+) -> list[str]:
+    """Features whose PSI or KS statistic exceeds its bound (a warning, never a revert).
+
+    Parameters
+    ----------
+    drift
+        Output of :func:`feature_drift`.
+    max_psi, max_ks
+        Bounds: PSI > 0 (0.25 is the usual "major shift" line), KS in (0, 1].
+
+    Returns
+    -------
+    list[str]
+        One line per feature and measure past its bound; non-finite values warn too.
+
+    Raises
+    ------
+    FxGateConfigError
+        If a bound is out of range.
+    """
+    if not (math.isfinite(max_psi) and max_psi > 0):
+        raise FxGateConfigError(f"max_psi must be finite and > 0; got {max_psi}")
+    if not (math.isfinite(max_ks) and 0 < max_ks <= 1):
+        raise FxGateConfigError(f"max_ks must be in (0, 1]; got {max_ks}")
+    warnings = []
+    for name, measures in drift.items():
+        for measure, bound in (("psi", max_psi), ("ks", max_ks)):
+            value = float(measures[measure])
+            if not math.isfinite(value):
+                warnings.append(f"{name}: {measure.upper()} {value!r} is not finite")
+            elif value > bound:
+                warnings.append(
+                    f"{name}: {measure.upper()} {value:.4f} exceeds the bound {bound:.4f}"
+                )
+    return warnings
 
 
 # --------------------------------------------------------------------------------------------

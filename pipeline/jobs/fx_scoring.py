@@ -3,16 +3,18 @@
 :func:`score_symbol_days` reads, scores and writes all requested days of one symbol
 with one model version (resolved once, loaded by version, never by a moving alias);
 :func:`monitor_day` measures the serving model on one scored day and reverts the alias
-when it regressed. Both are plain functions of the lake and tracking resources.
+when its KPI regressed (input drift is measured on the model's features and only
+warns). Both are plain functions of the lake and tracking resources.
 """
 
+import json
 import logging
 from typing import Any
 
 import polars as pl
 
 from pipeline.domain.errors import DomainError
-from pipeline.jobs.fx_training import reference_spreads
+from pipeline.jobs.fx_training import reference_features
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.tracking import TrackingResource
 from pipeline.stores import fx as store
@@ -69,8 +71,7 @@ def score_symbol_days(
     with watch("read"):
         ticks = store.scoring_ticks(lake, symbol, dates)
     with watch("features"):
-        features = fx_anomaly.spread_features(ticks.select(fx_anomaly.TICK_COLUMNS))
-        features = features.with_columns(ticks["date"]).filter(pl.col("date").is_in(dates))
+        features = day_features(ticks, dates)
     with watch("score"):
         scored = fx_anomaly.score_spreads(model, features)
     with watch("write"):
@@ -81,19 +82,33 @@ def score_symbol_days(
     return version, out
 
 
+def day_features(ticks: pl.DataFrame, dates: list[str]) -> pl.DataFrame:
+    """Model features of the requested days, from :func:`store.scoring_ticks` (warm-up tail)."""
+    from pipeline.domain import fx_anomaly
+
+    features = fx_anomaly.spread_features(ticks.select(fx_anomaly.TICK_COLUMNS))
+    return features.with_columns(ticks["date"]).filter(pl.col("date").is_in(dates))
+
+
 def monitor_day(
     symbol: str,
     date: str,
     *,
     max_rate_ratio: float,
     max_psi: float,
+    max_ks: float,
     revert: bool,
     lake: LakeResource,
     tracking: TrackingResource,
     dagster_run_id: str,
     log: Any = None,
 ) -> dict:
-    """KPI and drift of one scored (symbol, date), the revert if needed, and the stored row."""
+    """KPI and feature drift of one scored (symbol, date), the revert if needed, the row.
+
+    ``failures`` lists KPI regressions (they revert the alias); ``drift_warnings`` lists
+    features whose PSI or KS against the model's training sample is past its bound (they
+    only warn). ``psi`` and ``ks`` are the largest over the features; ``drift`` has each.
+    """
     from pipeline.domain import fx_anomaly
 
     scores = lake.read("gold", "fx_anomaly_scores", {"symbol": symbol, "date": date})
@@ -103,16 +118,14 @@ def monitor_day(
     scored_version = scores["model_version"][0]
     version = tracking.client().get_model_version(name, scored_version)
     promotion_rate = float(version.tags.get("holdout_anomaly_rate", "nan"))
-    reference = reference_spreads(tracking, version.run_id)
-    current = scores["rel_spread_bps"].to_numpy()
     rate = float(scores["is_anomaly"].mean())
-    psi = fx_anomaly.population_stability_index(reference, current)
-    failures = fx_anomaly.monitor_failures(
-        anomaly_rate=rate,
-        promotion_anomaly_rate=promotion_rate,
-        psi=psi,
-        max_rate_ratio=max_rate_ratio,
-        max_psi=max_psi,
+    drift = fx_anomaly.feature_drift(
+        reference_features(tracking, version.run_id),
+        day_features(store.scoring_ticks(lake, symbol, [date]), [date]),
+    )
+    warnings = fx_anomaly.drift_warnings(drift, max_psi=max_psi, max_ks=max_ks)
+    failures = fx_anomaly.kpi_failures(
+        anomaly_rate=rate, promotion_anomaly_rate=promotion_rate, max_rate_ratio=max_rate_ratio
     )
     action = "none"
     if failures:
@@ -132,11 +145,14 @@ def monitor_day(
         "model_version": scored_version,
         "anomaly_rate": rate,
         "promotion_anomaly_rate": promotion_rate,
-        "psi": psi,
-        "ks": fx_anomaly.ks_statistic(reference, current),
+        "psi": max(m["psi"] for m in drift.values()),
+        "ks": max(m["ks"] for m in drift.values()),
+        "drift": json.dumps(drift),
         "max_rate_ratio": max_rate_ratio,
         "max_psi": max_psi,
+        "max_ks": max_ks,
         "failures": "\n".join(failures),
+        "drift_warnings": "\n".join(warnings),
         "action": action,
         "dagster_run_id": dagster_run_id,
     }
@@ -157,8 +173,18 @@ def revert_champion(
     dagster_run_id: str,
     log: Any,
 ) -> str:
-    """Move ``champion`` back to ``previous_champion``; return what was done."""
+    """Tag the regressed version; move ``champion`` back to a sound ``previous_champion``.
+
+    The regressed version is tagged ``kpi_regression`` whatever happens next, so it is never
+    restored or promoted again. A ``previous_champion`` that itself failed in service is
+    not restored: the regressed champion keeps serving and the action says why. The
+    ``champion`` alias moves first (after it, ``previous_champion`` names the serving
+    version: a valid state), then ``previous_champion`` is removed; the event is recorded
+    after both. Returns what was done.
+    """
     name = tracking.model_name(symbol)
+    client = tracking.client()
+    client.set_model_version_tag(name, scored_version, store.KPI_REGRESSION_TAG, reason[:500])
     champion = tracking.alias_version(name, store.CHAMPION)
     previous = tracking.alias_version(name, store.PREVIOUS_CHAMPION)
     if not enabled:
@@ -168,10 +194,13 @@ def revert_champion(
     if previous is None:
         log.warning(f"{name}: champion {scored_version} regressed; nothing to revert to")
         return "regression (no previous champion)"
+    failed = store.failed_in_service(previous)
+    if failed:
+        log.warning(f"{name}: champion {scored_version} regressed; not restoring {failed}")
+        return f"regression (previous champion {previous.version} not restored: it failed)"
     tracking.set_alias(name, store.CHAMPION, previous.version)
     tracking.delete_alias(name, store.PREVIOUS_CHAMPION)
-    client = tracking.client()
-    client.set_model_version_tag(name, scored_version, "reverted", reason[:500])
+    client.set_model_version_tag(name, scored_version, store.REVERTED_TAG, reason[:500])
     client.set_registered_model_tag(
         name, "last_revert", f"{scored_version}->{previous.version} by run {dagster_run_id}"
     )

@@ -26,7 +26,10 @@ from pipeline.timing import Stopwatch
 
 EXPERIMENT = "fx_spread_models"
 SKOPS_TRUSTED_TYPES = ["sklearn.tree._tree.Tree"]
-REFERENCE_ARTIFACT = "reference_rel_spread_bps.npy"
+REFERENCE_ARTIFACT = "reference_features.npz"
+"""The training sample of every model feature, one array per feature (drift reference)."""
+LEGACY_REFERENCE_ARTIFACT = "reference_rel_spread_bps.npy"
+"""What models trained before drift moved to the features logged: relative spreads only."""
 
 
 class TrainingDataError(DomainError):
@@ -218,7 +221,7 @@ def _log_and_register(
 
     name = tracking.model_name(symbol)
     reference = io.BytesIO()
-    np.save(reference, train["rel_spread_bps"].to_numpy())
+    np.savez_compressed(reference, **{c: train[c].to_numpy() for c in fx_anomaly.FEATURE_COLUMNS})
     with (
         watch("mlflow"),
         tracking.start_run(
@@ -289,6 +292,18 @@ def store_evaluations(lake: LakeResource, results: list[dict]) -> int:
     return lake.append("gold", "fx_model_evaluations", pl.DataFrame(rows))
 
 
-def reference_spreads(tracking: TrackingResource, run_id: str) -> np.ndarray:
-    """Training distribution of relative spreads stored with a model's run."""
-    return np.load(io.BytesIO(tracking.download_artifact(run_id, REFERENCE_ARTIFACT)))
+def reference_features(tracking: TrackingResource, run_id: str) -> dict[str, np.ndarray]:
+    """Training sample of each model feature stored with a model's run.
+
+    A model logged before the features were stored has only its relative spreads, which
+    are returned alone (drift of that model is measured on that one feature).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        payload = tracking.download_artifact(run_id, REFERENCE_ARTIFACT)
+    except (OSError, MlflowException):
+        legacy = tracking.download_artifact(run_id, LEGACY_REFERENCE_ARTIFACT)
+        return {"rel_spread_bps": np.load(io.BytesIO(legacy))}
+    with np.load(io.BytesIO(payload)) as stored:
+        return {name: stored[name] for name in stored.files}

@@ -554,8 +554,11 @@ class LakeResource(ConfigurableResource):
                 deltalake.write_deltalake(
                     uri,
                     data,
+                    # appends, partition overwrites and bronze add new columns to the
+                    # table (older rows read them as null) instead of refusing the write:
+                    # a table written by an older release keeps working after an upgrade
                     schema_mode="merge"
-                    if kwargs.get("mode") == "append" or layer == "bronze"
+                    if kwargs.get("mode") == "append" or "predicate" in kwargs or layer == "bronze"
                     else None,
                     storage_options=self._delta_options(),
                     commit_properties=properties,

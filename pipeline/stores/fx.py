@@ -4,9 +4,10 @@ Every gate decision is made from stored facts, so it holds across runs: the
 challenger's evaluation is appended to ``gold/fx_model_evaluations``; the
 ``challenger_beats_champion`` check and the guard in ``fx_champion_model`` apply
 :func:`promotion_rule_failures` to that stored row. Alias moves are appended to
-``gold/model_events``, the audit trail of the registry. The labels the gate scores
-against are the desk's incident log, ``curated/fx_incidents``, read through the lake
-like every other curated table.
+``gold/model_events``, the audit trail of the registry, after the aliases moved;
+:func:`champion_on` reads it back ("which version was champion for EURUSD on that day").
+The labels the gate scores against are the desk's incident log,
+``curated/fx_incidents``, read through the lake like every other curated table.
 """
 
 import datetime as dt
@@ -19,6 +20,10 @@ from pipeline.resources.lake import LakeResource
 
 CHALLENGER, CHAMPION, PREVIOUS_CHAMPION = "challenger", "champion", "previous_champion"
 INCIDENT_COLUMNS = ("symbol", "start", "end", "label")
+REVERTED_TAG = "reverted"
+"""Model-version tag: the monitor moved ``champion`` away from this version (the reason)."""
+KPI_REGRESSION_TAG = "kpi_regression"
+"""Model-version tag: this version failed its KPI while serving (the reason), reverted or not."""
 LOOKBACK_DAYS = 3  # calendar days searched for the warm-up tail of a scored day (weekends)
 
 
@@ -112,6 +117,39 @@ def record_model_event(lake: LakeResource, **event: str) -> None:
         "model_events",
         pl.DataFrame([{**event, "at": dt.datetime.now(dt.UTC).replace(tzinfo=None)}]),
     )
+
+
+def failed_in_service(version: object) -> str:
+    """Why a registered model version must not serve again ("" when nothing is known).
+
+    A version the monitor reverted, or whose KPI regressed while it served, is neither
+    restored by a later revert nor promoted again; a new challenger must replace it.
+    """
+    tags = getattr(version, "tags", None) or {}
+    for tag in (REVERTED_TAG, KPI_REGRESSION_TAG):
+        if tags.get(tag):
+            return f"version {getattr(version, 'version', '?')} has tag {tag}: {tags[tag]}"
+    return ""
+
+
+def champion_on(lake: LakeResource, symbol: str, when: dt.date | dt.datetime) -> str | None:
+    """The version that was ``champion`` of ``symbol`` at ``when``, from ``gold/model_events``.
+
+    A date means the end of that day (UTC): the version serving at the close, after any
+    promotion or revert during the day. ``None`` when no alias move of the symbol was
+    recorded by then (no champion yet).
+    """
+    if isinstance(when, dt.datetime):
+        cutoff = when.astimezone(dt.UTC).replace(tzinfo=None) if when.tzinfo else when
+        inclusive = True
+    else:
+        cutoff, inclusive = dt.datetime.combine(when + dt.timedelta(days=1), dt.time()), False
+    events = lake.read("gold", "model_events")
+    if events.height == 0:
+        return None
+    before = pl.col("at") <= cutoff if inclusive else pl.col("at") < cutoff
+    moves = events.filter((pl.col("symbol") == symbol) & before).sort("at")
+    return moves["to_version"][-1] if moves.height else None
 
 
 def scoring_ticks(lake: LakeResource, symbol: str, dates: list[str]) -> pl.DataFrame:

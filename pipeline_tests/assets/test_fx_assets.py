@@ -18,12 +18,14 @@ reviewed: its gate is label-free.
 """
 
 import contextlib
+import datetime as dt
 import json
 import math
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import dagster as dg
 import numpy as np
@@ -37,6 +39,7 @@ from pipeline.dagster_private import CheckStatus, latest_check_records
 from pipeline.domain import fx_anomaly
 from pipeline.domain.demo_data import write_demo_landing
 from pipeline.gates import GateClosedError, check_record_failures
+from pipeline.jobs import fx_promotion
 from pipeline.jobs.fx_training import SKOPS_TRUSTED_TYPES, pip_requirements
 from pipeline.partitions import split_symbol_date, symbol_date_key
 from pipeline.resources.tracking import (
@@ -44,9 +47,17 @@ from pipeline.resources.tracking import (
     DAGSTER_PARTITION_TAG,
     DAGSTER_RUN_TAG,
     TrackingError,
+    TrackingResource,
 )
 from pipeline.runs import QUIET, materialize_range
-from pipeline.stores.fx import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION
+from pipeline.stores.fx import (
+    CHALLENGER,
+    CHAMPION,
+    KPI_REGRESSION_TAG,
+    PREVIOUS_CHAMPION,
+    REVERTED_TAG,
+    champion_on,
+)
 from pipeline_tests.conftest import Platform, make_platform
 from pipeline_tests.sensor_helpers import (
     evaluate_fx_landing_sensor,
@@ -68,6 +79,7 @@ CHALLENGER_OP = "models__fx_challenger_model"
 MONITOR_OP = "gold__fx_model_monitor"
 BAD_FOREST = {"max_samples": 2, "n_estimators": 1}
 CHALLENGER_GATE = dg.AssetCheckKey(keys.FX_CHALLENGER_MODEL, keys.CHECK_CHALLENGER_BEATS_CHAMPION)
+PROMOTE = [keys.FX_CHALLENGER_MODEL, keys.FX_CHAMPION_MODEL]
 
 
 # --- fixtures ---------------------------------------------------------------------------
@@ -637,6 +649,250 @@ def test_an_unreviewed_symbol_is_trained_registered_and_judged_label_free(fx: Pl
     assert aliases(fx, name) == {CHALLENGER: "3", CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
 
 
+# --- promotion all or nothing per symbol; monitor semantics ------------------------------
+
+
+@pytest.mark.slow
+def test_a_refused_symbol_keeps_its_champion_and_the_others_are_promoted(fx: Platform) -> None:
+    refused, *passing = fx.instance.get_dynamic_partitions("symbol")[:3]
+    assert materialize_range(
+        fx.defs, fx.instance, [keys.FX_CHALLENGER_MODEL], refused, passing[-1]
+    ).success
+    # the first symbol's latest challenger is a bad one: its gate fails
+    assert not run(fx, [keys.FX_CHALLENGER_MODEL], refused, ops={CHALLENGER_OP: BAD_FOREST}).success
+    name = fx.tracking.model_name
+
+    result = materialize_range(
+        fx.defs, fx.instance, [keys.FX_CHAMPION_MODEL], refused, passing[-1], raise_on_error=False
+    )
+    assert not result.success  # the refused symbol fails the step, visibly...
+    (message,) = step_failure_descriptions(result).values()
+    assert message.startswith(f"refusing to promote {name(refused)} for symbol {refused}: ")
+    assert "not above the floor 0.3000" in message
+    assert message.endswith(f"-- promoted or already champion: {', '.join(passing)}")
+    # ...after the others were promoted, although it came first
+    assert aliases(fx, name(refused)) == {CHALLENGER: "2"}
+    for symbol in passing:
+        assert aliases(fx, name(symbol)) == {CHALLENGER: "1", CHAMPION: "1"}
+    events = model_events(fx)
+    assert sorted(events.select("symbol", "from_version", "to_version").rows()) == [
+        (s, "", "1") for s in sorted(passing)
+    ]
+    # Dagster records the promoted partitions as materialised, each with its own facts, and
+    # the refused one as not materialised; the run's table names it as refused
+    shown = metadata_by_partition(result, keys.FX_CHAMPION_MODEL)
+    assert sorted(shown) == sorted(passing)
+    assert {s: (m["champion_version"], m["action"]) for s, m in shown.items()} == {
+        s: ("1", "promoted") for s in passing
+    }
+    assert f"| {refused} |  |  | refused |" in shown[passing[0]]["promotions"]
+    materialised = fx.instance.get_materialized_partitions(keys.FX_CHAMPION_MODEL)
+    assert materialised == set(passing)
+    today = dt.datetime.now(dt.UTC).date()
+    assert [champion_on(fx.lake, s, today) for s in (refused, *passing)] == [None, "1", "1"]
+
+
+class FailingAliasClient:
+    """A real ``MlflowClient`` whose n-th ``set_registered_model_alias`` call raises."""
+
+    calls: ClassVar[list[tuple]] = []  # shared by every client: the resource makes many
+
+    def __init__(self, client: object, fail_on: int) -> None:
+        self._client, self._fail_on = client, fail_on
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._client, name)
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self.calls.append((alias, version))
+        if len(self.calls) == self._fail_on:
+            raise MlflowException("registry unavailable (injected by the test)")
+        self._client.set_registered_model_alias(name, alias, version)
+
+
+class FlakyTracking(TrackingResource):
+    """The tracking resource on the same store, failing its n-th alias move."""
+
+    fail_on: int = 2
+
+    def client(self) -> object:
+        return FailingAliasClient(super().client(), self.fail_on)
+
+
+@pytest.mark.slow
+def test_mlflow_failing_between_alias_moves_leaves_the_previous_aliases(fx: Platform) -> None:
+    assert run(fx, PROMOTE, SYMBOL).success
+    assert run(fx, PROMOTE, SYMBOL, ops={CHALLENGER_OP: {"random_state": 7}}).success
+    assert run(
+        fx, [keys.FX_CHALLENGER_MODEL], SYMBOL, ops={CHALLENGER_OP: {"random_state": 8}}
+    ).success
+    before = {CHALLENGER: "3", CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+    assert aliases(fx) == before
+
+    # the second move (champion -> 3) fails after previous_champion moved to 2: rolled back
+    flaky = FlakyTracking(**{k: getattr(fx.tracking, k) for k in TrackingResource.model_fields})
+    FailingAliasClient.calls.clear()
+    result = dg.materialize(
+        [*fx.defs.assets, *(fx.defs.asset_checks or [])],
+        selection=dg.AssetSelection.assets(keys.FX_CHAMPION_MODEL),
+        partition_key=SYMBOL,
+        resources={**fx.resources, "tracking": flaky},
+        instance=fx.instance,
+        raise_on_error=False,
+        run_config=QUIET,
+    )
+    assert not result.success
+    assert FailingAliasClient.calls == [
+        (PREVIOUS_CHAMPION, "2"),  # moved
+        (CHAMPION, "3"),  # failed
+        (PREVIOUS_CHAMPION, "1"),  # the rollback
+    ]
+    assert aliases(fx) == before
+    (message,) = step_failure_descriptions(result).values()
+    assert message.startswith(f"could not promote {MODEL} for symbol {SYMBOL} (its aliases")
+    assert "registry unavailable (injected by the test)" in message
+    assert model_events(fx).height == 2  # no record of a move that did not happen
+    assert materialized(result) == set()
+
+    # the plain functions: the same failure raises from promote_challenger, same state
+    FailingAliasClient.calls.clear()
+    with pytest.raises(Exception, match="injected by the test"):
+        fx_promotion.promote_challenger(SYMBOL, lake=fx.lake, tracking=flaky, dagster_run_id="test")
+    assert aliases(fx) == before
+
+    # a retry with MLflow back promotes; a record lost after the moves is written on retry
+    client = fx.tracking.client()
+    client.set_registered_model_alias(MODEL, PREVIOUS_CHAMPION, "2")
+    client.set_registered_model_alias(MODEL, CHAMPION, "3")  # moved, event never written
+    retried = run(fx, [keys.FX_CHAMPION_MODEL], SYMBOL)
+    assert retried.success
+    assert metadata_of(retried, keys.FX_CHAMPION_MODEL)[0]["action"] == "unchanged"
+    events = model_events(fx)
+    assert events.select("event", "from_version", "to_version").rows() == [
+        ("promoted", "", "1"),
+        ("promoted", "1", "2"),
+        ("promoted", "2", "3"),
+    ]
+    assert run(fx, [keys.FX_CHAMPION_MODEL], SYMBOL).success
+    assert model_events(fx).height == 3  # written once
+
+
+@pytest.mark.slow
+def test_drift_alone_warns_and_does_not_revert(fx: Platform) -> None:
+    assert run(fx, PROMOTE, SYMBOL).success
+    assert run(fx, PROMOTE, SYMBOL, ops={CHALLENGER_OP: {"random_state": 7}}).success
+    day = symbol_date_key(SYMBOL, DATES[-1])
+    assert run(fx, [keys.FX_ANOMALY_SCORES], day).success
+
+    calm = run(fx, [keys.FX_MODEL_MONITOR], day)
+    assert calm.success
+    assert checks_of(calm)[keys.CHECK_FEATURE_DRIFT].passed
+    assert checks_of(calm)[keys.CHECK_FEATURE_DRIFT].description == "5 features within bounds"
+
+    tight = {"max_psi": 1e-9, "max_ks": 1e-9}  # every feature drifts past these bounds
+    drifted = run(fx, [keys.FX_MODEL_MONITOR], day, ops={MONITOR_OP: tight})
+    assert drifted.success  # a warning does not fail the run
+    (row,) = fx.lake.read("gold", "fx_model_monitor").iter_rows(named=True)
+    drift = json.loads(row["drift"])
+    assert list(drift) == list(fx_anomaly.FEATURE_COLUMNS)  # on the model's features
+    assert row["psi"] == max(m["psi"] for m in drift.values()) > 0
+    assert row["ks"] == max(m["ks"] for m in drift.values()) > 0
+    assert row["failures"] == "" and row["action"] == "none"
+    warnings = row["drift_warnings"].split("\n")
+    assert len(warnings) == 2 * len(drift)
+    assert warnings[0].startswith("rel_spread_bps: PSI")
+    assert aliases(fx) == {CHALLENGER: "2", CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+    assert model_events(fx).height == 2
+    check = checks_of(drifted)
+    assert check[keys.CHECK_CHAMPION_KPI].passed
+    assert check[keys.CHECK_CHAMPION_KPI].description == "within bounds"
+    warn = check[keys.CHECK_FEATURE_DRIFT]
+    assert not warn.passed and warn.severity == dg.AssetCheckSeverity.WARN
+    assert warn.description.startswith(f"{len(warnings)} drift warning(s): rel_spread_bps: PSI")
+    assert warn.metadata["drift_by_feature"].value == drift
+    (spec,) = [
+        spec
+        for check in fx.defs.asset_checks or []
+        for spec in check.check_specs
+        if spec.name == keys.CHECK_FEATURE_DRIFT
+    ]
+    assert spec.asset_key == keys.FX_MODEL_MONITOR and not spec.blocking
+
+
+@pytest.mark.slow
+def test_a_revert_never_restores_a_version_that_failed(fx: Platform) -> None:
+    day = symbol_date_key(SYMBOL, DATES[-1])
+    regress = {MONITOR_OP: {"max_rate_ratio": 0.01}}  # any flag is a KPI regression
+    assert run(fx, PROMOTE, SYMBOL).success
+    assert run(fx, [keys.FX_ANOMALY_SCORES], day).success
+    assert run(fx, [keys.FX_MODEL_MONITOR], day, ops=regress).success
+    first = fx.lake.read("gold", "fx_model_monitor").row(0, named=True)
+    assert first["action"] == "regression (no previous champion)"
+    client = fx.tracking.client()
+    assert client.get_model_version(MODEL, "1").tags[KPI_REGRESSION_TAG] == first["failures"]
+
+    # version 2 is promoted over the failed version 1, then regresses too
+    assert run(fx, PROMOTE, SYMBOL, ops={CHALLENGER_OP: {"random_state": 7}}).success
+    assert aliases(fx) == {CHALLENGER: "2", CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+    assert run(fx, [keys.FX_ANOMALY_SCORES], day).success
+    monitored = run(fx, [keys.FX_MODEL_MONITOR], day, ops=regress)
+    row = fx.lake.read("gold", "fx_model_monitor").row(0, named=True)
+    assert row["model_version"] == "2" and row["failures"].startswith("anomaly rate")
+    assert row["action"] == "regression (previous champion 1 not restored: it failed)"
+    assert aliases(fx) == {CHALLENGER: "2", CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+    assert [e for e in model_events(fx)["event"]] == ["promoted", "promoted"]
+    tags = client.get_model_version(MODEL, "2").tags
+    assert tags[KPI_REGRESSION_TAG] == row["failures"] and REVERTED_TAG not in tags
+    kpi = checks_of(monitored)[keys.CHECK_CHAMPION_KPI]
+    assert not kpi.passed and kpi.description.endswith(f"(action: {row['action']})")
+    # the serving version is not promoted "again" in a way that fails the run
+    assert run(fx, [keys.FX_CHAMPION_MODEL], SYMBOL).success
+
+
+def test_champion_on_reads_the_version_serving_at_a_moment(platform: Platform) -> None:
+    def at(day: int, hour: int) -> dt.datetime:
+        return dt.datetime(2026, 9, day, hour)
+
+    moves = [  # symbol, from, to, at (written out of order)
+        ("EURUSD", "1", "2", at(3, 12)),
+        ("EURUSD", "", "1", at(1, 9)),
+        ("GBPUSD", "", "7", at(2, 9)),
+        ("EURUSD", "2", "1", at(3, 15)),  # a revert on the same day
+        ("EURUSD", "1", "3", at(5, 0)),
+    ]
+    platform.lake.append(
+        "gold",
+        "model_events",
+        pl.DataFrame(
+            [
+                {
+                    "symbol": s,
+                    "model_name": f"fx_spread_{s.lower()}",
+                    "event": "reverted" if (f, t) == ("2", "1") else "promoted",
+                    "from_version": f,
+                    "to_version": t,
+                    "reason": "test",
+                    "dagster_run_id": "test",
+                    "at": when,
+                }
+                for s, f, t, when in moves
+            ]
+        ),
+    )
+    eur = [champion_on(platform.lake, "EURUSD", dt.date(2026, 9, d)) for d in range(1, 7)]
+    assert eur == ["1", "1", "1", "1", "3", "3"]
+    assert champion_on(platform.lake, "EURUSD", dt.date(2026, 8, 31)) is None
+    assert champion_on(platform.lake, "EURUSD", at(3, 13)) == "2"
+    assert champion_on(platform.lake, "EURUSD", at(3, 12)) == "2"  # inclusive
+    assert champion_on(platform.lake, "EURUSD", at(3, 11)) == "1"
+    aware = dt.datetime(2026, 9, 3, 14, tzinfo=dt.timezone(dt.timedelta(hours=3)))  # 11:00 UTC
+    assert champion_on(platform.lake, "EURUSD", aware) == "1"
+    assert champion_on(platform.lake, "GBPUSD", dt.date(2026, 9, 1)) is None
+    assert champion_on(platform.lake, "USDJPY", dt.date(2026, 9, 9)) is None
+
+
 # --- symbol names -----------------------------------------------------------------------
 
 
@@ -820,6 +1076,12 @@ def test_range_runs_train_every_symbol_and_score_boxes_of_partitions(fx: Platfor
     kpi = checks_by_partition(box, keys.CHECK_CHAMPION_KPI)
     assert len(kpi) == 24 and all(e.passed for e in kpi.values())
     assert {e.description for e in kpi.values()} == {"within bounds"}
+    drift = checks_by_partition(box, keys.CHECK_FEATURE_DRIFT)  # warnings, per partition
+    assert sorted(drift) == sorted(kpi)
+    assert {e.severity for e in drift.values()} == {dg.AssetCheckSeverity.WARN}
+    assert {e.description for e in drift.values()} == {"5 features within bounds"}, [
+        e.description for e in drift.values() if not e.passed
+    ]
 
     # one symbol over every day, in one run: the overlapping days are identical
     history = materialize_range(

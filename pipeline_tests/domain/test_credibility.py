@@ -606,6 +606,25 @@ def test_credibility_weight_is_the_posterior_expectation_not_a_plug_in() -> None
     assert np.all((z > 0) & (z < 1)) and np.all(np.diff(z[1:]) > 0)
 
 
+def test_credibility_weight_of_a_district_without_claims_is_its_posterior_expectation() -> None:
+    """No claims: the weight is still defined, neither 0 nor 1, and equals quadrature."""
+    no_claims = SMALL.with_columns(
+        pl.when(pl.col("district") == "S0")
+        .then(0)
+        .otherwise(pl.col("claim_count"))
+        .alias("claim_count")
+    )
+    exact = exact_weight_by_quadrature(no_claims)
+    assert exact["weight"] == pytest.approx(0.0459, abs=5e-4)
+    idata = fit_hierarchical_poisson(no_claims, draws=4000, target_accept=0.99)
+    table = credibility_estimates(idata, no_claims)
+    assert table["claim_count"][0] == 0
+    # the same Monte Carlo error budget as the example with claims (3 SEs)
+    assert table["bayes_credibility_weight"][0] == pytest.approx(exact["weight"], abs=0.006)
+    assert table["posterior_mean_rate"][0] == pytest.approx(exact["rate"], rel=0.03)
+    assert 0 < table["posterior_mean_rate"][0] < table["posterior_mean_rate"][1:].max()
+
+
 def test_posterior_credibility_weights_average_per_draw_weights() -> None:
     rates = np.array([[0.1, 0.3], [0.0, 0.2]])
     sigma = np.array([0.5, 1.0])

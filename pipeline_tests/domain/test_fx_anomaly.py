@@ -47,14 +47,16 @@ from pipeline.domain.fx_anomaly import (
     anomaly_rate,
     burst_blocks,
     count_bursts,
+    drift_warnings,
     evaluate_detector,
     fast_average_precision,
+    feature_drift,
     feature_matrix,
     fit_spread_model,
     holdout_comparison,
+    kpi_failures,
     ks_statistic,
     label_free_failures,
-    monitor_failures,
     paired_ap_bootstrap,
     population_stability_index,
     promotion_failures,
@@ -603,31 +605,21 @@ def test_promotion_fails_closed_on_missing_key_and_rejects_bad_config() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rate", "promotion_rate", "psi", "expected"),
+    ("rate", "promotion_rate", "expected"),
     [
         # Promotion rate 1/64 and ratio 3: the bound 3/64 = 0.046875 is exact in binary.
-        (0.015625, 0.015625, 0.05, []),
-        (0.046875, 0.015625, 0.05, []),  # exactly 3x is allowed
-        (0.0625, 0.015625, 0.05, ["anomaly rate 0.0625 exceeds 3 x promotion rate 0.0156"]),
-        (0.015625, 0.015625, 0.3, ["PSI 0.3000 exceeds the bound 0.2500"]),
-        (0.015625, 0.015625, 0.25, []),
-        (0.5, 0.015625, 0.3, ["anomaly rate", "PSI"]),
+        (0.015625, 0.015625, []),
+        (0.046875, 0.015625, []),  # exactly 3x is allowed
+        (0.0625, 0.015625, ["anomaly rate 0.0625 exceeds 3 x promotion rate 0.0156"]),
         # A model promoted with no alarms: the rate floor keeps its first flags from reverting it.
-        (0.0025, 0.0, 0.0, []),
-        (0.004, 0.0, 0.0, ["(floored at 0.001) = 0.0030"]),
-        (math.nan, 0.02, 0.0, ["not finite"]),
-        (0.02, 0.02, math.nan, ["PSI nan is not finite"]),
+        (0.0025, 0.0, []),
+        (0.004, 0.0, ["(floored at 0.001) = 0.0030"]),
+        (math.nan, 0.02, ["not finite"]),
     ],
 )
-def test_monitor_truth_table(
-    rate: float, promotion_rate: float, psi: float, expected: list[str]
-) -> None:
-    failures = monitor_failures(
-        anomaly_rate=rate,
-        promotion_anomaly_rate=promotion_rate,
-        psi=psi,
-        max_rate_ratio=3.0,
-        max_psi=0.25,
+def test_kpi_truth_table(rate: float, promotion_rate: float, expected: list[str]) -> None:
+    failures = kpi_failures(
+        anomaly_rate=rate, promotion_anomaly_rate=promotion_rate, max_rate_ratio=3.0
     )
     assert len(failures) == len(expected), failures
     for failure, fragment in zip(failures, expected, strict=True):
@@ -635,16 +627,55 @@ def test_monitor_truth_table(
     assert RATE_FLOOR == 1e-3
 
 
-def test_monitor_rejects_bad_config_and_impossible_rates() -> None:
-    ok = {"anomaly_rate": 0.01, "promotion_anomaly_rate": 0.01, "psi": 0.0}
+def test_kpi_rejects_bad_config_and_impossible_rates() -> None:
+    ok = {"anomaly_rate": 0.01, "promotion_anomaly_rate": 0.01}
     with pytest.raises(FxGateConfigError, match="max_rate_ratio"):
-        monitor_failures(**ok, max_rate_ratio=0.0, max_psi=0.25)
-    with pytest.raises(FxGateConfigError, match="max_psi"):
-        monitor_failures(**ok, max_rate_ratio=3.0, max_psi=-1.0)
+        kpi_failures(**ok, max_rate_ratio=0.0)
     with pytest.raises(FxGateConfigError, match=r"anomaly_rate must be in \[0, 1\]; got 1.5"):
-        monitor_failures(
-            anomaly_rate=1.5, promotion_anomaly_rate=0.01, psi=0.0, max_rate_ratio=3, max_psi=0.25
-        )
+        kpi_failures(anomaly_rate=1.5, promotion_anomaly_rate=0.01, max_rate_ratio=3)
+
+
+@pytest.mark.parametrize(
+    ("drift", "expected"),
+    [
+        ({"a": {"psi": 0.1, "ks": 0.1}}, []),
+        ({"a": {"psi": 0.25, "ks": 0.2}}, []),  # on the bounds is within them
+        ({"a": {"psi": 0.3, "ks": 0.1}}, ["a: PSI 0.3000 exceeds the bound 0.2500"]),
+        ({"a": {"psi": 0.1, "ks": 0.5}, "b": {"psi": 0.1, "ks": 0.1}}, ["a: KS 0.5000"]),
+        ({"a": {"psi": math.nan, "ks": 0.1}}, ["a: PSI nan is not finite"]),
+        ({"a": {"psi": 1.0, "ks": 0.1}, "b": {"psi": 0.0, "ks": 0.9}}, ["a: PSI", "b: KS"]),
+    ],
+)
+def test_drift_warnings_truth_table(drift: dict, expected: list[str]) -> None:
+    warnings = drift_warnings(drift, max_psi=0.25, max_ks=0.2)
+    assert len(warnings) == len(expected), warnings
+    for warning, fragment in zip(warnings, expected, strict=True):
+        assert warning.startswith(fragment)
+    with pytest.raises(FxGateConfigError, match="max_psi"):
+        drift_warnings(drift, max_psi=-1.0, max_ks=0.2)
+    with pytest.raises(FxGateConfigError, match="max_ks"):
+        drift_warnings(drift, max_psi=0.25, max_ks=1.5)
+
+
+def test_feature_drift_sees_a_spread_level_change_only_in_the_raw_spread() -> None:
+    """Twice the spread level: rel_spread_bps drifts, the scale-free features do not."""
+    train = spread_features(simulate_ticks(seed=11, n_days=3).ticks)
+    same = spread_features(simulate_ticks(seed=12, start=TEST_START).ticks)
+    wider = spread_features(simulate_ticks(seed=12, start=TEST_START, spread_level=2e-4).ticks)
+    reference = {c: train[c].to_numpy() for c in FEATURE_COLUMNS}
+    calm, shifted = feature_drift(reference, same), feature_drift(reference, wider)
+    assert list(shifted) == list(FEATURE_COLUMNS)
+    assert drift_warnings(calm, max_psi=0.25, max_ks=0.25) == []
+    assert shifted["rel_spread_bps"]["psi"] > 1.0 and shifted["rel_spread_bps"]["ks"] > 0.5
+    for name in ("spread_log_excess", "spread_excess_z", "hour_sin", "hour_cos"):
+        assert shifted[name] == calm[name], name  # the features are scale-free
+    (warning,) = [w for w in drift_warnings(shifted, max_psi=0.25, max_ks=0.25) if "PSI" in w]
+    assert warning.startswith("rel_spread_bps: PSI")
+    # a model logged before features were stored: drift of its one reference feature
+    legacy = feature_drift({"rel_spread_bps": reference["rel_spread_bps"]}, wider)
+    assert list(legacy) == ["rel_spread_bps"]
+    with pytest.raises(FxInputError, match="no reference sample"):
+        feature_drift({"mid": reference["rel_spread_bps"]}, wider)
 
 
 # --------------------------------------------------------------------------------------------

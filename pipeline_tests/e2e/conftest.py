@@ -150,9 +150,12 @@ class DagsterDev:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev]:
-    """``dagster dev -w workspace.yaml`` on a temporary PIPELINE_HOME and DAGSTER_HOME."""
+    """``dagster dev -w workspace.yaml`` on a temporary PIPELINE_HOME and DAGSTER_HOME.
+
+    Package-scoped: stopped once the e2e tests are done, so its daemon's sensor ticks do
+    not compete for the CPU with the rest of the suite."""
     home = tmp_path_factory.mktemp("e2e_home")
     env = e2e_environment(home)
     settings = load_settings(env)
@@ -237,7 +240,7 @@ class Ingested:
     seconds: float
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ingested(dagster_dev: DagsterDev) -> Ingested:
     """Drop files in the landing zone and wait until the sensors' runs all succeeded."""
     started = time.monotonic()
