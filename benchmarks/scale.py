@@ -60,7 +60,7 @@ def train_local(plat: dict[str, Any]) -> tuple[float, list[dict]]:
     rows = [
         fx_training.train_challenger(
             store.read_symbol_ticks(r["lake"], s),
-            store.read_labels(r["landing"], s),
+            store.read_incidents(r["lake"], s),
             symbol=s,
             params=params,
             tracking=r["tracking"],
@@ -80,7 +80,6 @@ def train_spark(plat: dict[str, Any], spark: Any) -> tuple[float, list[dict]]:
         spark,
         plat["symbols"],
         lake=r["lake"],
-        landing=r["landing"],
         params=fx_training.TrainingParams(),
         tracking=r["tracking"],
         dagster_run_id="bench-spark",

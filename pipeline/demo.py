@@ -41,7 +41,7 @@ def partitions_before_start(settings: Settings) -> list[str]:
     """Partition keys of landing files that fall before the first partition of the graph."""
     return sorted(
         key
-        for source in ("claims", "fx_ticks", "loan_book", "loan_scenarios")
+        for source in ("claims", "fx_ticks", "fx_incidents", "loan_book", "loan_scenarios")
         for key in landing_partitions(settings, source)
         if key < PARTITIONS_START[: len(key)]
     )
@@ -73,6 +73,7 @@ def run_demo(settings: Settings, instance: dg.DagsterInstance | None = None) -> 
 
     for source, bronze_key, curated_key, *also in (
         ("claims", keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT, *PII_SCAN),
+        ("fx_incidents", keys.BRONZE_FX_INCIDENTS, keys.FX_INCIDENTS),
         ("loan_book", keys.BRONZE_LOAN_BOOK, keys.LOAN_BOOK),
         ("loan_scenarios", keys.BRONZE_LOAN_SCENARIOS, keys.LOAN_SCENARIOS),
     ):

@@ -786,6 +786,7 @@ def test_definitions_wire_every_sensor_running() -> None:
     expected = {
         "claims_landing",
         "fx_ticks_landing",
+        "fx_incidents_landing",
         "loan_book_landing",
         "loan_scenarios_landing",
         "fx_spreads_from_bronze",

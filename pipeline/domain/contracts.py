@@ -106,6 +106,9 @@ class Contract:
         details, free-text notes): optional in a delivery, never published by the
         contract's curated rows and withheld from quarantine records. The PII scan
         (:mod:`pipeline.domain.pii`) publishes them redacted or tokenised.
+    optional
+        Declared columns a file must carry but whose value may be blank, e.g. a
+        free-text note.
     """
 
     table: str
@@ -114,6 +117,7 @@ class Contract:
     rules: tuple[RowRule, ...] = ()
     derived: tuple[pl.Expr, ...] = field(default_factory=tuple)
     personal: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
 
     @property
     def required_columns(self) -> tuple[str, ...]:
@@ -254,7 +258,8 @@ def apply_contract(
     for col, dtype in contract.columns.items():
         raw = pl.col(col)
         is_blank = raw.is_null() | (raw.str.strip_chars() == "")
-        reasons.append(pl.when(is_blank).then(pl.lit(f"{col}: missing value")))
+        if col not in contract.optional:
+            reasons.append(pl.when(is_blank).then(pl.lit(f"{col}: missing value")))
         reasons.append(
             pl.when(~is_blank & pl.col(f"__typed_{col}").is_null()).then(
                 pl.format("{}: cannot parse '{}' as {}", pl.lit(col), raw, pl.lit(str(dtype)))
@@ -469,6 +474,64 @@ def fx_ticks_contract(date: str) -> Contract:
     )
 
 
+INCIDENT_ANOMALY = "anomaly"
+"""Incident-log label of a confirmed anomaly: every tick in ``[start, end]`` is anomalous."""
+INCIDENT_REVIEWED = "reviewed_window"
+"""Incident-log label of a reviewed window: a reviewer went through every tick in
+``[start, end]``; the ticks there not inside an ``anomaly`` row are normal."""
+INCIDENT_LABELS = (INCIDENT_ANOMALY, INCIDENT_REVIEWED)
+"""Labels of the FX incident log (see :func:`fx_incidents_contract`)."""
+
+
+def fx_incidents_contract(date: str) -> Contract:
+    """The FX desk's incident log of one UTC day.
+
+    One file kind, two row kinds told apart by ``label``: ``reviewed_window`` rows say
+    which span ``[start, end]`` of a symbol's ticks a reviewer went through, ``anomaly``
+    rows which span was a confirmed incident. Both start on the partition date and end on
+    it too (a window over midnight is delivered as two rows, one per day's log).
+    ``note`` may be blank.
+    """
+    day_end = f"{date} 23:59:59.999999"
+    return Contract(
+        table="fx_incidents",
+        columns={
+            "symbol": pl.String(),
+            "start": pl.Datetime("us"),
+            "end": pl.Datetime("us"),
+            "label": pl.String(),
+            "reviewer": pl.String(),
+            "note": pl.String(),
+        },
+        key=("symbol", "start", "end", "label"),
+        optional=("note",),
+        rules=(
+            RowRule(
+                "symbol does not normalise to [A-Z0-9]{3,12}",
+                lambda: pl.col("symbol").is_null(),
+            ),
+            RowRule(
+                f"label not one of {', '.join(INCIDENT_LABELS)}",
+                lambda: ~pl.col("label").is_in(INCIDENT_LABELS),
+            ),
+            RowRule("end < start", lambda: pl.col("end") < pl.col("start")),
+            RowRule(
+                f"start is not on the partition date {date}",
+                lambda: pl.col("start").dt.date().cast(pl.String) != date,
+            ),
+            RowRule(
+                f"end is after the partition date {date}",
+                lambda: pl.col("end") > pl.lit(day_end).str.to_datetime(time_unit="us"),
+            ),
+        ),
+        derived=(
+            pl.col("symbol").map_batches(normalise_symbols, return_dtype=pl.String),
+            pl.col("label").str.strip_chars().str.to_lowercase(),
+            pl.lit(date).alias("date"),
+        ),
+    )
+
+
 LOAN_SEGMENTS = ("retail_mortgage", "consumer", "sme", "corporate")
 
 
@@ -557,7 +620,7 @@ def rule_violations(frame: pl.DataFrame, contract: Contract) -> dict[str, int]:
         if dupes:
             counts[f"duplicate key ({', '.join(key)})"] = dupes
     for col in contract.columns:
-        if col in frame.columns and frame[col].null_count():
+        if col in frame.columns and col not in contract.optional and frame[col].null_count():
             counts[f"{col}: null"] = frame[col].null_count()
     return counts
 

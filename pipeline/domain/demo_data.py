@@ -2,16 +2,23 @@
 
 Each generator returns the delivered frame *and* the generating truth, so tests
 and users can compare what the platform estimates with what was simulated. The
-truth is saved under ``landing/_truth/``, which no asset reads: FX anomaly labels,
-for example, exist only there, as they would in a desk's incident log.
+truth is saved under ``landing/_truth/``, which no asset reads (a test holds
+``pipeline/`` to that): the complete FX anomaly labels exist only there. What the
+platform sees of them is the desk's incident log, ``landing/fx_incidents/``, which
+covers part of the time (reviewed windows) and one pair not at all.
 
 The generators draw from known processes:
 
 * claims: ``log rate_d = mu + sigma * z_d`` with ``z_d ~ N(0, 1)``; policies carry
   exposure in policy-years and ``claim_count ~ Poisson(exposure * rate_d)``;
 * FX ticks: a random-walk mid with a per-symbol spread level, an intraday
-  pattern and lognormal noise; anomalies are bursts and isolated spikes where the
-  spread is multiplied by 4-15;
+  pattern and lognormal noise; anomalies are bursts of 2-30 ticks and isolated
+  spikes where the spread is multiplied by a factor log-uniform in 1.15-4, so some
+  are obvious and some hide in the noise (a challenger's holdout AP lies between
+  about 0.6 and 0.95, not at 1);
+* FX incident log: per reviewed (symbol, day) two reviewed windows of 4-9 hours and
+  one ``anomaly`` row per injected burst or spike that meets a window; a fifth of
+  the (symbol, day) pairs and the whole of :data:`UNREVIEWED_SYMBOLS` go unreviewed;
 * loans: segment-dependent PD, LGD and EAD; eight macro scenarios with PD
   multipliers and asset correlations.
 """
@@ -40,6 +47,16 @@ FX_SYMBOLS: dict[str, tuple[float, float]] = {
     "NZD/USD": (0.60, 2.0),
     "eur/gbp": (0.85, 1.2),
 }
+
+
+ANOMALY_MULTIPLIER = (1.15, 4.0)
+"""Range of the log-uniform spread multiplier of an injected anomaly."""
+BURSTS_PER_DAY, BURST_TICKS, SPIKES_PER_DAY = 4, (2, 30), 6
+UNREVIEWED_SYMBOLS = ("eur/gbp",)
+"""Pairs the demo desk never reviews: their challengers are judged by the label-free rule."""
+REVIEWED_DAY_SHARE = 0.8
+"""Share of the other (symbol, day) pairs the desk reviews."""
+REVIEWERS = ("a.okafor", "m.lindqvist", "s.tanaka")
 
 
 @dataclass(frozen=True)
@@ -429,17 +446,19 @@ def generate_fx_ticks(
         intraday = 1.0 + 0.8 * np.exp(-((np.minimum(hours, 24 - hours)) ** 2) / 4.0)
         mid = level * np.exp(np.cumsum(rng.normal(0.0, 2e-5, n)))
         spread = mid * spread_bps * 1e-4 * intraday * rng.lognormal(0.0, 0.15, n)
-        anomalous = np.zeros(n, dtype=bool)
+        factor = np.ones(n)
         kinds = np.array([""] * n, dtype=object)
-        for _ in range(3):  # bursts of 5-20 ticks
-            length = int(rng.integers(5, 21))
+        low, high = np.log(ANOMALY_MULTIPLIER)
+        for _ in range(BURSTS_PER_DAY):  # one multiplier per burst
+            length = int(rng.integers(BURST_TICKS[0], BURST_TICKS[1] + 1))
             start = int(rng.integers(0, max(n - length, 1)))
-            anomalous[start : start + length] = True
+            factor[start : start + length] = np.exp(rng.uniform(low, high))
             kinds[start : start + length] = "burst"
-        spikes = rng.choice(n, size=min(5, n), replace=False)
-        anomalous[spikes] = True
+        spikes = rng.choice(n, size=min(SPIKES_PER_DAY, n), replace=False)
+        factor[spikes] = np.exp(rng.uniform(low, high, spikes.size))
         kinds[spikes] = np.where(kinds[spikes] == "", "spike", kinds[spikes])
-        spread = np.where(anomalous, spread * rng.uniform(4.0, 15.0, n), spread)
+        anomalous = factor > 1.0
+        spread = spread * factor
         decimals = 3 if level > 20 else 5
         bid = np.round(mid - spread / 2, decimals + 2)
         ask = np.round(mid + spread / 2, decimals + 2)
@@ -452,6 +471,64 @@ def generate_fx_ticks(
         )
     ticks = pl.concat(frames).with_columns(pl.col("ts").cast(pl.Datetime("us")))
     return ticks, pl.concat(labels).with_columns(pl.col("ts").cast(pl.Datetime("us")))
+
+
+def generate_fx_incidents(
+    date: str, ticks: pl.DataFrame, labels: pl.DataFrame, *, seed: int = DEMO_SEED
+) -> pl.DataFrame:
+    """The desk's incident log of one day: reviewed windows and the anomalies found in them.
+
+    A reviewed (symbol, day) gets two reviewed windows of 4-9 hours at random times; every
+    run of consecutive anomalous ticks (a burst, or a spike) that meets a window is logged
+    as one ``anomaly`` row from its first to its last tick. Anomalies outside every window
+    are not logged: nobody looked there. Columns ``symbol`` (as sent), ``start``, ``end``,
+    ``label``, ``reviewer``, ``note``; ``note`` is blank on reviewed windows.
+    """
+    day = dt.datetime.fromisoformat(date)
+    last = day + dt.timedelta(days=1, microseconds=-1)
+    flagged = set(zip(labels["symbol"].to_list(), labels["ts"].to_list(), strict=True))
+    rows: list[dict] = []
+    for s_idx, symbol in enumerate(ticks["symbol"].unique(maintain_order=True).to_list()):
+        rng = np.random.default_rng([seed, 6, s_idx, int(date.replace("-", ""))])
+        if symbol in UNREVIEWED_SYMBOLS or rng.random() >= REVIEWED_DAY_SHARE:
+            continue
+        reviewer = REVIEWERS[int(rng.integers(len(REVIEWERS)))]
+        windows = []
+        for _ in range(2):
+            hours = rng.uniform(4.0, 9.0)
+            start = day + dt.timedelta(hours=rng.uniform(0.0, 24.0 - hours))
+            windows.append((start, min(start + dt.timedelta(hours=hours), last)))
+            rows.append(_incident(symbol, *windows[-1], "reviewed_window", reviewer, ""))
+        ts = ticks.filter(pl.col("symbol") == symbol)["ts"].sort().to_list()
+        bad = np.array([(symbol, t) in flagged for t in ts])
+        starts = np.flatnonzero(bad & ~np.r_[False, bad[:-1]])
+        ends = np.flatnonzero(bad & ~np.r_[bad[1:], False])
+        for i, j in zip(starts, ends, strict=True):
+            if any(ts[i] <= w_end and ts[j] >= w_start for w_start, w_end in windows):
+                note = f"spread wide over {j - i + 1} tick(s)"
+                rows.append(_incident(symbol, ts[i], ts[j], "anomaly", reviewer, note))
+    schema = {
+        "symbol": pl.String,
+        "start": pl.Datetime("us"),
+        "end": pl.Datetime("us"),
+        "label": pl.String,
+        "reviewer": pl.String,
+        "note": pl.String,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _incident(
+    symbol: str, start: dt.datetime, end: dt.datetime, label: str, reviewer: str, note: str
+) -> dict:
+    return {
+        "symbol": symbol,
+        "start": start,
+        "end": end,
+        "label": label,
+        "reviewer": reviewer,
+        "note": note,
+    }
 
 
 SEGMENT_PROFILES = {
@@ -563,6 +640,11 @@ def write_demo_landing(
             defects += [{"file": f"fx_ticks/fx_ticks_{date}.parquet", **d} for d in found]
         labels.append(day_labels)
         written.append(write_drop(ticks, landing_dir / "fx_ticks" / f"fx_ticks_{date}.parquet"))
+        incidents = generate_fx_incidents(date, ticks, day_labels, seed=seed)
+        if incidents.height:
+            written.append(
+                write_drop(incidents, landing_dir / "fx_incidents" / f"fx_incidents_{date}.csv")
+            )
     if labels:
         pl.concat(labels).write_parquet(truth_dir / "fx_anomaly_labels.parquet")
 

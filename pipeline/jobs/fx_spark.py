@@ -31,7 +31,6 @@ import polars as pl
 from pipeline.domain.errors import DomainError
 from pipeline.jobs import fx_scoring, fx_training
 from pipeline.resources.lake import LakeResource
-from pipeline.resources.landing import LandingResource
 from pipeline.resources.tracking import TrackingResource
 from pipeline.stores import fx as store
 from pipeline.timing import Stopwatch
@@ -112,7 +111,6 @@ def train_challengers(
     symbols: Sequence[str],
     *,
     lake: LakeResource,
-    landing: LandingResource,
     params: fx_training.TrainingParams,
     tracking: TrackingResource,
     dagster_run_id: str,
@@ -133,7 +131,7 @@ def train_challengers(
     import pandas as pd
 
     ticks = pl.concat([store.read_symbol_ticks(lake, s) for s in symbols], how="vertical")
-    labels = {s: store.read_labels(landing, s)["ts"].cast(pl.Int64).to_list() for s in symbols}
+    incidents = {s: store.read_incidents(lake, s) for s in symbols}
     pdf, schema = encode(ticks)
     fields, tracking_class = tracking_fields(tracking), type(tracking)
     tracking.experiment_id(fx_training.EXPERIMENT)  # created once, not raced by tasks
@@ -143,9 +141,7 @@ def train_challengers(
         try:
             row = fx_training.train_challenger(
                 decode(group, schema).sort("ts"),
-                pl.DataFrame({"ts": labels.get(symbol, [])}, schema={"ts": pl.Int64}).select(
-                    pl.col("ts").cast(pl.Datetime("us"))
-                ),
+                incidents[symbol],
                 symbol=symbol,
                 params=params,
                 tracking=tracking_class(**fields),

@@ -1,4 +1,4 @@
-"""The four upstream feeds: where they land, how bronze stores them, how curated splits them.
+"""The five upstream feeds: where they land, how bronze stores them, how curated splits them.
 
 Bronze keeps every delivered value as text plus lineage columns, one Delta partition
 per landing partition, including columns the contract does not declare (the bronze
@@ -57,6 +57,14 @@ SOURCES = {
         date_partitions,
         contracts.fx_ticks_contract,
         "Bid/ask ticks of every currency pair per UTC day, as delivered.",
+    ),
+    "fx_incidents": Source(
+        "fx_incidents",
+        keys.BRONZE_FX_INCIDENTS,
+        date_partitions,
+        contracts.fx_incidents_contract,
+        "The FX desk's incident log per UTC day: reviewed windows and confirmed spread "
+        "anomalies (symbol, start, end, label, reviewer, note), as delivered.",
     ),
     "loan_book": Source(
         "loan_book",

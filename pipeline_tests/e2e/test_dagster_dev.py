@@ -47,6 +47,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 SENSORS = (
     "claims_landing",
     "fx_ticks_landing",
+    "fx_incidents_landing",
     "loan_book_landing",
     "loan_scenarios_landing",
     "fx_spreads_from_bronze",
