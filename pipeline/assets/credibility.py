@@ -23,6 +23,7 @@ from dagster import (
 from pydantic import Field
 
 from pipeline import keys
+from pipeline.audit import input_versions
 from pipeline.gates import require_gate
 from pipeline.jobs.credibility_fit import (
     SamplerSettings,
@@ -146,6 +147,7 @@ def credibility_table(
 
     month = context.partition_key
     diagnostics = store.read_diagnostics(lake, month)
+    inputs = input_versions(lake, "curated/claims_by_district")
     window = store.read_claims_window(lake, month)
     rule_failures = (
         gate_failures(diagnostics)
@@ -161,7 +163,12 @@ def credibility_table(
         what="the credibility table",
     )
     table = credibility_table_rows(
-        lake, month=month, window=window, diagnostics=diagnostics, dagster_run_id=context.run.run_id
+        lake,
+        month=month,
+        window=window,
+        diagnostics=diagnostics,
+        dagster_run_id=context.run.run_id,
+        inputs=inputs,
     )
     version = lake.overwrite_partition("gold", "credibility_table", table, {"month": month})
     run_id = diagnostics["mlflow_run_id"]
