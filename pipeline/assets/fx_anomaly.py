@@ -292,27 +292,14 @@ def fx_anomaly_scores(
         symbol, date = split_symbol_date(key)
         by_symbol.setdefault(symbol, []).append(date)
     watch, champions, scored = Stopwatch(), {}, {}
+    io = {"lake": lake, "tracking": tracking, "dagster_run_id": context.run.run_id, "watch": watch}
     with domain_errors_are_final():
         if compute.backend == "spark":  # mapInPandas over the ticks repartitioned by symbol
-            champions, scored = fx_spark.score_symbols(
-                compute.spark_session(),
-                by_symbol,
-                lake=lake,
-                tracking=tracking,
-                dagster_run_id=context.run.run_id,
-                watch=watch,
-            )
+            champions, scored = fx_spark.score_symbols(compute.spark_session(), by_symbol, **io)
         else:
             fx_spark.require_local_or_spark(compute.backend, "fx_anomaly_scores")
         for symbol, dates in by_symbol.items() if compute.backend == "local" else ():
-            champions[symbol], scored[symbol] = fx_scoring.score_symbol_days(
-                symbol,
-                dates,
-                lake=lake,
-                tracking=tracking,
-                dagster_run_id=context.run.run_id,
-                watch=watch,
-            )
+            champions[symbol], scored[symbol] = fx_scoring.score_symbol_days(symbol, dates, **io)
     attach_per_partition(
         context,
         {
