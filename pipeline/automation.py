@@ -408,16 +408,22 @@ class LandingTarget:
     bronze: AssetKey
     curated: AssetKey | None  # None when curated has another partitions definition
     partitions_def: PartitionsDefinition
+    also: tuple[AssetKey, ...] = ()  # further assets of the same partitions (the PII scan)
 
     @property
     def assets(self) -> list[AssetKey]:
         """Assets materialised by one run of this source."""
-        return [self.bronze] if self.curated is None else [self.bronze, self.curated]
+        curated = [] if self.curated is None else [self.curated]
+        return [self.bronze, *curated, *self.also]
 
 
 LANDING_TARGETS = {
     "claims": LandingTarget(
-        "claims", keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT, SOURCES["claims"].partitions_def
+        "claims",
+        keys.BRONZE_CLAIMS,
+        keys.CLAIMS_BY_DISTRICT,
+        SOURCES["claims"].partitions_def,
+        also=(keys.CLAIMS_REDACTED, keys.PII_DETECTION_LOG),
     ),
     "fx_ticks": LandingTarget(
         "fx_ticks", keys.BRONZE_FX_TICKS, None, SOURCES["fx_ticks"].partitions_def

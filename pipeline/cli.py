@@ -3,12 +3,14 @@
 import argparse
 import datetime
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.settings import (
     PARTITIONS_START_FILE,
@@ -43,10 +45,34 @@ def seed_landing(
     return len(files)
 
 
+def demo_pii_salt(home: Path) -> str:
+    """The local tokenisation salt: random, made once per ``PIPELINE_HOME`` (mode 0600).
+
+    ``pipeline demo`` and ``pipeline dev`` (the embedded, one-machine set-up) use it when
+    ``PIPELINE_PII_SALT`` is unset, so tokens of the demo and of later sensor runs in
+    ``make dev`` agree; everywhere else an unset salt fails the PII scan naming the variable.
+    """
+    path = home / "pii_salt"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def use_local_pii_salt(settings: Settings) -> None:
+    """Export the home's local salt as ``PIPELINE_PII_SALT`` unless one is set."""
+    from pipeline.resources.pii import SALT_VARIABLE
+
+    if not os.environ.get(SALT_VARIABLE):
+        os.environ[SALT_VARIABLE] = demo_pii_salt(settings.home)
+
+
 def demo(settings: Settings) -> None:
     """Seed the landing zone and materialise every asset on embedded defaults."""
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     ensure_dagster_home(settings)
+    use_local_pii_salt(settings)
     seed_landing(settings)
     # imported after seeding: pipeline.partitions reads the start seeding recorded
     from pipeline.demo import run_demo
@@ -79,6 +105,7 @@ def dev(settings: Settings, *, dagster_port: int, mlflow_port: int) -> int:
     """
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     ensure_dagster_home(settings)
+    use_local_pii_salt(settings)  # sensor-launched claims runs scan for PII
     os.environ["MLFLOW_UI_URL"] = f"http://127.0.0.1:{mlflow_port}"
     mlflow_cmd, dagster_cmd = ui_commands(
         settings, dagster_port=dagster_port, mlflow_port=mlflow_port

@@ -17,6 +17,9 @@ CLAIMS_BY_DISTRICT = AssetKey(["curated", "claims_by_district"])
 FX_SPREADS = AssetKey(["curated", "fx_spreads"])
 LOAN_BOOK = AssetKey(["curated", "loan_book"])
 LOAN_SCENARIOS = AssetKey(["curated", "loan_scenarios"])
+# policy-level claims with personal data redacted or tokenised, and the scan's audit log
+CLAIMS_REDACTED = AssetKey(["curated", "claims_redacted"])
+PII_DETECTION_LOG = AssetKey(["gold", "pii_detection_log"])
 
 # models and gold outputs
 CREDIBILITY_POSTERIOR = AssetKey(["gold", "credibility_posterior"])

@@ -151,7 +151,7 @@ USED_WITHOUT_IMPORT = {
     "nutpie": "NUTS sampler PyMC calls for sampler='nutpie'",
     "pip": "MLflow records its version in each logged model's environment",
 }
-IMPORT_NAMES = {"scikit-learn": "sklearn", "pyarrow": "pyarrow"}
+IMPORT_NAMES = {"scikit-learn": "sklearn", "pyarrow": "pyarrow", "pyyaml": "yaml"}
 
 
 @pytest.mark.parametrize(

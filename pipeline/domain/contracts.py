@@ -108,6 +108,11 @@ class Contract:
     derived
         Expressions evaluated after typing to add or replace columns
         (e.g. the normalised symbol or the spread).
+    personal
+        Declared text columns holding personal data (names, contact and payment
+        details, free-text notes): optional in a delivery, never published by the
+        contract's curated rows and withheld from quarantine records. The PII scan
+        (:mod:`pipeline.domain.pii`) publishes them redacted or tokenised.
     """
 
     table: str
@@ -115,6 +120,7 @@ class Contract:
     key: tuple[str, ...]
     rules: tuple[RowRule, ...] = ()
     derived: tuple[pl.Expr, ...] = field(default_factory=tuple)
+    personal: tuple[str, ...] = ()
 
     @property
     def required_columns(self) -> tuple[str, ...]:
@@ -188,7 +194,8 @@ def undeclared_columns(frame: pl.DataFrame, contract: Contract) -> list[str]:
 
     Bronze keeps them as delivered; the bronze drift check names them.
     """
-    return [c for c in frame.columns if c not in contract.columns and c not in RESERVED_COLUMNS]
+    declared = (*contract.columns, *contract.personal, *RESERVED_COLUMNS)
+    return [c for c in frame.columns if c not in declared]
 
 
 def check_storable_columns(columns: list[str], source_file: str) -> None:
@@ -310,19 +317,23 @@ def apply_contract(
         if not c.startswith("__")
         and c not in ("_source_sha256", "_ingested_at", "_delivered_at", "_partition_key")
         and c not in undeclared
+        and c not in contract.personal
     ]
     curated = curated.select(keep)
 
     declared = list(contract.columns)
+    withheld = bronze.drop([c for c in contract.personal if c in bronze.columns])
     rejected_rows = [
-        _to_quarantine(bronze, bad_types.select("_source_file", "_row_number", "reason"), declared),
         _to_quarantine(
-            bronze,
+            withheld, bad_types.select("_source_file", "_row_number", "reason"), declared
+        ),
+        _to_quarantine(
+            withheld,
             as_typed.filter(pl.col("reason") != "").select("_source_file", "_row_number", "reason"),
             declared,
         ),
         _to_quarantine(
-            bronze, duplicates.select("_source_file", "_row_number", "reason"), declared
+            withheld, duplicates.select("_source_file", "_row_number", "reason"), declared
         ),
     ]
     quarantined = pl.concat(rejected_rows).with_columns(
@@ -388,6 +399,16 @@ def empty_quarantine() -> pl.DataFrame:
 
 # --- the four curated contracts -------------------------------------------------
 
+CLAIMS_PERSONAL_COLUMNS = (
+    "policyholder_name",
+    "policyholder_email",
+    "policyholder_phone",
+    "policyholder_iban",
+    "policyholder_card",
+    "adjuster_notes",
+)
+"""Personal data a claims drop may carry (see :attr:`Contract.personal`)."""
+
 
 def claims_contract(month: str) -> Contract:
     """Policy-level claims for one valuation month."""
@@ -414,6 +435,7 @@ def claims_contract(month: str) -> Contract:
                 lambda: ~pl.col("district").str.contains(r"^[A-Za-z0-9_-]{1,32}$"),
             ),
         ),
+        personal=CLAIMS_PERSONAL_COLUMNS,
     )
 
 

@@ -7,6 +7,7 @@ Every process it spawns lives in its own session, which the fixture stops with
 """
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -133,6 +134,7 @@ def e2e_environment(home: Path, **extra: str) -> dict[str, str]:
         PIPELINE_HOME=str(home),
         DAGSTER_HOME=str(home / "dagster"),
         PIPELINE_SENSOR_INTERVAL_S="3",
+        PIPELINE_PII_SALT=secrets.token_hex(16),  # the claims runs scan for PII
         PYTHONUNBUFFERED="1",
         **extra,
     )
@@ -151,9 +153,12 @@ class DagsterDev:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev]:
-    """``dagster dev -w workspace.yaml`` on a temporary PIPELINE_HOME and DAGSTER_HOME."""
+    """``dagster dev -w workspace.yaml`` on a temporary PIPELINE_HOME and DAGSTER_HOME.
+
+    Package-scoped: stopped once the e2e tests are done, so its daemon's sensor ticks do
+    not compete for the CPU with the rest of the suite."""
     home = tmp_path_factory.mktemp("e2e_home")
     env = e2e_environment(home)
     settings = load_settings(env)
@@ -238,7 +243,7 @@ class Ingested:
     seconds: float
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ingested(dagster_dev: DagsterDev) -> Ingested:
     """Drop files in the landing zone and wait until the sensors' runs all succeeded."""
     started = time.monotonic()
