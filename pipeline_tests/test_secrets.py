@@ -19,10 +19,11 @@ from pipeline import keys
 from pipeline.domain.demo_data import write_demo_landing
 from pipeline.resources import build_resources
 from pipeline.resources.compute import ComputeResource
+from pipeline.resources.pii import SALT_VARIABLE
 from pipeline.settings import load_settings
 from pipeline_tests.conftest import make_platform
 
-SECRET = "s3cr3t-7f3a9c1e-do-not-log"  # noqa: S105 (a test value, recognisable on purpose)
+SECRET = "s3cr3t-7f3a9c1e-do-not-log-5b0d2e"  # noqa: S105 (a test value, recognisable on purpose)
 SECRET_VARIABLES = (
     "DATABRICKS_TOKEN",
     "MLFLOW_TRACKING_TOKEN",
@@ -33,6 +34,7 @@ SECRET_VARIABLES = (
     "PIPELINE_PII_SALT",
 )
 VALUATION = "2026-09-30"
+MONTH = "2026-07"
 
 
 def dagster_leaks(instance: dg.DagsterInstance) -> list[str]:
@@ -70,6 +72,9 @@ def test_databricks_credentials_are_env_var_references_not_values(secret_env, tm
     compute = build_resources(settings)["compute"]
     assert compute.databricks_token == dg.EnvVar("DATABRICKS_TOKEN")
     assert SECRET not in repr(compute)
+    pii = build_resources(settings)["pii"]
+    assert pii.salt == dg.EnvVar(SALT_VARIABLE)
+    assert SECRET not in repr(pii)
     # no setting carries a secret: the settings are built without reading one
     assert SECRET not in repr(settings)
 
@@ -82,8 +87,15 @@ def test_no_secret_in_event_log_mlflow_or_gold(secret_env, tmp_path) -> None:
         databricks_token=dg.EnvVar("DATABRICKS_TOKEN"),
     )
     write_demo_landing(
-        platform.settings.landing_dir, claims_months=(), fx_dates=(), valuation_dates=(VALUATION,)
+        platform.settings.landing_dir,
+        n_policies=400,
+        claims_months=(MONTH,),
+        fx_dates=(),
+        valuation_dates=(VALUATION,),
     )
+    # the PII scan tokenises with the salt from PIPELINE_PII_SALT
+    scan = [keys.BRONZE_CLAIMS, keys.CLAIMS_REDACTED, keys.PII_DETECTION_LOG]
+    assert platform.materialize(scan, MONTH).success
     ingest = platform.materialize(
         [keys.BRONZE_LOAN_BOOK, keys.LOAN_BOOK, keys.BRONZE_LOAN_SCENARIOS, keys.LOAN_SCENARIOS],
         VALUATION,
@@ -109,9 +121,15 @@ def test_no_secret_in_event_log_mlflow_or_gold(secret_env, tmp_path) -> None:
     client = platform.tracking.client()
     assert client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert mlflow_leaks(client) == []
-    for table in ("loan_loss_summary", "loan_loss_contributions"):
-        rows = platform.lake.read("gold", table)
-        assert rows.height and SECRET not in rows.cast(pl.String, strict=False).write_csv()
+    for layer, table in (
+        ("gold", "loan_loss_summary"),
+        ("gold", "loan_loss_contributions"),
+        ("gold", "pii_detection_log"),
+        ("curated", "claims_redacted"),
+    ):
+        rows = platform.lake.read(layer, table)
+        assert rows.height, table
+        assert SECRET not in rows.cast(pl.String, strict=False).write_csv(), table
     platform.instance.dispose()
 
 
