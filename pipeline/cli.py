@@ -234,6 +234,24 @@ def maintenance(settings: Settings, *, retention_hours: int | None = None) -> li
     return lines
 
 
+def lineage(settings: Settings, table: str, key: Sequence[str]) -> list[str]:
+    """Print and return the lineage of a gold row (:mod:`pipeline.lineage`)."""
+    from pipeline.lineage import parse_key, trace
+    from pipeline.resources import build_resources
+
+    resources = build_resources(settings)
+    lines = trace(
+        table,
+        parse_key(list(key)),
+        lake=resources["lake"],
+        landing=resources["landing"],
+        tracking=resources["tracking"],
+    )
+    for line in lines:
+        print(line)
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pipeline`` console script."""
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
@@ -262,6 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     deploy_parser.add_argument("--root", help="wheel folder (default PIPELINE_WHEEL_ROOT)")
     deploy_parser.add_argument("--build-only", action="store_true", help="build, do not upload")
+    trace = sub.add_parser(
+        "lineage",
+        help="trace a gold row to its landing files (name, sha256), code, runs and models",
+    )
+    trace.add_argument("table", help="gold table, e.g. gold/credibility_table")
+    trace.add_argument(
+        "key", nargs="+", help="the row's key as column=value, e.g. month=2026-09 district=D001"
+    )
     graph = sub.add_parser("graph", help="print the asset graph as Mermaid")
     graph.add_argument("--update-readme", metavar="PATH", help="rewrite the graph block of PATH")
     args = parser.parse_args(argv)
@@ -290,6 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.deploy import deploy
 
         print(json.dumps(deploy(root=args.root, upload=not args.build_only), indent=2))
+    elif args.command == "lineage":
+        from pipeline.lineage import LineageError
+
+        try:
+            lineage(settings, args.table, args.key)
+        except LineageError as exc:
+            print(f"pipeline lineage: {exc}", file=sys.stderr)
+            return 1
     elif args.command == "maintenance":
         maintenance(settings, retention_hours=args.retention_hours)
     elif args.command == "reset":

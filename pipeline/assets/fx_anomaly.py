@@ -31,6 +31,7 @@ from dagster import (
 from pydantic import Field
 
 from pipeline import keys
+from pipeline.audit import input_versions
 from pipeline.gates import GateClosedError, check_record_failures
 from pipeline.jobs import fx_promotion, fx_scoring, fx_spark, fx_training
 from pipeline.metadata import attach_per_partition, markdown_table, png_markdown
@@ -127,7 +128,7 @@ def fx_challenger_model(
 ) -> MaterializeResult:
     """Train one challenger per requested symbol, all in this run, on the compute backend."""
     params = fx_training.TrainingParams(**config.model_dump())
-    evaluations = []
+    evaluations, inputs = [], input_versions(lake, "curated/fx_spreads", "curated/fx_incidents")
     with domain_errors_are_final():
         if compute.backend == "spark":  # one applyInPandas group (task) per symbol
             evaluations = fx_spark.train_challengers(
@@ -151,7 +152,7 @@ def fx_challenger_model(
                     dagster_run_id=context.run.run_id,
                 )
             )
-    fx_training.store_evaluations(lake, evaluations)
+    fx_training.store_evaluations(lake, evaluations, inputs=inputs)
     attach_per_partition(context, {e["symbol"]: challenger_links(e) for e in evaluations})
     return MaterializeResult(metadata=challenger_metadata(evaluations))
 
@@ -323,17 +324,14 @@ def fx_anomaly_scores(
         symbol, date = split_symbol_date(key)
         by_symbol.setdefault(symbol, []).append(date)
     watch, champions, scored = Stopwatch(), {}, {}
+    io = {"lake": lake, "tracking": tracking, "dagster_run_id": context.run.run_id, "watch": watch}
     with domain_errors_are_final():
         if compute.backend == "spark":  # mapInPandas over the ticks repartitioned by symbol
-            champions, scored = fx_spark.score_symbols(
-                compute.spark_session(), by_symbol, lake=lake, tracking=tracking, watch=watch
-            )
+            champions, scored = fx_spark.score_symbols(compute.spark_session(), by_symbol, **io)
         else:
             fx_spark.require_local_or_spark(compute.backend, "fx_anomaly_scores")
         for symbol, dates in by_symbol.items() if compute.backend == "local" else ():
-            champions[symbol], scored[symbol] = fx_scoring.score_symbol_days(
-                symbol, dates, lake=lake, tracking=tracking, watch=watch
-            )
+            champions[symbol], scored[symbol] = fx_scoring.score_symbol_days(symbol, dates, **io)
     attach_per_partition(
         context,
         {

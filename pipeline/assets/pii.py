@@ -19,6 +19,7 @@ from dagster import (
 )
 
 from pipeline import keys
+from pipeline.audit import input_versions, with_audit
 from pipeline.domain.pii import scrub
 from pipeline.metadata import counts_table
 from pipeline.resources.lake import LakeResource, PartitionWrite
@@ -61,12 +62,17 @@ def claims_pii_scan(context: AssetExecutionContext, lake: LakeResource, pii: Pii
     """Scan one month of bronze claims; commit redacted rows and their log together."""
     month = context.partition_key
     policy, salt = pii.policy(), pii.salt_bytes()
+    inputs = input_versions(lake, "bronze/claims")
     bronze = read_bronze(lake, CLAIMS, month)
     if bronze.height == 0:
         raise Failure(f"claims partition {month}: bronze has no rows to scan; ingest it first")
     scrubbed, log = scrub(bronze, policy, salt, document_id=DOCUMENT_ID)
     scrubbed = scrubbed.drop("_batch_id", strict=False).with_columns(pl.lit(month).alias("month"))
-    log = log.with_columns(pl.lit(month).alias("month"))
+    log = with_audit(
+        log.with_columns(pl.lit(month).alias("month")),
+        dagster_run_id=context.run.run_id,
+        inputs=inputs,
+    )
     commit = lake.commit_outcome(
         [
             PartitionWrite("curated", "claims_redacted", scrubbed, [{"month": month}]),

@@ -16,7 +16,14 @@ import polars as pl
 
 from pipeline.domain.errors import DomainError
 
-LINEAGE_COLUMNS = ("_source_file", "_row_number", "_ingested_at", "_delivered_at", "_partition_key")
+LINEAGE_COLUMNS = (
+    "_source_file",
+    "_source_sha256",
+    "_row_number",
+    "_ingested_at",
+    "_delivered_at",
+    "_partition_key",
+)
 QUARANTINE_COLUMNS = ("partition_key", "_source_file", "_row_number", "reason", "record")
 RESERVED_COLUMNS = (*LINEAGE_COLUMNS, "_batch_id")
 """Column names the platform adds; a delivered column may not take one of them."""
@@ -313,7 +320,8 @@ def apply_contract(
         c
         for c in curated.columns
         if not c.startswith("__")
-        and c not in ("_ingested_at", "_delivered_at", "_partition_key", *undeclared)
+        and c not in ("_source_sha256", "_ingested_at", "_delivered_at", "_partition_key")
+        and c not in undeclared
         and c not in contract.personal
     ]
     curated = curated.select(keep)

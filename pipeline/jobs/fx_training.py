@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from pipeline import keys
+from pipeline.audit import with_audit
 from pipeline.domain.errors import DomainError
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.tracking import TrackingResource
@@ -285,11 +286,20 @@ def difference_text(evaluation: dict) -> str:
     )
 
 
-def store_evaluations(lake: LakeResource, results: list[dict]) -> int:
-    """Append the evaluation rows of :func:`train_challenger` results in one commit."""
+def store_evaluations(
+    lake: LakeResource, results: list[dict], *, inputs: dict[str, int | None]
+) -> int:
+    """Append the evaluation rows of :func:`train_challenger` results in one commit.
+
+    ``inputs`` are the Delta versions training read (audit columns); each row keeps the
+    MLflow run of its symbol's challenger.
+    """
+    if not results:
+        return lake.version("gold", "fx_model_evaluations") or -1
     links = ("mlflow_run_url", "model_version_url", "seconds")
     rows = [{k: v for k, v in r.items() if k not in links} for r in results]
-    return lake.append("gold", "fx_model_evaluations", pl.DataFrame(rows))
+    frame = with_audit(pl.DataFrame(rows), dagster_run_id=rows[0]["dagster_run_id"], inputs=inputs)
+    return lake.append("gold", "fx_model_evaluations", frame)
 
 
 def reference_features(tracking: TrackingResource, run_id: str) -> dict[str, np.ndarray]:

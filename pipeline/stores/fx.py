@@ -15,6 +15,7 @@ import datetime as dt
 import polars as pl
 from dagster import Failure
 
+from pipeline.audit import with_audit
 from pipeline.domain import contracts
 from pipeline.resources.lake import LakeResource
 
@@ -111,11 +112,16 @@ def promotion_rule_failures(evaluation: dict | None) -> list[str]:
 
 
 def record_model_event(lake: LakeResource, **event: str) -> None:
-    """Append an alias move to ``gold/model_events`` (the audit trail of the registry)."""
+    """Append an alias move to ``gold/model_events`` (the audit trail of the registry).
+
+    ``event`` names the ``dagster_run_id``; the audit columns are added (no input table,
+    and no MLflow run: the model versions are named by ``from_version``/``to_version``).
+    """
+    frame = pl.DataFrame([{**event, "at": dt.datetime.now(dt.UTC).replace(tzinfo=None)}])
     lake.append(
         "gold",
         "model_events",
-        pl.DataFrame([{**event, "at": dt.datetime.now(dt.UTC).replace(tzinfo=None)}]),
+        with_audit(frame, dagster_run_id=event.get("dagster_run_id", ""), inputs={}),
     )
 
 

@@ -139,12 +139,13 @@ def read_delivery(landing: LandingResource, source: Source, partition_key: str) 
                 f"{source.name} partition {partition_key}: {exc}",
                 metadata={"file": file.relative},
             ) from exc
-        hashes[file.relative] = landing.sha256(payload)
+        hashes[file.relative] = landing.sha256(payload)  # also on each row: `pipeline lineage`
         undeclared.update(dict.fromkeys(contracts.undeclared_columns(frame, contract)))
         delivered_at = dt.datetime.fromtimestamp(file.mtime_ns / 1e9, dt.UTC).replace(tzinfo=None)
         frames.append(
             frame.with_columns(
                 pl.lit(file.relative).alias("_source_file"),
+                pl.lit(hashes[file.relative]).alias("_source_sha256"),
                 pl.int_range(1, frame.height + 1, dtype=pl.Int64).alias("_row_number"),
                 pl.lit(ingested_at).alias("_ingested_at"),
                 pl.lit(delivered_at).alias("_delivered_at"),
