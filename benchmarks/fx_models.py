@@ -2,9 +2,10 @@
 
 Run ``python -m benchmarks.fx_models`` (50 symbols x 20,000 ticks) or ``--quick`` (10 symbols).
 Each symbol gets 20,000 ticks over 8 UTC days (2,500 a day) from
-:func:`pipeline.domain.demo_data.generate_fx_ticks` (injected bursts and spikes, labels in
-``landing/_truth``), written straight into ``curated/fx_spreads`` in the schema the curated
-asset publishes. Everything lives in a temporary ``PIPELINE_HOME`` (Delta lake, sqlite MLflow
+:func:`pipeline.domain.demo_data.generate_fx_ticks` (injected bursts and spikes) and the
+incident logs of :func:`~pipeline.domain.demo_data.generate_fx_incidents`, written straight into
+``curated/fx_spreads`` and ``curated/fx_incidents`` in the schemas the curated assets
+publish. Everything lives in a temporary ``PIPELINE_HOME`` (Delta lake, sqlite MLflow
 store migrated before any timing, ephemeral Dagster instance); a warm-up logs and registers one
 throw-away model and runs one trivial Dagster job first, so no part pays the one-off imports.
 
@@ -58,7 +59,12 @@ import polars as pl
 
 from pipeline import keys
 from pipeline.domain import fx_anomaly
-from pipeline.domain.demo_data import DEMO_SEED, demo_calendar, generate_fx_ticks
+from pipeline.domain.demo_data import (
+    DEMO_SEED,
+    demo_calendar,
+    generate_fx_incidents,
+    generate_fx_ticks,
+)
 from pipeline.partitions import symbol_date_key
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fx_models.json"
@@ -80,7 +86,7 @@ def symbol_table(n: int) -> dict[str, tuple[float, float]]:
 
 
 def build_platform(home: Path, n_symbols: int) -> dict[str, Any]:
-    """Curated ticks and labels for ``n_symbols`` under ``home``; resources, defs, instance."""
+    """Curated ticks and incident logs of ``n_symbols`` under ``home``; resources, defs."""
     import dagster as dg
     from deltalake import write_deltalake
 
@@ -93,7 +99,7 @@ def build_platform(home: Path, n_symbols: int) -> dict[str, Any]:
     settings = load_settings({"PIPELINE_HOME": str(home)})
     resources = build_resources(settings)
     raw_symbols = symbol_table(n_symbols)
-    ticks, labels = [], []
+    ticks, incidents = [], []
     for date in DAYS:
         day_ticks, day_labels = generate_fx_ticks(
             date,
@@ -102,7 +108,8 @@ def build_platform(home: Path, n_symbols: int) -> dict[str, Any]:
             symbols=raw_symbols,
         )
         ticks.append(day_ticks.with_columns(date=pl.lit(date)))
-        labels.append(day_labels)
+        day_log = generate_fx_incidents(date, day_ticks, day_labels, seed=DEMO_SEED)
+        incidents.append(day_log.with_columns(date=pl.lit(date)))
     curated = (
         pl.concat(ticks)
         .with_columns(
@@ -116,9 +123,12 @@ def build_platform(home: Path, n_symbols: int) -> dict[str, Any]:
     write_deltalake(
         lake.table_uri("curated", "fx_spreads"), curated.to_arrow(), partition_by=["symbol", "date"]
     )
-    truth = settings.landing_dir / "_truth"
-    truth.mkdir(parents=True)
-    pl.concat(labels).write_parquet(truth / "fx_anomaly_labels.parquet")
+    log = pl.concat(incidents).with_columns(
+        pl.col("symbol").map_elements(normalise_symbol, return_dtype=pl.String)
+    )
+    write_deltalake(
+        lake.table_uri("curated", "fx_incidents"), log.to_arrow(), partition_by=["date"]
+    )
     symbols = sorted(curated["symbol"].unique().to_list())
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("symbol", symbols)
@@ -216,7 +226,7 @@ def raw_training(matrices: dict[str, dict[str, np.ndarray]]) -> dict[str, float]
 def asset_path(plat: dict[str, Any]) -> list[dict[str, float]]:
     """(b) the challenger's per-symbol work, called without a Dagster run."""
     from pipeline.jobs.fx_training import TrainingParams, train_challenger
-    from pipeline.stores.fx import read_labels, read_symbol_ticks
+    from pipeline.stores.fx import read_incidents, read_symbol_ticks
 
     r = plat["resources"]
     out = []
@@ -224,7 +234,7 @@ def asset_path(plat: dict[str, Any]) -> list[dict[str, float]]:
         evaluation, wall = timed(
             lambda s: train_challenger(
                 read_symbol_ticks(r["lake"], s),
-                read_labels(r["landing"], s),
+                read_incidents(r["lake"], s),
                 symbol=s,
                 params=TrainingParams(),
                 tracking=r["tracking"],

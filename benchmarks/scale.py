@@ -60,7 +60,7 @@ def train_local(plat: dict[str, Any]) -> tuple[float, list[dict]]:
     rows = [
         fx_training.train_challenger(
             store.read_symbol_ticks(r["lake"], s),
-            store.read_labels(r["landing"], s),
+            store.read_incidents(r["lake"], s),
             symbol=s,
             params=params,
             tracking=r["tracking"],
@@ -80,7 +80,6 @@ def train_spark(plat: dict[str, Any], spark: Any) -> tuple[float, list[dict]]:
         spark,
         plat["symbols"],
         lake=r["lake"],
-        landing=r["landing"],
         params=fx_training.TrainingParams(),
         tracking=r["tracking"],
         dagster_run_id="bench-spark",
@@ -127,7 +126,9 @@ def score_spark(plat: dict[str, Any], spark: Any) -> tuple[float, int]:
     r = plat["resources"]
     by_symbol = {s: list(fx_models.DAYS[-2:]) for s in plat["symbols"]}
     started = time.perf_counter()
-    _, scored = fx_spark.score_symbols(spark, by_symbol, lake=r["lake"], tracking=r["tracking"])
+    _, scored = fx_spark.score_symbols(
+        spark, by_symbol, lake=r["lake"], tracking=r["tracking"], dagster_run_id="benchmark"
+    )
     return time.perf_counter() - started, sum(f.height for f in scored.values())
 
 

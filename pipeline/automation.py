@@ -14,10 +14,10 @@ How work is triggered, in one place:
   records the hashes it read), so a corrected re-delivery that keeps an older
   modification time (``cp -p``) is ingested, and a file that changed while its run
   was reading it is ingested again. A run is requested only for the partition named
-  in the file name. Claims and loan files share a partitions definition with
-  their curated table, so one run ingests bronze and publishes curated, with the
-  checks in between. FX tick files register their symbols as dynamic partitions
-  and request the bronze day only: ``curated/fx_spreads`` is partitioned by
+  in the file name. Claims, loan and FX incident-log files share a partitions
+  definition with their curated table, so one run ingests bronze and publishes
+  curated, with the checks in between. FX tick files register their symbols as
+  dynamic partitions and request the bronze day only: ``curated/fx_spreads`` is partitioned by
   symbol × date, and Dagster cannot put two partitions definitions in one run.
 * **fx_spreads_from_bronze** follows the bronze FX day: once a bronze partition
   has been materialised *and its blocking checks passed in that run*, it requests
@@ -408,19 +408,31 @@ class LandingTarget:
     bronze: AssetKey
     curated: AssetKey | None  # None when curated has another partitions definition
     partitions_def: PartitionsDefinition
+    also: tuple[AssetKey, ...] = ()  # further assets of the same partitions (the PII scan)
 
     @property
     def assets(self) -> list[AssetKey]:
         """Assets materialised by one run of this source."""
-        return [self.bronze] if self.curated is None else [self.bronze, self.curated]
+        curated = [] if self.curated is None else [self.curated]
+        return [self.bronze, *curated, *self.also]
 
 
 LANDING_TARGETS = {
     "claims": LandingTarget(
-        "claims", keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT, SOURCES["claims"].partitions_def
+        "claims",
+        keys.BRONZE_CLAIMS,
+        keys.CLAIMS_BY_DISTRICT,
+        SOURCES["claims"].partitions_def,
+        also=(keys.CLAIMS_REDACTED, keys.PII_DETECTION_LOG),
     ),
     "fx_ticks": LandingTarget(
         "fx_ticks", keys.BRONZE_FX_TICKS, None, SOURCES["fx_ticks"].partitions_def
+    ),
+    "fx_incidents": LandingTarget(
+        "fx_incidents",
+        keys.BRONZE_FX_INCIDENTS,
+        keys.FX_INCIDENTS,
+        SOURCES["fx_incidents"].partitions_def,
     ),
     "loan_book": LandingTarget(
         "loan_book", keys.BRONZE_LOAN_BOOK, keys.LOAN_BOOK, SOURCES["loan_book"].partitions_def

@@ -3,12 +3,14 @@
 import argparse
 import datetime
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.settings import (
     PARTITIONS_START_FILE,
@@ -43,10 +45,34 @@ def seed_landing(
     return len(files)
 
 
+def demo_pii_salt(home: Path) -> str:
+    """The local tokenisation salt: random, made once per ``PIPELINE_HOME`` (mode 0600).
+
+    ``pipeline demo`` and ``pipeline dev`` (the embedded, one-machine set-up) use it when
+    ``PIPELINE_PII_SALT`` is unset, so tokens of the demo and of later sensor runs in
+    ``make dev`` agree; everywhere else an unset salt fails the PII scan naming the variable.
+    """
+    path = home / "pii_salt"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def use_local_pii_salt(settings: Settings) -> None:
+    """Export the home's local salt as ``PIPELINE_PII_SALT`` unless one is set."""
+    from pipeline.resources.pii import SALT_VARIABLE
+
+    if not os.environ.get(SALT_VARIABLE):
+        os.environ[SALT_VARIABLE] = demo_pii_salt(settings.home)
+
+
 def demo(settings: Settings) -> None:
     """Seed the landing zone and materialise every asset on embedded defaults."""
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     ensure_dagster_home(settings)
+    use_local_pii_salt(settings)
     seed_landing(settings)
     # imported after seeding: pipeline.partitions reads the start seeding recorded
     from pipeline.demo import run_demo
@@ -79,6 +105,7 @@ def dev(settings: Settings, *, dagster_port: int, mlflow_port: int) -> int:
     """
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     ensure_dagster_home(settings)
+    use_local_pii_salt(settings)  # sensor-launched claims runs scan for PII
     os.environ["MLFLOW_UI_URL"] = f"http://127.0.0.1:{mlflow_port}"
     mlflow_cmd, dagster_cmd = ui_commands(
         settings, dagster_port=dagster_port, mlflow_port=mlflow_port
@@ -207,6 +234,24 @@ def maintenance(settings: Settings, *, retention_hours: int | None = None) -> li
     return lines
 
 
+def lineage(settings: Settings, table: str, key: Sequence[str]) -> list[str]:
+    """Print and return the lineage of a gold row (:mod:`pipeline.lineage`)."""
+    from pipeline.lineage import parse_key, trace
+    from pipeline.resources import build_resources
+
+    resources = build_resources(settings)
+    lines = trace(
+        table,
+        parse_key(list(key)),
+        lake=resources["lake"],
+        landing=resources["landing"],
+        tracking=resources["tracking"],
+    )
+    for line in lines:
+        print(line)
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pipeline`` console script."""
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
@@ -235,6 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     deploy_parser.add_argument("--root", help="wheel folder (default PIPELINE_WHEEL_ROOT)")
     deploy_parser.add_argument("--build-only", action="store_true", help="build, do not upload")
+    trace = sub.add_parser(
+        "lineage",
+        help="trace a gold row to its landing files (name, sha256), code, runs and models",
+    )
+    trace.add_argument("table", help="gold table, e.g. gold/credibility_table")
+    trace.add_argument(
+        "key", nargs="+", help="the row's key as column=value, e.g. month=2026-09 district=D001"
+    )
     graph = sub.add_parser("graph", help="print the asset graph as Mermaid")
     graph.add_argument("--update-readme", metavar="PATH", help="rewrite the graph block of PATH")
     args = parser.parse_args(argv)
@@ -263,6 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.deploy import deploy
 
         print(json.dumps(deploy(root=args.root, upload=not args.build_only), indent=2))
+    elif args.command == "lineage":
+        from pipeline.lineage import LineageError
+
+        try:
+            lineage(settings, args.table, args.key)
+        except LineageError as exc:
+            print(f"pipeline lineage: {exc}", file=sys.stderr)
+            return 1
     elif args.command == "maintenance":
         maintenance(settings, retention_hours=args.retention_hours)
     elif args.command == "reset":

@@ -41,10 +41,13 @@ def partitions_before_start(settings: Settings) -> list[str]:
     """Partition keys of landing files that fall before the first partition of the graph."""
     return sorted(
         key
-        for source in ("claims", "fx_ticks", "loan_book", "loan_scenarios")
+        for source in ("claims", "fx_ticks", "fx_incidents", "loan_book", "loan_scenarios")
         for key in landing_partitions(settings, source)
         if key < PARTITIONS_START[: len(key)]
     )
+
+
+PII_SCAN = (keys.CLAIMS_REDACTED, keys.PII_DETECTION_LOG)
 
 
 def run_demo(settings: Settings, instance: dg.DagsterInstance | None = None) -> list[str]:
@@ -68,14 +71,15 @@ def run_demo(settings: Settings, instance: dg.DagsterInstance | None = None) -> 
     symbols = list(instance.get_dynamic_partitions(symbol_partitions.name))
     summary.append(f"symbols registered: {', '.join(sorted(symbols))}")
 
-    for source, bronze_key, curated_key in (
-        ("claims", keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT),
+    for source, bronze_key, curated_key, *also in (
+        ("claims", keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT, *PII_SCAN),
+        ("fx_incidents", keys.BRONZE_FX_INCIDENTS, keys.FX_INCIDENTS),
         ("loan_book", keys.BRONZE_LOAN_BOOK, keys.LOAN_BOOK),
         ("loan_scenarios", keys.BRONZE_LOAN_SCENARIOS, keys.LOAN_SCENARIOS),
     ):
         partitions = landing_partitions(settings, source)
         materialize_partitions(
-            defs, instance, [bronze_key, curated_key], partitions, tags=LAUNCHED_BY_DEMO
+            defs, instance, [bronze_key, curated_key, *also], partitions, tags=LAUNCHED_BY_DEMO
         )
         summary.append(f"{curated_key.to_user_string()}: {', '.join(partitions)}")
 

@@ -9,14 +9,19 @@ from dagster import AssetCheckKey, AssetKey
 # bronze: as delivered, plus lineage columns
 BRONZE_CLAIMS = AssetKey(["bronze", "claims"])
 BRONZE_FX_TICKS = AssetKey(["bronze", "fx_ticks"])
+BRONZE_FX_INCIDENTS = AssetKey(["bronze", "fx_incidents"])
 BRONZE_LOAN_BOOK = AssetKey(["bronze", "loan_book"])
 BRONZE_LOAN_SCENARIOS = AssetKey(["bronze", "loan_scenarios"])
 
 # curated features
 CLAIMS_BY_DISTRICT = AssetKey(["curated", "claims_by_district"])
 FX_SPREADS = AssetKey(["curated", "fx_spreads"])
+FX_INCIDENTS = AssetKey(["curated", "fx_incidents"])
 LOAN_BOOK = AssetKey(["curated", "loan_book"])
 LOAN_SCENARIOS = AssetKey(["curated", "loan_scenarios"])
+# policy-level claims with personal data redacted or tokenised, and the scan's audit log
+CLAIMS_REDACTED = AssetKey(["curated", "claims_redacted"])
+PII_DETECTION_LOG = AssetKey(["gold", "pii_detection_log"])
 
 # models and gold outputs
 CREDIBILITY_POSTERIOR = AssetKey(["gold", "credibility_posterior"])

@@ -1,6 +1,7 @@
 """Shared fixtures: a temp PIPELINE_HOME with real Delta, MLflow sqlite and Dagster."""
 
 import os
+import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pipeline.resources import build_resources
 from pipeline.settings import Settings, load_settings
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+# the PII scan's tokenisation salt (a secret in production): a fresh one per test session
+os.environ.setdefault("PIPELINE_PII_SALT", secrets.token_hex(16))
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 

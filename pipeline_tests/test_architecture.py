@@ -70,6 +70,25 @@ def test_asset_and_check_functions_fit_on_a_screen() -> None:
     assert not too_long, f"asset/check bodies over {MAX_ASSET_LINES} lines: {too_long}"
 
 
+def test_no_platform_code_reads_the_demo_answer_key() -> None:
+    """``landing/_truth`` is the demo's answer key, for tests only: the gate's labels are
+    the incident log (``curated/fx_incidents``). Only the demo generator writes there, and
+    the CLI looks for its marker to tell a seeded landing zone."""
+    allowed = {Path("pipeline/domain/demo_data.py"), Path("pipeline/cli.py")}
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in _modules()
+        if path.relative_to(ROOT) not in allowed
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if "_truth" in line
+    ]
+    assert found == [], found
+    cli = (ROOT / "pipeline" / "cli.py").read_text()
+    assert [line.strip() for line in cli.splitlines() if "_truth" in line] == [
+        'marker = settings.landing_dir / "_truth" / "claims_truth.json"'
+    ]
+
+
 def test_private_dagster_api_lives_in_one_module() -> None:
     private = re.compile(r"^dagster(_[a-z]+)?\._")
     users = sorted(
@@ -151,7 +170,7 @@ USED_WITHOUT_IMPORT = {
     "nutpie": "NUTS sampler PyMC calls for sampler='nutpie'",
     "pip": "MLflow records its version in each logged model's environment",
 }
-IMPORT_NAMES = {"scikit-learn": "sklearn", "pyarrow": "pyarrow"}
+IMPORT_NAMES = {"scikit-learn": "sklearn", "pyarrow": "pyarrow", "pyyaml": "yaml"}
 
 
 @pytest.mark.parametrize(

@@ -185,7 +185,12 @@ def test_claims_landing_sensor(tmp_path: Path, scenario: Scenario) -> None:
     }
     assert got == expected
     for request in result.run_requests or []:
-        assert request.asset_selection == [keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT]
+        assert request.asset_selection == [
+            keys.BRONZE_CLAIMS,
+            keys.CLAIMS_BY_DISTRICT,
+            keys.CLAIMS_REDACTED,  # the PII scan of the same month
+            keys.PII_DETECTION_LOG,
+        ]
         assert request.run_config == automation.INGEST_RUN_CONFIG
         assert request.tags[automation.MAX_RUNTIME_TAG] == str(
             automation.ingest_max_runtime_seconds()
@@ -781,6 +786,7 @@ def test_definitions_wire_every_sensor_running() -> None:
     expected = {
         "claims_landing",
         "fx_ticks_landing",
+        "fx_incidents_landing",
         "loan_book_landing",
         "loan_scenarios_landing",
         "fx_spreads_from_bronze",

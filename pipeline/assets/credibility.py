@@ -23,6 +23,7 @@ from dagster import (
 from pydantic import Field
 
 from pipeline import keys
+from pipeline.audit import input_versions
 from pipeline.gates import require_gate
 from pipeline.jobs.credibility_fit import (
     SamplerSettings,
@@ -142,26 +143,25 @@ def credibility_table(
     context: AssetExecutionContext, lake: LakeResource, tracking: TrackingResource
 ) -> MaterializeResult:
     """Write the estimates of a posterior that passed its gate; refuse otherwise."""
-    from pipeline.domain.credibility import gate_failures
-
     month = context.partition_key
     diagnostics = store.read_diagnostics(lake, month)
+    inputs = input_versions(lake, "curated/claims_by_district")
     window = store.read_claims_window(lake, month)
-    rule_failures = (
-        gate_failures(diagnostics)
-        if diagnostics
-        else [f"no stored posterior diagnostics for {month}"]
-    )
     require_gate(
         instance=context.instance,
         asset_key=keys.CREDIBILITY_POSTERIOR,
         check_names=keys.CREDIBILITY_POSTERIOR_CHECKS,
         partition_key=month,
-        rule_failures=[*rule_failures, *store.stale_posterior_failures(diagnostics, window, month)],
+        rule_failures=store.table_rule_failures(diagnostics, window, month),
         what="the credibility table",
     )
     table = credibility_table_rows(
-        lake, month=month, window=window, diagnostics=diagnostics, dagster_run_id=context.run.run_id
+        lake,
+        month=month,
+        window=window,
+        diagnostics=diagnostics,
+        dagster_run_id=context.run.run_id,
+        inputs=inputs,
     )
     version = lake.overwrite_partition("gold", "credibility_table", table, {"month": month})
     run_id = diagnostics["mlflow_run_id"]

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import polars as pl
 from dagster import (
+    AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
     AssetMaterialization,
@@ -30,6 +31,7 @@ from dagster import (
 from pydantic import Field
 
 from pipeline import keys
+from pipeline.audit import input_versions
 from pipeline.gates import GateClosedError, check_record_failures
 from pipeline.jobs import fx_promotion, fx_scoring, fx_spark, fx_training
 from pipeline.metadata import attach_per_partition, markdown_table, png_markdown
@@ -42,7 +44,6 @@ from pipeline.partitions import (
 from pipeline.policies import domain_errors_are_final, gated_eager
 from pipeline.resources.compute import ComputeResource
 from pipeline.resources.lake import LakeResource
-from pipeline.resources.landing import LandingResource
 from pipeline.resources.tracking import TrackingResource
 from pipeline.stores import fx as store
 from pipeline.timing import Stopwatch
@@ -57,12 +58,30 @@ class ChallengerConfig(Config):
     contamination: float = Field(default=0.03, description="alarm budget of the forest")
     n_estimators: int = Field(default=100, description="trees per forest")
     random_state: int = Field(default=42, description="forest seed")
-    ap_tolerance: float = Field(default=0.02, description="allowed AP shortfall vs champion")
-    ap_floor: float = Field(default=0.5, description="minimum average precision")
+    ap_tolerance: float = Field(
+        default=0.02, description="allowed AP shortfall vs champion beyond the bootstrap interval"
+    )
+    ap_floor: float = Field(
+        default=0.3,
+        description="minimum average precision on the reviewed holdout ticks (a random "
+        "ranking scores the anomaly rate, about 0.05)",
+    )
     max_samples: int = Field(
         default=0,
         description="rows drawn per tree; 0 = sklearn's auto (min(256, n)); tiny values give a "
         "weak model, which gate drills use",
+    )
+    bootstrap_resamples: int = Field(
+        default=1_000, description="resamples of the paired bootstrap over anomaly bursts"
+    )
+    interval_level: float = Field(default=0.9, description="level of the AP-difference interval")
+    label_free_rate_ratio: float = Field(
+        default=3.0,
+        description="label-free gate: flag rate within [r / ratio, r * ratio] of the champion's "
+        "(or of the alarm budget for a first model)",
+    )
+    min_rank_agreement: float = Field(
+        default=0.5, description="label-free gate: Spearman of scores with the champion"
     )
 
 
@@ -84,12 +103,18 @@ class MonitorConfig(Config):
 @asset(
     key=keys.FX_CHALLENGER_MODEL,
     partitions_def=symbol_partitions,
-    deps=[AssetDep(keys.FX_SPREADS, partition_mapping=PER_SYMBOL)],
+    deps=[
+        AssetDep(keys.FX_SPREADS, partition_mapping=PER_SYMBOL),
+        AssetDep(keys.FX_INCIDENTS, partition_mapping=AllPartitionMapping()),
+    ],
     group_name="fx_models",
     kinds={"sklearn", "mlflow"},
     description=(
         "IsolationForest of the symbol's spreads, trained on all curated days but the "
-        "held-out window, logged and registered in MLflow with alias `challenger`."
+        "held-out window, logged and registered in MLflow with alias `challenger`. Judged "
+        "against the champion on the held-out ticks inside reviewed windows of "
+        "`curated/fx_incidents` (AP difference with a burst-bootstrap interval), or by the "
+        "label-free rule when no reviewed anomaly lies in the holdout."
     ),
     backfill_policy=BackfillPolicy.single_run(),
     pool="model_training",
@@ -98,20 +123,18 @@ def fx_challenger_model(
     context: AssetExecutionContext,
     config: ChallengerConfig,
     lake: LakeResource,
-    landing: LandingResource,
     tracking: TrackingResource,
     compute: ComputeResource,
 ) -> MaterializeResult:
     """Train one challenger per requested symbol, all in this run, on the compute backend."""
     params = fx_training.TrainingParams(**config.model_dump())
-    evaluations = []
+    evaluations, inputs = [], input_versions(lake, "curated/fx_spreads", "curated/fx_incidents")
     with domain_errors_are_final():
         if compute.backend == "spark":  # one applyInPandas group (task) per symbol
             evaluations = fx_spark.train_challengers(
                 compute.spark_session(),
                 context.partition_keys,
                 lake=lake,
-                landing=landing,
                 params=params,
                 tracking=tracking,
                 dagster_run_id=context.run.run_id,
@@ -122,24 +145,29 @@ def fx_challenger_model(
             evaluations.append(
                 fx_training.train_challenger(
                     store.read_symbol_ticks(lake, symbol),
-                    store.read_labels(landing, symbol),
+                    store.read_incidents(lake, symbol),
                     symbol=symbol,
                     params=params,
                     tracking=tracking,
                     dagster_run_id=context.run.run_id,
                 )
             )
-    fx_training.store_evaluations(lake, evaluations)
+    fx_training.store_evaluations(lake, evaluations, inputs=inputs)
     attach_per_partition(context, {e["symbol"]: challenger_links(e) for e in evaluations})
     return MaterializeResult(metadata=challenger_metadata(evaluations))
 
 
 def challenger_links(evaluation: dict) -> dict:
-    """What one symbol's materialisation shows: its version, AP and MLflow links."""
+    """What one symbol's materialisation shows: version, gate basis, AP, difference, links."""
     return {
         "model_name": evaluation["model_name"],
         "model_version": evaluation["model_version"],
+        "gate": evaluation["gate"],
         "average_precision": evaluation["challenger_average_precision"],
+        "champion_average_precision": evaluation["champion_average_precision"],
+        "ap_difference": MetadataValue.text(fx_training.difference_text(evaluation)),
+        "reviewed_ticks": int(evaluation["reviewed_ticks"]),
+        "reviewed_anomalies": int(evaluation["n_positive"]),
         "mlflow_run": MetadataValue.url(evaluation["mlflow_run_url"]),
         "registered_model": MetadataValue.url(evaluation["model_version_url"]),
     }
@@ -150,10 +178,15 @@ def challenger_metadata(evaluations: list[dict]) -> dict:
     table = pl.DataFrame(evaluations).select(
         "symbol",
         pl.col("model_version").alias("version"),
+        "gate",
         pl.col("challenger_average_precision").alias("AP"),
         pl.col("champion_average_precision").alias("champion AP"),
+        pl.Series(
+            "AP difference [interval]", [fx_training.difference_text(e) for e in evaluations]
+        ),
         pl.col("challenger_precision").alias("precision"),
         pl.col("challenger_recall").alias("recall"),
+        pl.col("rank_agreement").alias("rank agreement"),
     )
     watch = Stopwatch()
     for e in evaluations:
@@ -291,17 +324,14 @@ def fx_anomaly_scores(
         symbol, date = split_symbol_date(key)
         by_symbol.setdefault(symbol, []).append(date)
     watch, champions, scored = Stopwatch(), {}, {}
+    io = {"lake": lake, "tracking": tracking, "dagster_run_id": context.run.run_id, "watch": watch}
     with domain_errors_are_final():
         if compute.backend == "spark":  # mapInPandas over the ticks repartitioned by symbol
-            champions, scored = fx_spark.score_symbols(
-                compute.spark_session(), by_symbol, lake=lake, tracking=tracking, watch=watch
-            )
+            champions, scored = fx_spark.score_symbols(compute.spark_session(), by_symbol, **io)
         else:
             fx_spark.require_local_or_spark(compute.backend, "fx_anomaly_scores")
         for symbol, dates in by_symbol.items() if compute.backend == "local" else ():
-            champions[symbol], scored[symbol] = fx_scoring.score_symbol_days(
-                symbol, dates, lake=lake, tracking=tracking, watch=watch
-            )
+            champions[symbol], scored[symbol] = fx_scoring.score_symbol_days(symbol, dates, **io)
     attach_per_partition(
         context,
         {

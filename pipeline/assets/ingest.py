@@ -151,6 +151,20 @@ claims_by_district = _curated_asset(
     partition_column="month",
 )
 
+FX_INCIDENT_COLUMNS = ("date", "symbol", "start", "end", "label", "reviewer", "note")
+
+fx_incidents = _curated_asset(
+    key=keys.FX_INCIDENTS,
+    source=SOURCES["fx_incidents"],
+    description=(
+        "The FX desk's reviewed incident log per UTC day: `reviewed_window` rows (spans a "
+        "reviewer went through) and `anomaly` rows (confirmed incidents). The promotion gate "
+        "scores only ticks inside reviewed windows."
+    ),
+    transform=lambda rows, _: rows.select(FX_INCIDENT_COLUMNS).sort("symbol", "start"),
+    partition_column="date",
+)
+
 loan_book = _curated_asset(
     key=keys.LOAN_BOOK,
     source=SOURCES["loan_book"],
@@ -236,4 +250,4 @@ def fx_spreads(context: AssetExecutionContext, lake: LakeResource) -> Materializ
     return MaterializeResult(metadata=metadata)
 
 
-curated_assets = [claims_by_district, fx_spreads, loan_book, loan_scenarios]
+curated_assets = [claims_by_district, fx_spreads, fx_incidents, loan_book, loan_scenarios]

@@ -199,6 +199,16 @@ CURATED_SPECS = (
         _fx_quarantined,
     ),
     CuratedSpec(
+        keys.FX_INCIDENTS,
+        SOURCES["fx_incidents"],
+        SOURCES["fx_incidents"].partitions_def,
+        contracts.fx_incidents_contract,
+        lambda lake, pk: lake.read("curated", "fx_incidents", {"date": pk}),
+        _bronze_count(SOURCES["fx_incidents"]),
+        lambda frame: frame.height,
+        _quarantine_count("fx_incidents"),
+    ),
+    CuratedSpec(
         keys.LOAN_BOOK,
         SOURCES["loan_book"],
         SOURCES["loan_book"].partitions_def,

@@ -39,9 +39,11 @@ DRIFT_METADATA = ("psi", "ks", "max_psi", "max_ks", "model_version")
     partitions_def=symbol_partitions,
     blocking=True,
     description=(
-        "On the held-out labelled window the challenger's average precision is above the "
-        "floor and at least the champion's minus the tolerance, and the input ticks satisfy "
-        "their contract. A symbol's first model is judged by the floor alone."
+        "On the held-out ticks inside reviewed windows of the incident log the challenger's "
+        "average precision is above the floor and it is not worse than the champion beyond "
+        "the burst-bootstrap interval of the AP difference; without a reviewed anomaly in the "
+        "holdout, the label-free rule (flag rate within bounds of the champion's, rank "
+        "agreement of scores). The input ticks satisfy their contract."
     ),
 )
 def challenger_beats_champion(
@@ -54,10 +56,17 @@ def challenger_beats_champion(
         failures = promotion_rule_failures(evaluation)
         metadata = (
             {
+                "gate": evaluation["gate"],
                 "challenger_version": evaluation["model_version"],
                 "challenger_average_precision": evaluation["challenger_average_precision"],
                 "champion_version": evaluation["champion_version"],
                 "champion_average_precision": evaluation["champion_average_precision"],
+                "ap_difference": evaluation["ap_difference"],
+                "ap_difference_lower": evaluation["ap_difference_lower"],
+                "ap_difference_upper": evaluation["ap_difference_upper"],
+                "challenger_anomaly_rate": evaluation["challenger_anomaly_rate"],
+                "champion_anomaly_rate": evaluation["champion_anomaly_rate"],
+                "rank_agreement": evaluation["rank_agreement"],
                 "ap_floor": evaluation["ap_floor"],
                 "ap_tolerance": evaluation["ap_tolerance"],
             }

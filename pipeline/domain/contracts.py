@@ -16,7 +16,14 @@ import polars as pl
 
 from pipeline.domain.errors import DomainError
 
-LINEAGE_COLUMNS = ("_source_file", "_row_number", "_ingested_at", "_delivered_at", "_partition_key")
+LINEAGE_COLUMNS = (
+    "_source_file",
+    "_source_sha256",
+    "_row_number",
+    "_ingested_at",
+    "_delivered_at",
+    "_partition_key",
+)
 QUARANTINE_COLUMNS = ("partition_key", "_source_file", "_row_number", "reason", "record")
 RESERVED_COLUMNS = (*LINEAGE_COLUMNS, "_batch_id")
 """Column names the platform adds; a delivered column may not take one of them."""
@@ -101,6 +108,14 @@ class Contract:
     derived
         Expressions evaluated after typing to add or replace columns
         (e.g. the normalised symbol or the spread).
+    personal
+        Declared text columns holding personal data (names, contact and payment
+        details, free-text notes): optional in a delivery, never published by the
+        contract's curated rows and withheld from quarantine records. The PII scan
+        (:mod:`pipeline.domain.pii`) publishes them redacted or tokenised.
+    optional
+        Declared columns a file must carry but whose value may be blank, e.g. a
+        free-text note.
     """
 
     table: str
@@ -108,6 +123,8 @@ class Contract:
     key: tuple[str, ...]
     rules: tuple[RowRule, ...] = ()
     derived: tuple[pl.Expr, ...] = field(default_factory=tuple)
+    personal: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
 
     @property
     def required_columns(self) -> tuple[str, ...]:
@@ -181,7 +198,8 @@ def undeclared_columns(frame: pl.DataFrame, contract: Contract) -> list[str]:
 
     Bronze keeps them as delivered; the bronze drift check names them.
     """
-    return [c for c in frame.columns if c not in contract.columns and c not in RESERVED_COLUMNS]
+    declared = (*contract.columns, *contract.personal, *RESERVED_COLUMNS)
+    return [c for c in frame.columns if c not in declared]
 
 
 def check_storable_columns(columns: list[str], source_file: str) -> None:
@@ -247,7 +265,8 @@ def apply_contract(
     for col, dtype in contract.columns.items():
         raw = pl.col(col)
         is_blank = raw.is_null() | (raw.str.strip_chars() == "")
-        reasons.append(pl.when(is_blank).then(pl.lit(f"{col}: missing value")))
+        if col not in contract.optional:
+            reasons.append(pl.when(is_blank).then(pl.lit(f"{col}: missing value")))
         reasons.append(
             pl.when(~is_blank & pl.col(f"__typed_{col}").is_null()).then(
                 pl.format("{}: cannot parse '{}' as {}", pl.lit(col), raw, pl.lit(str(dtype)))
@@ -301,20 +320,25 @@ def apply_contract(
         c
         for c in curated.columns
         if not c.startswith("__")
-        and c not in ("_ingested_at", "_delivered_at", "_partition_key", *undeclared)
+        and c not in ("_source_sha256", "_ingested_at", "_delivered_at", "_partition_key")
+        and c not in undeclared
+        and c not in contract.personal
     ]
     curated = curated.select(keep)
 
     declared = list(contract.columns)
+    withheld = bronze.drop([c for c in contract.personal if c in bronze.columns])
     rejected_rows = [
-        _to_quarantine(bronze, bad_types.select("_source_file", "_row_number", "reason"), declared),
         _to_quarantine(
-            bronze,
+            withheld, bad_types.select("_source_file", "_row_number", "reason"), declared
+        ),
+        _to_quarantine(
+            withheld,
             as_typed.filter(pl.col("reason") != "").select("_source_file", "_row_number", "reason"),
             declared,
         ),
         _to_quarantine(
-            bronze, duplicates.select("_source_file", "_row_number", "reason"), declared
+            withheld, duplicates.select("_source_file", "_row_number", "reason"), declared
         ),
     ]
     quarantined = pl.concat(rejected_rows).with_columns(
@@ -380,6 +404,16 @@ def empty_quarantine() -> pl.DataFrame:
 
 # --- the four curated contracts -------------------------------------------------
 
+CLAIMS_PERSONAL_COLUMNS = (
+    "policyholder_name",
+    "policyholder_email",
+    "policyholder_phone",
+    "policyholder_iban",
+    "policyholder_card",
+    "adjuster_notes",
+)
+"""Personal data a claims drop may carry (see :attr:`Contract.personal`)."""
+
 
 def claims_contract(month: str) -> Contract:
     """Policy-level claims for one valuation month."""
@@ -406,6 +440,7 @@ def claims_contract(month: str) -> Contract:
                 lambda: ~pl.col("district").str.contains(r"^[A-Za-z0-9_-]{1,32}$"),
             ),
         ),
+        personal=CLAIMS_PERSONAL_COLUMNS,
     )
 
 
@@ -442,6 +477,64 @@ def fx_ticks_contract(date: str) -> Contract:
         derived=(
             pl.col("symbol").map_batches(normalise_symbols, return_dtype=pl.String),
             (pl.col("ask") - pl.col("bid")).alias("spread"),
+            pl.lit(date).alias("date"),
+        ),
+    )
+
+
+INCIDENT_ANOMALY = "anomaly"
+"""Incident-log label of a confirmed anomaly: every tick in ``[start, end]`` is anomalous."""
+INCIDENT_REVIEWED = "reviewed_window"
+"""Incident-log label of a reviewed window: a reviewer went through every tick in
+``[start, end]``; the ticks there not inside an ``anomaly`` row are normal."""
+INCIDENT_LABELS = (INCIDENT_ANOMALY, INCIDENT_REVIEWED)
+"""Labels of the FX incident log (see :func:`fx_incidents_contract`)."""
+
+
+def fx_incidents_contract(date: str) -> Contract:
+    """The FX desk's incident log of one UTC day.
+
+    One file kind, two row kinds told apart by ``label``: ``reviewed_window`` rows say
+    which span ``[start, end]`` of a symbol's ticks a reviewer went through, ``anomaly``
+    rows which span was a confirmed incident. Both start on the partition date and end on
+    it too (a window over midnight is delivered as two rows, one per day's log).
+    ``note`` may be blank.
+    """
+    day_end = f"{date} 23:59:59.999999"
+    return Contract(
+        table="fx_incidents",
+        columns={
+            "symbol": pl.String(),
+            "start": pl.Datetime("us"),
+            "end": pl.Datetime("us"),
+            "label": pl.String(),
+            "reviewer": pl.String(),
+            "note": pl.String(),
+        },
+        key=("symbol", "start", "end", "label"),
+        optional=("note",),
+        rules=(
+            RowRule(
+                "symbol does not normalise to [A-Z0-9]{3,12}",
+                lambda: pl.col("symbol").is_null(),
+            ),
+            RowRule(
+                f"label not one of {', '.join(INCIDENT_LABELS)}",
+                lambda: ~pl.col("label").is_in(INCIDENT_LABELS),
+            ),
+            RowRule("end < start", lambda: pl.col("end") < pl.col("start")),
+            RowRule(
+                f"start is not on the partition date {date}",
+                lambda: pl.col("start").dt.date().cast(pl.String) != date,
+            ),
+            RowRule(
+                f"end is after the partition date {date}",
+                lambda: pl.col("end") > pl.lit(day_end).str.to_datetime(time_unit="us"),
+            ),
+        ),
+        derived=(
+            pl.col("symbol").map_batches(normalise_symbols, return_dtype=pl.String),
+            pl.col("label").str.strip_chars().str.to_lowercase(),
             pl.lit(date).alias("date"),
         ),
     )
@@ -535,7 +628,7 @@ def rule_violations(frame: pl.DataFrame, contract: Contract) -> dict[str, int]:
         if dupes:
             counts[f"duplicate key ({', '.join(key)})"] = dupes
     for col in contract.columns:
-        if col in frame.columns and frame[col].null_count():
+        if col in frame.columns and col not in contract.optional and frame[col].null_count():
             counts[f"{col}: null"] = frame[col].null_count()
     return counts
 

@@ -2,22 +2,30 @@
 
 Each generator returns the delivered frame *and* the generating truth, so tests
 and users can compare what the platform estimates with what was simulated. The
-truth is saved under ``landing/_truth/``, which no asset reads: FX anomaly labels,
-for example, exist only there, as they would in a desk's incident log.
+truth is saved under ``landing/_truth/``, which no asset reads (a test holds
+``pipeline/`` to that): the complete FX anomaly labels exist only there. What the
+platform sees of them is the desk's incident log, ``landing/fx_incidents/``, which
+covers part of the time (reviewed windows) and one pair not at all.
 
 The generators draw from known processes:
 
 * claims: ``log rate_d = mu + sigma * z_d`` with ``z_d ~ N(0, 1)``; policies carry
   exposure in policy-years and ``claim_count ~ Poisson(exposure * rate_d)``;
 * FX ticks: a random-walk mid with a per-symbol spread level, an intraday
-  pattern and lognormal noise; anomalies are bursts and isolated spikes where the
-  spread is multiplied by 4-15;
+  pattern and lognormal noise; anomalies are bursts of 2-30 ticks and isolated
+  spikes where the spread is multiplied by a factor log-uniform in 1.15-4, so some
+  are obvious and some hide in the noise (a challenger's holdout AP lies between
+  about 0.6 and 0.95, not at 1);
+* FX incident log: per reviewed (symbol, day) two reviewed windows of 4-9 hours and
+  one ``anomaly`` row per injected burst or spike that meets a window; a fifth of
+  the (symbol, day) pairs and the whole of :data:`UNREVIEWED_SYMBOLS` go unreviewed;
 * loans: segment-dependent PD, LGD and EAD; eight macro scenarios with PD
   multipliers and asset correlations.
 """
 
 import datetime as dt
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +47,16 @@ FX_SYMBOLS: dict[str, tuple[float, float]] = {
     "NZD/USD": (0.60, 2.0),
     "eur/gbp": (0.85, 1.2),
 }
+
+
+ANOMALY_MULTIPLIER = (1.15, 4.0)
+"""Range of the log-uniform spread multiplier of an injected anomaly."""
+BURSTS_PER_DAY, BURST_TICKS, SPIKES_PER_DAY = 4, (2, 30), 6
+UNREVIEWED_SYMBOLS = ("eur/gbp",)
+"""Pairs the demo desk never reviews: their challengers are judged by the label-free rule."""
+REVIEWED_DAY_SHARE = 0.8
+"""Share of the other (symbol, day) pairs the desk reviews."""
+REVIEWERS = ("a.okafor", "m.lindqvist", "s.tanaka")
 
 
 @dataclass(frozen=True)
@@ -130,15 +148,275 @@ def generate_claims(
     exposure = np.round(rng.uniform(0.05, 1.0, n_policies), 4)
     rates = truth.district_rates["rate"].to_numpy()[district_idx]
     counts = rng.poisson(exposure * rates)
-    return pl.DataFrame(
+    policy_ids = [f"P{month.replace('-', '')}{i:07d}" for i in range(n_policies)]
+    frame = pl.DataFrame(
         {
-            "policy_id": [f"P{month.replace('-', '')}{i:07d}" for i in range(n_policies)],
+            "policy_id": policy_ids,
             "district": truth.district_rates["district"].to_numpy()[district_idx],
             "valuation_month": month,
             "exposure": exposure,
             "claim_count": counts.astype(np.int64),
         }
     )
+    holders = generate_policyholders(n_policies, seed=[seed, 6, int(month.replace("-", ""))])
+    notes, _ = generate_adjuster_notes(
+        holders, policy_ids, counts > 0, seed=[seed, 7, int(month.replace("-", ""))]
+    )
+    return pl.concat([frame, holders, notes.select("adjuster_notes")], how="horizontal")
+
+
+# --- personal data of the claims drop -------------------------------------------------
+# Small seeded lists, not a faker: the values look real (checksummed IBANs and card
+# numbers, dialable phone formats) but are drawn from a handful of names.
+FIRST_NAMES = (
+    "Amelia", "Oliver", "Sofia", "Liam", "Hannah", "Lukas", "Chloe", "Mateo", "Aisha",
+    "Noah", "Ingrid", "Kenji", "Fatima", "Jonas", "Elena", "Tomasz", "Priya", "Daniel",
+    "Grace", "Mehmet", "Lucia", "Samuel", "Yara", "Finn", "Nadia", "Pierre", "Olga",
+    "Kwame", "Isabel", "Arjun",
+)  # fmt: skip
+LAST_NAMES = (
+    "Schneider", "Okafor", "Fischer", "Hughes", "Novak", "Rossi", "Kowalski", "Dubois",
+    "Yilmaz", "Jansen", "Murphy", "Larsen", "Tanaka", "Haddad", "Moreau", "Brennan",
+    "Petrov", "Silva", "Nakamura", "Weber", "Ahmed", "O'Connor", "Van Dijk", "Lindqvist",
+    "Mensah", "Garcia", "Hoffmann", "Patel", "Byrne", "Castillo",
+)  # fmt: skip
+MAIL_DOMAINS = ("gmail.com", "outlook.com", "web.de", "posteo.de", "yahoo.co.uk", "icloud.com")
+# country: (BBAN length in digits after the bank letters, bank letters)
+_IBAN_FORMATS = {"DE": (18, 0), "GB": (14, 4), "NL": (10, 4), "FR": (23, 0)}
+_CARD_PREFIXES = (("4", 16), ("51", 16), ("53", 16), ("55", 16), ("34", 15), ("37", 15))
+PII_ENTITY_TYPES = (
+    "PERSON",
+    "EMAIL_ADDRESS",
+    "PHONE_NUMBER",
+    "IBAN_CODE",
+    "CREDIT_CARD",
+    "POLICY_NUMBER",
+)
+"""Entity types the generated notes carry (and the truth spans name)."""
+
+
+def _digits(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """``n`` rows of ``k`` random decimal digits."""
+    return rng.integers(0, 10, (n, k))
+
+
+def _text(digits: np.ndarray) -> list[str]:
+    """Each row of a digit matrix as a string."""
+    return (
+        pl.DataFrame(digits.astype(str), schema=[f"c{i}" for i in range(digits.shape[1])])
+        .select(pl.concat_str(pl.all()))
+        .to_series()
+        .to_list()
+    )
+
+
+def _mod97(values: np.ndarray) -> np.ndarray:
+    """Remainder mod 97 of the decimal number written by each row (values 0-35, A=10)."""
+    r = np.zeros(values.shape[0], dtype=np.int64)
+    for col in values.T:
+        r = np.where(col > 9, (r * 100 + col) % 97, (r * 10 + col) % 97)
+    return r
+
+
+def _ibans(rng: np.random.Generator, n: int) -> list[str]:
+    """``n`` IBANs of four countries with valid ISO 13616 check digits."""
+    countries = rng.choice(list(_IBAN_FORMATS), n)
+    letters = rng.integers(10, 36, (n, 4))
+    digits = _digits(rng, n, 23)
+    out = np.empty(n, dtype=object)
+    for country, (n_digits, n_letters) in _IBAN_FORMATS.items():
+        rows = countries == country
+        bban = np.hstack([letters[rows, :n_letters], digits[rows, :n_digits]])
+        suffix = np.array([int(c, 36) for c in country] + [0, 0])
+        check = 98 - _mod97(np.hstack([bban, np.tile(suffix, (bban.shape[0], 1))]))
+        text = (
+            _text(bban)
+            if n_letters == 0
+            else [
+                "".join(chr(55 + v) for v in row[:n_letters]) + "".join(map(str, row[n_letters:]))
+                for row in bban.tolist()
+            ]
+        )
+        out[rows] = [f"{country}{c:02d}{t}" for c, t in zip(check.tolist(), text, strict=True)]
+    return out.tolist()
+
+
+def _cards(rng: np.random.Generator, n: int) -> list[str]:
+    """``n`` card numbers (Visa, Mastercard, Amex prefixes) with a valid Luhn digit."""
+    choice = rng.integers(0, len(_CARD_PREFIXES), n)
+    digits = _digits(rng, n, 16)
+    out = np.empty(n, dtype=object)
+    for k, (prefix, length) in enumerate(_CARD_PREFIXES):
+        rows = choice == k
+        body = digits[rows, :length]
+        body[:, : len(prefix)] = [int(c) for c in prefix]
+        payload = body[:, : length - 1][:, ::-1]  # Luhn: double every second digit from the right
+        doubled = payload[:, 0::2] * 2
+        total = (doubled - 9 * (doubled > 9)).sum(axis=1) + payload[:, 1::2].sum(axis=1)
+        body[:, length - 1] = (10 - total % 10) % 10
+        out[rows] = _text(body)
+    return out.tolist()
+
+
+# prefixes of real numbering plans (mobile ranges, area codes), so numbers are dialable
+_UK_MOBILE = (7700, 7701, 7711, 7721, 7733, 7747, 7766, 7788, 7799, 7801, 7812, 7825, 7903, 7912)
+_DE_MOBILE = (151, 152, 160, 170, 171, 176)
+_US_AREA = (212, 312, 415, 617, 202, 305, 713, 206, 404, 303)
+_DE_AREA = (30, 40, 89, 69, 221, 211, 711)
+
+
+def _phones(rng: np.random.Generator, n: int) -> list[str]:
+    """UK and German mobiles, US numbers (international format), German landlines."""
+    style = rng.integers(0, 4, n).tolist()
+    pick = rng.integers(0, 1_000, n).tolist()
+    exchange = rng.integers(201, 999, n).tolist()
+    d = _text(_digits(rng, n, 8))
+    formats = (
+        lambda i: f"+44 {_UK_MOBILE[pick[i] % len(_UK_MOBILE)]} {d[i][:6]}",
+        lambda i: f"+49 {_DE_MOBILE[pick[i] % len(_DE_MOBILE)]} {d[i]}",
+        lambda i: f"+1 {_US_AREA[pick[i] % len(_US_AREA)]} {exchange[i]} {d[i][:4]}",
+        lambda i: f"(0{_DE_AREA[pick[i] % len(_DE_AREA)]}) {d[i][:4]} {d[i][4:7]}",
+    )
+    return [formats[s](i) for i, s in enumerate(style)]
+
+
+def generate_policyholders(n: int, *, seed: int | list[int] = DEMO_SEED) -> pl.DataFrame:
+    """Name, e-mail, phone, IBAN and card number of ``n`` policyholders (seeded)."""
+    rng = np.random.default_rng(seed)
+    first = rng.choice(FIRST_NAMES, n).tolist()
+    last = rng.choice(LAST_NAMES, n).tolist()
+    domains = rng.choice(MAIL_DOMAINS, n).tolist()
+    numbers = rng.integers(1, 100, n).tolist()
+    local = [re.sub(r"[^a-z]", "", s.lower()) for s in last]
+    return pl.DataFrame(
+        {
+            "policyholder_name": [f"{f} {s}" for f, s in zip(first, last, strict=True)],
+            "policyholder_email": [
+                f"{f.lower()}.{s}{k}@{m}"
+                for f, s, k, m in zip(first, local, numbers, domains, strict=True)
+            ],
+            "policyholder_phone": _phones(rng, n),
+            "policyholder_iban": _ibans(rng, n),
+            "policyholder_card": _cards(rng, n),
+        }
+    )
+
+
+def _grouped(value: str, size: int = 4) -> str:
+    return " ".join(value[i : i + size] for i in range(0, len(value), size))
+
+
+# sentences of an adjuster's note; {slot} is personal data (recorded as a truth span),
+# [slot] is a look-alike that is not (amounts, dates, invoice numbers)
+_NOTE_SENTENCES = (
+    "Called {PERSON} on {PHONE_NUMBER} about the water damage in the kitchen.",
+    "Spoke with {TITLE_PERSON} about the excess of EUR [amount].",
+    "Refund of EUR [amount] to be paid to IBAN {IBAN_CODE}.",
+    "Customer asked us to confirm by e-mail at {EMAIL_ADDRESS}.",
+    "Premium refund requested to card {CREDIT_CARD}; card ending [last4] on file.",
+    "Policy {POLICY_NUMBER} checked, cover confirmed on [date].",
+    "Third party driver {OTHER_PERSON} admitted fault at the scene.",
+    "Witness {OTHER_PERSON} contacted, statement pending since [date].",
+    "Garage invoice no. [invoice] for EUR [amount] received on [date].",
+    "Loss adjuster visit booked for [date], contact number {PHONE_NUMBER}.",
+    "Reserve raised to EUR [amount] after photos from {TITLE_PERSON}.",
+    "{PERSON} disputes the settlement; reply sent to {EMAIL_ADDRESS}.",
+)
+
+
+def generate_adjuster_notes(
+    holders: pl.DataFrame,
+    policy_ids: list[str],
+    has_claim: np.ndarray,
+    *,
+    seed: int | list[int] = DEMO_SEED,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Free-text adjuster notes for the policies with a claim (empty text elsewhere).
+
+    A note mixes 2-4 sentences about the policyholder (full name, ``Mr``/``Ms`` and
+    surname, phone, e-mail, IBAN and card, sometimes grouped in fours as people type
+    them, the policy number), third parties (witnesses, other drivers, without a
+    title) and look-alikes that are not personal data (amounts, dates, invoice numbers,
+    the last four digits of a card).
+
+    Returns
+    -------
+    tuple of (notes, truth)
+        ``notes`` has ``adjuster_notes`` per policy; ``truth`` has ``row`` (0-based),
+        ``entity_type``, ``start``, ``end`` and ``text`` of every personal-data span.
+    """
+    rng = np.random.default_rng(seed)
+    notes, truth = [], []
+    for row in range(holders.height):
+        if not has_claim[row]:
+            notes.append("")
+            continue
+        holder = holders.row(row, named=True)
+        picks = rng.choice(len(_NOTE_SENTENCES), int(rng.integers(2, 5)), replace=False)
+        text = ""
+        for k in picks:
+            for part in _NOTE_PARTS.split(_NOTE_SENTENCES[int(k)]):
+                value, entity, offset = _note_part(part, holder, policy_ids[row], rng)
+                if entity is not None:
+                    start, end = len(text) + offset, len(text) + len(value)
+                    truth.append((row, entity, start, end, value[offset:]))
+                text += value
+            text += " "
+        notes.append(text.rstrip())
+    truth_frame = pl.DataFrame(
+        truth,
+        schema={
+            "row": pl.Int64,
+            "entity_type": pl.String,
+            "start": pl.Int64,
+            "end": pl.Int64,
+            "text": pl.String,
+        },
+        orient="row",
+    )
+    return pl.DataFrame({"adjuster_notes": notes}), truth_frame
+
+
+_NOTE_PARTS = re.compile(r"(\{[A-Z_]+\}|\[[a-z0-9]+\])")
+
+
+def _note_part(
+    part: str, holder: dict, policy_id: str, rng: np.random.Generator
+) -> tuple[str, str | None, int]:
+    """One sentence part: its text, entity type (``None``: not personal data) and offset.
+
+    The offset is where the personal data starts within the text (after a title).
+    """
+    if part.startswith("["):
+        slot = part[1:-1]
+        if slot == "amount":
+            return f"{int(rng.integers(100, 20_000)):,}.{int(rng.integers(0, 100)):02d}", None, 0
+        if slot == "date":
+            return f"2026-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d}", None, 0
+        if slot == "invoice":
+            return f"INV-{int(rng.integers(10**7, 10**8))}", None, 0
+        return f"{int(rng.integers(0, 10_000)):04d}", None, 0  # last four digits of a card
+    if not part.startswith("{"):
+        return part, None, 0
+    slot = part[1:-1]
+    grouped = rng.random() < 0.4
+    if slot == "PERSON":
+        return holder["policyholder_name"], "PERSON", 0
+    if slot == "TITLE_PERSON":
+        title = str(rng.choice(["Mr", "Ms", "Mrs", "Dr"]))
+        surname = holder["policyholder_name"].split(" ", 1)[1]
+        return f"{title} {surname}", "PERSON", len(title) + 1
+    if slot == "OTHER_PERSON":
+        return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}", "PERSON", 0
+    if slot in ("EMAIL_ADDRESS", "PHONE_NUMBER"):
+        return holder[f"policyholder_{slot.split('_')[0].lower()}"], slot, 0
+    if slot == "IBAN_CODE":
+        iban = holder["policyholder_iban"]
+        return (_grouped(iban) if grouped else iban), slot, 0
+    if slot == "CREDIT_CARD":
+        card = holder["policyholder_card"]
+        return (_grouped(card) if grouped else card), slot, 0
+    return policy_id, "POLICY_NUMBER", 0
 
 
 def generate_fx_ticks(
@@ -168,17 +446,19 @@ def generate_fx_ticks(
         intraday = 1.0 + 0.8 * np.exp(-((np.minimum(hours, 24 - hours)) ** 2) / 4.0)
         mid = level * np.exp(np.cumsum(rng.normal(0.0, 2e-5, n)))
         spread = mid * spread_bps * 1e-4 * intraday * rng.lognormal(0.0, 0.15, n)
-        anomalous = np.zeros(n, dtype=bool)
+        factor = np.ones(n)
         kinds = np.array([""] * n, dtype=object)
-        for _ in range(3):  # bursts of 5-20 ticks
-            length = int(rng.integers(5, 21))
+        low, high = np.log(ANOMALY_MULTIPLIER)
+        for _ in range(BURSTS_PER_DAY):  # one multiplier per burst
+            length = int(rng.integers(BURST_TICKS[0], BURST_TICKS[1] + 1))
             start = int(rng.integers(0, max(n - length, 1)))
-            anomalous[start : start + length] = True
+            factor[start : start + length] = np.exp(rng.uniform(low, high))
             kinds[start : start + length] = "burst"
-        spikes = rng.choice(n, size=min(5, n), replace=False)
-        anomalous[spikes] = True
+        spikes = rng.choice(n, size=min(SPIKES_PER_DAY, n), replace=False)
+        factor[spikes] = np.exp(rng.uniform(low, high, spikes.size))
         kinds[spikes] = np.where(kinds[spikes] == "", "spike", kinds[spikes])
-        spread = np.where(anomalous, spread * rng.uniform(4.0, 15.0, n), spread)
+        anomalous = factor > 1.0
+        spread = spread * factor
         decimals = 3 if level > 20 else 5
         bid = np.round(mid - spread / 2, decimals + 2)
         ask = np.round(mid + spread / 2, decimals + 2)
@@ -191,6 +471,64 @@ def generate_fx_ticks(
         )
     ticks = pl.concat(frames).with_columns(pl.col("ts").cast(pl.Datetime("us")))
     return ticks, pl.concat(labels).with_columns(pl.col("ts").cast(pl.Datetime("us")))
+
+
+def generate_fx_incidents(
+    date: str, ticks: pl.DataFrame, labels: pl.DataFrame, *, seed: int = DEMO_SEED
+) -> pl.DataFrame:
+    """The desk's incident log of one day: reviewed windows and the anomalies found in them.
+
+    A reviewed (symbol, day) gets two reviewed windows of 4-9 hours at random times; every
+    run of consecutive anomalous ticks (a burst, or a spike) that meets a window is logged
+    as one ``anomaly`` row from its first to its last tick. Anomalies outside every window
+    are not logged: nobody looked there. Columns ``symbol`` (as sent), ``start``, ``end``,
+    ``label``, ``reviewer``, ``note``; ``note`` is blank on reviewed windows.
+    """
+    day = dt.datetime.fromisoformat(date)
+    last = day + dt.timedelta(days=1, microseconds=-1)
+    flagged = set(zip(labels["symbol"].to_list(), labels["ts"].to_list(), strict=True))
+    rows: list[dict] = []
+    for s_idx, symbol in enumerate(ticks["symbol"].unique(maintain_order=True).to_list()):
+        rng = np.random.default_rng([seed, 6, s_idx, int(date.replace("-", ""))])
+        if symbol in UNREVIEWED_SYMBOLS or rng.random() >= REVIEWED_DAY_SHARE:
+            continue
+        reviewer = REVIEWERS[int(rng.integers(len(REVIEWERS)))]
+        windows = []
+        for _ in range(2):
+            hours = rng.uniform(4.0, 9.0)
+            start = day + dt.timedelta(hours=rng.uniform(0.0, 24.0 - hours))
+            windows.append((start, min(start + dt.timedelta(hours=hours), last)))
+            rows.append(_incident(symbol, *windows[-1], "reviewed_window", reviewer, ""))
+        ts = ticks.filter(pl.col("symbol") == symbol)["ts"].sort().to_list()
+        bad = np.array([(symbol, t) in flagged for t in ts])
+        starts = np.flatnonzero(bad & ~np.r_[False, bad[:-1]])
+        ends = np.flatnonzero(bad & ~np.r_[bad[1:], False])
+        for i, j in zip(starts, ends, strict=True):
+            if any(ts[i] <= w_end and ts[j] >= w_start for w_start, w_end in windows):
+                note = f"spread wide over {j - i + 1} tick(s)"
+                rows.append(_incident(symbol, ts[i], ts[j], "anomaly", reviewer, note))
+    schema = {
+        "symbol": pl.String,
+        "start": pl.Datetime("us"),
+        "end": pl.Datetime("us"),
+        "label": pl.String,
+        "reviewer": pl.String,
+        "note": pl.String,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _incident(
+    symbol: str, start: dt.datetime, end: dt.datetime, label: str, reviewer: str, note: str
+) -> dict:
+    return {
+        "symbol": symbol,
+        "start": start,
+        "end": end,
+        "label": label,
+        "reviewer": reviewer,
+        "note": note,
+    }
 
 
 SEGMENT_PROFILES = {
@@ -302,6 +640,11 @@ def write_demo_landing(
             defects += [{"file": f"fx_ticks/fx_ticks_{date}.parquet", **d} for d in found]
         labels.append(day_labels)
         written.append(write_drop(ticks, landing_dir / "fx_ticks" / f"fx_ticks_{date}.parquet"))
+        incidents = generate_fx_incidents(date, ticks, day_labels, seed=seed)
+        if incidents.height:
+            written.append(
+                write_drop(incidents, landing_dir / "fx_incidents" / f"fx_incidents_{date}.csv")
+            )
     if labels:
         pl.concat(labels).write_parquet(truth_dir / "fx_anomaly_labels.parquet")
 

@@ -21,10 +21,11 @@ import polars as pl
 
 from pipeline.domain.errors import DomainError
 
-LANDING_SOURCES = ("claims", "fx_ticks", "loan_book", "loan_scenarios")
+LANDING_SOURCES = ("claims", "fx_ticks", "fx_incidents", "loan_book", "loan_scenarios")
 KEY_FORMATS = {
     "claims": "YYYY-MM",
     "fx_ticks": "YYYY-MM-DD",
+    "fx_incidents": "YYYY-MM-DD",
     "loan_book": "YYYY-MM-DD",
     "loan_scenarios": "YYYY-MM-DD",
 }

@@ -10,6 +10,7 @@ import polars as pl
 from dagster import MetadataValue
 
 from pipeline import keys
+from pipeline.audit import with_audit
 from pipeline.metadata import markdown_table, png_markdown
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.tracking import TrackingResource
@@ -195,9 +196,18 @@ def posterior_metadata(fitted: FittedPosterior) -> dict[str, Any]:
 
 
 def credibility_table_rows(
-    lake: LakeResource, *, month: str, window: pl.DataFrame, diagnostics: dict, dagster_run_id: str
+    lake: LakeResource,
+    *,
+    month: str,
+    window: pl.DataFrame,
+    diagnostics: dict,
+    dagster_run_id: str,
+    inputs: dict[str, int | None],
 ) -> pl.DataFrame:
-    """The rating-table rows of a month from its stored posterior (no gate applied here)."""
+    """The rating-table rows of a month from its stored posterior (no gate applied here).
+
+    ``inputs`` are the Delta versions the window was read at (audit columns).
+    """
     import datetime as dt
 
     import arviz as az
@@ -210,7 +220,7 @@ def credibility_table_rows(
         nc_path.write_bytes(lake.read_bytes(store.posterior_uri(lake, month)))
         idata = az.from_netcdf(str(nc_path))
         estimates = credibility.credibility_estimates(idata, stats, store.district_periods(window))
-    return estimates.with_columns(
+    rows = estimates.with_columns(
         pl.lit(month).alias("month"),
         pl.lit(store.MODEL_NAME).alias("model_name"),
         pl.lit(store.MODEL_TYPE).alias("model_type"),
@@ -218,6 +228,10 @@ def credibility_table_rows(
         pl.lit(float(diagnostics["max_rhat"])).alias("max_rhat"),
         pl.lit(int(diagnostics["n_divergences"])).alias("n_divergences"),
         pl.lit(float(diagnostics["min_ess_bulk"])).alias("min_ess_bulk"),
-        pl.lit(diagnostics["mlflow_run_id"]).alias("mlflow_run_id"),
-        pl.lit(dagster_run_id).alias("dagster_run_id"),
+    )
+    return with_audit(
+        rows,
+        dagster_run_id=dagster_run_id,
+        inputs=inputs,
+        mlflow_run_id=diagnostics["mlflow_run_id"],
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.audit import input_versions, with_audit
 from pipeline.domain.errors import DomainError
 from pipeline.jobs.fx_training import reference_features
 from pipeline.resources.lake import LakeResource
@@ -43,9 +44,13 @@ def score_symbol_days(
     *,
     lake: LakeResource,
     tracking: TrackingResource,
+    dagster_run_id: str,
     watch: Stopwatch | None = None,
 ) -> tuple[str, pl.DataFrame]:
     """Score the requested days of one symbol with its champion, in one atomic commit.
+
+    Every row carries the audit columns (:func:`pipeline.audit.with_audit`), with the
+    MLflow run that trained the champion.
 
     Returns
     -------
@@ -69,13 +74,19 @@ def score_symbol_days(
         version = str(champion.version)
         model = tracking.load_sklearn(name, version=version)
     with watch("read"):
+        inputs = input_versions(lake, "curated/fx_spreads")
         ticks = store.scoring_ticks(lake, symbol, dates)
     with watch("features"):
         features = day_features(ticks, dates)
     with watch("score"):
         scored = fx_anomaly.score_spreads(model, features)
     with watch("write"):
-        out = scored.select(*SCORE_COLUMNS, pl.lit(version).alias("model_version"))
+        out = with_audit(
+            scored.select(*SCORE_COLUMNS, pl.lit(version).alias("model_version")),
+            dagster_run_id=dagster_run_id,
+            inputs=inputs,
+            mlflow_run_id=champion.run_id,
+        )
         lake.overwrite_partitions(
             "gold", "fx_anomaly_scores", out, [{"symbol": symbol, "date": d} for d in dates]
         )
@@ -111,6 +122,7 @@ def monitor_day(
     """
     from pipeline.domain import fx_anomaly
 
+    inputs = input_versions(lake, "gold/fx_anomaly_scores", "curated/fx_spreads")
     scores = lake.read("gold", "fx_anomaly_scores", {"symbol": symbol, "date": date})
     if scores.height == 0:
         raise DomainError(f"fx_anomaly_scores {symbol} {date}: nothing scored to monitor")
@@ -156,9 +168,13 @@ def monitor_day(
         "action": action,
         "dagster_run_id": dagster_run_id,
     }
-    lake.overwrite_partition(
-        "gold", "fx_model_monitor", pl.DataFrame([row]), {"symbol": symbol, "date": date}
+    frame = with_audit(
+        pl.DataFrame([row]),
+        dagster_run_id=dagster_run_id,
+        inputs=inputs,
+        mlflow_run_id=version.run_id,
     )
+    lake.overwrite_partition("gold", "fx_model_monitor", frame, {"symbol": symbol, "date": date})
     return row
 
 

@@ -28,10 +28,10 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.audit import input_versions, with_audit
 from pipeline.domain.errors import DomainError
 from pipeline.jobs import fx_scoring, fx_training
 from pipeline.resources.lake import LakeResource
-from pipeline.resources.landing import LandingResource
 from pipeline.resources.tracking import TrackingResource
 from pipeline.stores import fx as store
 from pipeline.timing import Stopwatch
@@ -112,7 +112,6 @@ def train_challengers(
     symbols: Sequence[str],
     *,
     lake: LakeResource,
-    landing: LandingResource,
     params: fx_training.TrainingParams,
     tracking: TrackingResource,
     dagster_run_id: str,
@@ -133,7 +132,7 @@ def train_challengers(
     import pandas as pd
 
     ticks = pl.concat([store.read_symbol_ticks(lake, s) for s in symbols], how="vertical")
-    labels = {s: store.read_labels(landing, s)["ts"].cast(pl.Int64).to_list() for s in symbols}
+    incidents = {s: store.read_incidents(lake, s) for s in symbols}
     pdf, schema = encode(ticks)
     fields, tracking_class = tracking_fields(tracking), type(tracking)
     tracking.experiment_id(fx_training.EXPERIMENT)  # created once, not raced by tasks
@@ -143,9 +142,7 @@ def train_challengers(
         try:
             row = fx_training.train_challenger(
                 decode(group, schema).sort("ts"),
-                pl.DataFrame({"ts": labels.get(symbol, [])}, schema={"ts": pl.Int64}).select(
-                    pl.col("ts").cast(pl.Datetime("us"))
-                ),
+                incidents[symbol],
                 symbol=symbol,
                 params=params,
                 tracking=tracking_class(**fields),
@@ -177,6 +174,7 @@ def score_symbols(
     *,
     lake: LakeResource,
     tracking: TrackingResource,
+    dagster_run_id: str,
     watch: Stopwatch | None = None,
 ) -> tuple[dict[str, str], dict[str, pl.DataFrame]]:
     """Score the requested days of every symbol with its champion, as Spark tasks.
@@ -199,7 +197,7 @@ def score_symbols(
     """
     watch = watch or Stopwatch()
     with watch("load_model"):
-        versions = {}
+        versions, run_ids = {}, {}
         for symbol in by_symbol:
             champion = tracking.alias_version(tracking.model_name(symbol), store.CHAMPION)
             if champion is None:
@@ -207,8 +205,9 @@ def score_symbols(
                     f"fx symbol {symbol}: model {tracking.model_name(symbol)} has no "
                     "`champion`; promote one"
                 )
-            versions[symbol] = str(champion.version)
+            versions[symbol], run_ids[symbol] = str(champion.version), champion.run_id
     with watch("read"):
+        inputs = input_versions(lake, "curated/fx_spreads")
         ticks = pl.concat(
             [store.scoring_ticks(lake, s, list(d)).select(_INPUT) for s, d in by_symbol.items()]
         )
@@ -218,8 +217,13 @@ def score_symbols(
     with watch("write"):
         for symbol, dates in by_symbol.items():
             rows = scored.filter(pl.col("symbol") == symbol).sort("ts")
-            out[symbol] = rows.select(
-                *fx_scoring.SCORE_COLUMNS, pl.lit(versions[symbol]).alias("model_version")
+            out[symbol] = with_audit(
+                rows.select(
+                    *fx_scoring.SCORE_COLUMNS, pl.lit(versions[symbol]).alias("model_version")
+                ),
+                dagster_run_id=dagster_run_id,
+                inputs=inputs,
+                mlflow_run_id=run_ids[symbol],
             )
             lake.overwrite_partitions(
                 "gold",

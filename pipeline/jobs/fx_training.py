@@ -1,21 +1,24 @@
 """Train, evaluate, log, register and alias one symbol's challenger spread model.
 
 :func:`train_challenger` is a plain function of one symbol's curated ticks, its
-labelled anomalies and the tracking resource: the challenger asset calls it once per
-symbol, and a Spark task (``groupBy("symbol").applyInPandas``) or a Databricks job
-can call it unchanged. It returns the evaluation row that the promotion gate judges;
-:func:`store_evaluations` appends such rows to ``gold/fx_model_evaluations``.
+incident log (``curated/fx_incidents``) and the tracking resource: the challenger
+asset calls it once per symbol, and a Spark task (``groupBy("symbol").applyInPandas``)
+or a Databricks job can call it unchanged. It returns the evaluation row that the
+promotion gate judges; :func:`store_evaluations` appends such rows to
+``gold/fx_model_evaluations``.
 """
 
 import dataclasses
 import datetime as dt
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
 from pipeline import keys
+from pipeline.audit import with_audit
 from pipeline.domain.errors import DomainError
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.tracking import TrackingResource
@@ -42,9 +45,13 @@ class TrainingParams:
     contamination: float = 0.03
     n_estimators: int = 100
     random_state: int = 42
-    ap_tolerance: float = 0.02
-    ap_floor: float = 0.5
+    ap_tolerance: float = 0.02  # allowed shortfall beyond the bootstrap interval
+    ap_floor: float = 0.3
     max_samples: int = 0  # 0 = sklearn's auto (min(256, n))
+    bootstrap_resamples: int = 1_000  # paired bootstrap over anomaly bursts
+    interval_level: float = 0.9  # two-sided level of the AP-difference interval
+    label_free_rate_ratio: float = 3.0  # label-free: rate within [r / ratio, r * ratio]
+    min_rank_agreement: float = 0.5  # label-free: Spearman of scores with the champion
 
 
 def pip_requirements() -> list[str]:
@@ -60,7 +67,7 @@ def pip_requirements() -> list[str]:
 
 def train_challenger(
     ticks: pl.DataFrame,
-    anomalous_ts: pl.DataFrame,
+    incidents: pl.DataFrame,
     *,
     symbol: str,
     params: TrainingParams,
@@ -73,15 +80,18 @@ def train_challenger(
     ----------
     ticks
         The symbol's curated ticks, oldest first.
-    anomalous_ts
-        Timestamps (column ``ts``) of the symbol's confirmed anomalies.
+    incidents
+        The symbol's incident-log rows (``start``, ``end``, ``label``): reviewed windows
+        and confirmed anomalies. Only held-out ticks inside a reviewed window are scored;
+        without a reviewed anomaly in the holdout the gate is label-free.
 
     Returns
     -------
     dict
-        The evaluation row (challenger and champion metrics on the same held-out days,
-        versions, bounds, MLflow run id), plus ``mlflow_run_url``, ``model_version_url``
-        and ``seconds``, the wall time of each phase.
+        The evaluation row (:func:`pipeline.domain.fx_anomaly.holdout_comparison` of the
+        challenger and the champion on the same held-out days, versions, bounds, MLflow
+        run id), plus ``mlflow_run_url``, ``model_version_url`` and ``seconds``, the wall
+        time of each phase.
 
     Raises
     ------
@@ -111,27 +121,44 @@ def train_challenger(
             n_estimators=params.n_estimators,
             max_samples=params.max_samples or "auto",
         )
-    with watch("evaluate"):
-        labels = store.label_rows(holdout, anomalous_ts)
-        challenger = fx_anomaly.evaluate_detector(model, holdout, labels)
     with watch("champion"):
         name = tracking.model_name(symbol)
         champion_version = tracking.alias_version(name, store.CHAMPION)
-        champion = None
+        champion_scored = None
         if champion_version is not None:
             loaded = tracking.load_sklearn(name, version=champion_version.version)
-            champion = fx_anomaly.evaluate_detector(loaded, holdout, labels)
+            champion_scored = fx_anomaly.score_spreads(loaded, holdout)
+    with watch("evaluate"):
+        compared = fx_anomaly.holdout_comparison(
+            fx_anomaly.score_spreads(model, holdout),
+            champion_scored,
+            fx_anomaly.reviewed_labels(holdout, incidents),
+            n_resamples=params.bootstrap_resamples,
+            level=params.interval_level,
+            seed=params.random_state,
+        )
+    challenger = {k.removeprefix("challenger_"): v for k, v in compared.items()}
     logged = _log_and_register(
         model,
         train,
         symbol=symbol,
         params=params,
-        metrics={
-            **{f"holdout_{k}": float(v) for k, v in challenger.items()},
-            **{f"champion_holdout_{k}": float(v) for k, v in (champion or {}).items()},
-            "train_rows": train.height,
-            "fit_seconds": watch.seconds()["fit"],
-        },
+        metrics=_measured(
+            {
+                **{
+                    f"holdout_{k}": v
+                    for k, v in challenger.items()
+                    if k != "gate" and not k.startswith("champion_")
+                },
+                **{
+                    f"champion_holdout_{k.removeprefix('champion_')}": v
+                    for k, v in compared.items()
+                    if k.startswith("champion_")
+                },
+                "train_rows": train.height,
+                "fit_seconds": watch.seconds()["fit"],
+            }
+        ),
         windows={
             "train_dates": f"{train_dates[0]}..{train_dates[-1]}",
             "holdout_dates": f"{holdout_dates[0]}..{holdout_dates[-1]}",
@@ -139,6 +166,7 @@ def train_challenger(
         version_tags={
             "holdout_anomaly_rate": str(challenger["anomaly_rate"]),
             "holdout_average_precision": str(challenger["average_precision"]),
+            "gate": str(compared["gate"]),
             "dagster_run_id": dagster_run_id,
         },
         tracking=tracking,
@@ -149,16 +177,14 @@ def train_challenger(
         "symbol": symbol,
         "model_name": name,
         "model_version": logged["version"],
-        "challenger_average_precision": float(challenger["average_precision"]),
-        "challenger_precision": float(challenger["precision"]),
-        "challenger_recall": float(challenger["recall"]),
-        "challenger_anomaly_rate": float(challenger["anomaly_rate"]),
         "champion_version": str(champion_version.version) if champion_version else "",
-        "champion_average_precision": float(champion["average_precision"])
-        if champion
-        else float("nan"),
+        **{k: v if k == "gate" else float(v) for k, v in compared.items()},
         "ap_tolerance": params.ap_tolerance,
         "ap_floor": params.ap_floor,
+        "interval_level": params.interval_level,
+        "contamination": params.contamination,
+        "label_free_rate_ratio": params.label_free_rate_ratio,
+        "min_rank_agreement": params.min_rank_agreement,
         "contract_failures": "\n".join(store.tick_contract_failures(ticks)),
         "holdout_dates": ",".join(holdout_dates),
         "mlflow_run_id": logged["run_id"],
@@ -237,11 +263,43 @@ def _log_and_register(
     }
 
 
-def store_evaluations(lake: LakeResource, results: list[dict]) -> int:
-    """Append the evaluation rows of :func:`train_challenger` results in one commit."""
+def _measured(metrics: dict[str, float]) -> dict[str, float]:
+    """Keep the finite metrics only.
+
+    What could not be measured (no champion, a label-free gate) is not logged to MLflow
+    as NaN; the evaluation row keeps it as NaN.
+    """
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+
+
+def difference_text(evaluation: dict) -> str:
+    """``AP(challenger) - AP(champion)`` with its interval, or why there is none."""
+    if evaluation["gate"] != "labelled":
+        return "label-free (no reviewed anomaly in the holdout)"
+    if not evaluation["champion_version"]:
+        return "no champion"
+    level = round(100 * evaluation["interval_level"])
+    return (
+        f"{evaluation['ap_difference']:+.3f} (SE {evaluation['ap_difference_se']:.3f}, "
+        f"{level}% interval [{evaluation['ap_difference_lower']:+.3f}, "
+        f"{evaluation['ap_difference_upper']:+.3f}], {int(evaluation['n_bursts'])} bursts)"
+    )
+
+
+def store_evaluations(
+    lake: LakeResource, results: list[dict], *, inputs: dict[str, int | None]
+) -> int:
+    """Append the evaluation rows of :func:`train_challenger` results in one commit.
+
+    ``inputs`` are the Delta versions training read (audit columns); each row keeps the
+    MLflow run of its symbol's challenger.
+    """
+    if not results:
+        return lake.version("gold", "fx_model_evaluations") or -1
     links = ("mlflow_run_url", "model_version_url", "seconds")
     rows = [{k: v for k, v in r.items() if k not in links} for r in results]
-    return lake.append("gold", "fx_model_evaluations", pl.DataFrame(rows))
+    frame = with_audit(pl.DataFrame(rows), dagster_run_id=rows[0]["dagster_run_id"], inputs=inputs)
+    return lake.append("gold", "fx_model_evaluations", frame)
 
 
 def reference_features(tracking: TrackingResource, run_id: str) -> dict[str, np.ndarray]:

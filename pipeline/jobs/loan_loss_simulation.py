@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 
 from pipeline import keys
+from pipeline.audit import with_audit
 from pipeline.resources.compute import ComputeError, ComputeResource
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.tracking import TrackingResource
@@ -605,18 +606,23 @@ def simulate_valuation_date(
         pl.lit(settings.seed).alias("seed"),
         pl.lit(input_versions["loan_book"]).alias("loan_book_version"),
         pl.lit(input_versions["loan_scenarios"]).alias("scenario_version"),
-        pl.lit(dagster_run_id).alias("dagster_run_id"),
-        pl.lit(run.run_id).alias("mlflow_run_id"),
         pl.lit(dt.datetime.now(dt.UTC).replace(tzinfo=None)).alias("computed_at"),
     )
-    contributions = contributions.with_columns(*lineage)
+    audit = {
+        "dagster_run_id": dagster_run_id,
+        "mlflow_run_id": run.run_id,
+        "inputs": {f"curated/{table}": v for table, v in input_versions.items()},
+    }
+    contributions = with_audit(contributions.with_columns(*lineage), **audit)
     contributions_version = lake.overwrite_partition(
         "gold", store.CONTRIBUTIONS_TABLE, contributions, {"valuation_date": valuation_date}
     )
-    summary_table = pl.DataFrame(rows).with_columns(
-        pl.lit(npz_uri).alias("samples_uri"),
-        pl.lit(run.run_id).alias("mlflow_run_id"),
-        pl.lit(dt.datetime.now(dt.UTC).replace(tzinfo=None)).alias("computed_at"),
+    summary_table = with_audit(
+        pl.DataFrame(rows).with_columns(
+            pl.lit(npz_uri).alias("samples_uri"),
+            pl.lit(dt.datetime.now(dt.UTC).replace(tzinfo=None)).alias("computed_at"),
+        ),
+        **audit,
     )
     version = lake.overwrite_partition(
         "gold", store.SUMMARY_TABLE, summary_table, {"valuation_date": valuation_date}

@@ -5,6 +5,7 @@ from dagster import EnvVar
 from pipeline.resources.compute import ComputeResource
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.landing import LandingResource
+from pipeline.resources.pii import SALT_VARIABLE, PiiResource
 from pipeline.resources.tracking import TrackingResource
 from pipeline.settings import Settings
 
@@ -54,4 +55,5 @@ def build_resources(settings: Settings) -> dict[str, object]:
             registry_uri="databricks-uc" if settings.uc_catalog else None,
         ),
         "compute": ComputeResource(**compute_kwargs),
+        "pii": PiiResource(salt=EnvVar(SALT_VARIABLE)),
     }

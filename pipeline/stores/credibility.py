@@ -97,6 +97,18 @@ def stale_posterior_failures(diagnostics: dict, window: pl.DataFrame, month: str
     return [f"{what}; materialise {keys.CREDIBILITY_POSTERIOR.to_user_string()} for {month} again"]
 
 
+def table_rule_failures(diagnostics: dict, window: pl.DataFrame, month: str) -> list[str]:
+    """Why the credibility table of ``month`` may not be written from the stored posterior.
+
+    The gate recomputed on the stored diagnostics, and staleness against ``window``.
+    """
+    from pipeline.domain.credibility import gate_failures
+
+    if not diagnostics:
+        return [f"no stored posterior diagnostics for {month}"]
+    return [*gate_failures(diagnostics), *stale_posterior_failures(diagnostics, window, month)]
+
+
 def check_metadata(diagnostics: dict) -> dict[str, float | int | str]:
     """The stored facts every check on the posterior shows beside its verdict.
 

@@ -6,24 +6,25 @@ challenger's evaluation is appended to ``gold/fx_model_evaluations``; the
 :func:`promotion_rule_failures` to that stored row. Alias moves are appended to
 ``gold/model_events``, the audit trail of the registry, after the aliases moved;
 :func:`champion_on` reads it back ("which version was champion for EURUSD on that day").
+The labels the gate scores against are the desk's incident log,
+``curated/fx_incidents``, read through the lake like every other curated table.
 """
 
 import datetime as dt
-import io
 
 import polars as pl
 from dagster import Failure
 
+from pipeline.audit import with_audit
 from pipeline.domain import contracts
 from pipeline.resources.lake import LakeResource
-from pipeline.resources.landing import LandingResource
 
 CHALLENGER, CHAMPION, PREVIOUS_CHAMPION = "challenger", "champion", "previous_champion"
+INCIDENT_COLUMNS = ("symbol", "start", "end", "label")
 REVERTED_TAG = "reverted"
 """Model-version tag: the monitor moved ``champion`` away from this version (the reason)."""
 KPI_REGRESSION_TAG = "kpi_regression"
 """Model-version tag: this version failed its KPI while serving (the reason), reverted or not."""
-LABELS_FILE = "_truth/fx_anomaly_labels.parquet"
 LOOKBACK_DAYS = 3  # calendar days searched for the warm-up tail of a scored day (weekends)
 
 
@@ -35,25 +36,23 @@ def read_symbol_ticks(lake: LakeResource, symbol: str) -> pl.DataFrame:
     return ticks.sort("ts")
 
 
-def read_labels(landing: LandingResource, symbol: str) -> pl.DataFrame:
-    """Confirmed anomalies of one symbol (the desk's incident log; demo: the truth file)."""
-    if not landing.exists(LABELS_FILE):
-        raise Failure(f"fx symbol {symbol}: no anomaly labels at {landing.uri(LABELS_FILE)}")
-    labels = pl.read_parquet(io.BytesIO(landing.read_bytes(LABELS_FILE))).with_columns(
-        pl.col("symbol").map_batches(contracts.normalise_symbols, return_dtype=pl.String),
-        pl.col("ts").cast(pl.Datetime("us")),
-    )
-    return labels.filter(pl.col("symbol") == symbol).select("ts").unique()
+def read_incidents(lake: LakeResource, symbol: str) -> pl.DataFrame:
+    """The curated incident-log rows of one symbol (reviewed windows and anomalies).
 
-
-def label_rows(features: pl.DataFrame, anomalous_ts: pl.DataFrame) -> pl.DataFrame:
-    """One label per feature row: ticks absent from the incident log are normal."""
-    flagged = anomalous_ts.with_columns(pl.lit(True).alias("is_anomaly"))
-    return (
-        features.select("ts")
-        .join(flagged, on="ts", how="left")
-        .with_columns(pl.col("is_anomaly").fill_null(False))
-    )
+    Empty (with the incident columns) when the desk never reviewed the symbol, or no
+    incident log was ever curated: the gate then follows its label-free rule.
+    """
+    rows = lake.read("curated", "fx_incidents", {"symbol": symbol})
+    if rows.height == 0:
+        return pl.DataFrame(
+            schema={
+                "symbol": pl.String,
+                "start": pl.Datetime("us"),
+                "end": pl.Datetime("us"),
+                "label": pl.String,
+            }
+        )
+    return rows.select(INCIDENT_COLUMNS).sort("start")
 
 
 def tick_contract_failures(ticks: pl.DataFrame) -> list[str]:
@@ -75,32 +74,54 @@ def latest_evaluation(lake: LakeResource, symbol: str) -> dict | None:
 
 
 def promotion_rule_failures(evaluation: dict | None) -> list[str]:
-    """The promotion rule applied to a stored evaluation row."""
-    from pipeline.domain.fx_anomaly import promotion_failures
+    """The promotion rule applied to a stored evaluation row.
+
+    A ``labelled`` row (reviewed anomalies in the holdout) is judged by
+    :func:`~pipeline.domain.fx_anomaly.promotion_failures` with the stored bootstrap
+    interval of the AP difference; a ``label-free`` row by
+    :func:`~pipeline.domain.fx_anomaly.label_free_failures`.
+    """
+    from pipeline.domain import fx_anomaly
 
     if evaluation is None:
         return ["no stored challenger evaluation"]
-    champion = (
-        {"average_precision": evaluation["champion_average_precision"]}
-        if evaluation["champion_version"]
-        else None
-    )
-    failures = promotion_failures(
-        {"average_precision": evaluation["challenger_average_precision"]},
-        champion,
-        tolerance=evaluation["ap_tolerance"],
-        floor=evaluation["ap_floor"],
-    )
+    has_champion = bool(evaluation["champion_version"])
+    if evaluation.get("gate", fx_anomaly.LABELLED) == fx_anomaly.LABEL_FREE:
+        failures = fx_anomaly.label_free_failures(
+            challenger_rate=evaluation["challenger_anomaly_rate"],
+            champion_rate=evaluation["champion_anomaly_rate"] if has_champion else None,
+            rank_agreement=evaluation["rank_agreement"] if has_champion else None,
+            contamination=evaluation["contamination"],
+            max_rate_ratio=evaluation["label_free_rate_ratio"],
+            min_rank_agreement=evaluation["min_rank_agreement"],
+        )
+    else:
+        failures = fx_anomaly.promotion_failures(
+            {"average_precision": evaluation["challenger_average_precision"]},
+            {"average_precision": evaluation["champion_average_precision"]}
+            if has_champion
+            else None,
+            tolerance=evaluation["ap_tolerance"],
+            floor=evaluation["ap_floor"],
+            difference={k: evaluation[k] for k in fx_anomaly.DIFFERENCE_KEYS}
+            if "ap_difference" in evaluation
+            else None,
+        )
     contract = [f for f in evaluation["contract_failures"].split("\n") if f]
     return contract + failures
 
 
 def record_model_event(lake: LakeResource, **event: str) -> None:
-    """Append an alias move to ``gold/model_events`` (the audit trail of the registry)."""
+    """Append an alias move to ``gold/model_events`` (the audit trail of the registry).
+
+    ``event`` names the ``dagster_run_id``; the audit columns are added (no input table,
+    and no MLflow run: the model versions are named by ``from_version``/``to_version``).
+    """
+    frame = pl.DataFrame([{**event, "at": dt.datetime.now(dt.UTC).replace(tzinfo=None)}])
     lake.append(
         "gold",
         "model_events",
-        pl.DataFrame([{**event, "at": dt.datetime.now(dt.UTC).replace(tzinfo=None)}]),
+        with_audit(frame, dagster_run_id=event.get("dagster_run_id", ""), inputs={}),
     )
 
 

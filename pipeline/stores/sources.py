@@ -1,4 +1,4 @@
-"""The four upstream feeds: where they land, how bronze stores them, how curated splits them.
+"""The five upstream feeds: where they land, how bronze stores them, how curated splits them.
 
 Bronze keeps every delivered value as text plus lineage columns, one Delta partition
 per landing partition, including columns the contract does not declare (the bronze
@@ -57,6 +57,14 @@ SOURCES = {
         date_partitions,
         contracts.fx_ticks_contract,
         "Bid/ask ticks of every currency pair per UTC day, as delivered.",
+    ),
+    "fx_incidents": Source(
+        "fx_incidents",
+        keys.BRONZE_FX_INCIDENTS,
+        date_partitions,
+        contracts.fx_incidents_contract,
+        "The FX desk's incident log per UTC day: reviewed windows and confirmed spread "
+        "anomalies (symbol, start, end, label, reviewer, note), as delivered.",
     ),
     "loan_book": Source(
         "loan_book",
@@ -131,12 +139,13 @@ def read_delivery(landing: LandingResource, source: Source, partition_key: str) 
                 f"{source.name} partition {partition_key}: {exc}",
                 metadata={"file": file.relative},
             ) from exc
-        hashes[file.relative] = landing.sha256(payload)
+        hashes[file.relative] = landing.sha256(payload)  # also on each row: `pipeline lineage`
         undeclared.update(dict.fromkeys(contracts.undeclared_columns(frame, contract)))
         delivered_at = dt.datetime.fromtimestamp(file.mtime_ns / 1e9, dt.UTC).replace(tzinfo=None)
         frames.append(
             frame.with_columns(
                 pl.lit(file.relative).alias("_source_file"),
+                pl.lit(hashes[file.relative]).alias("_source_sha256"),
                 pl.int_range(1, frame.height + 1, dtype=pl.Int64).alias("_row_number"),
                 pl.lit(ingested_at).alias("_ingested_at"),
                 pl.lit(delivered_at).alias("_delivered_at"),

@@ -66,8 +66,10 @@ TABLE_COLUMNS = [
     "max_rhat",
     "n_divergences",
     "min_ess_bulk",
-    "mlflow_run_id",
     "dagster_run_id",
+    "code_version",
+    "mlflow_run_id",
+    "input_versions",
 ]
 ESTIMATE_COLUMNS = TABLE_COLUMNS[:11]
 

@@ -764,3 +764,97 @@ def test_an_unwritable_quarantine_publishes_no_curated_rows(platform: Platform) 
     assert quarantine(platform, "claims_by_district", MONTH).height == 0
     stored = platform.lake.read("curated", "claims_by_district", committed=False)
     assert stored["_batch_id"].n_unique() == 2  # the uncommitted batch is invisible
+
+
+# --- the FX incident log: labels are data ------------------------------------------------
+
+INCIDENT_COLUMNS = ["symbol", "start", "end", "label", "reviewer", "note"]
+
+
+def test_the_incident_log_is_picked_up_by_its_sensor_and_ingested_like_any_source(
+    platform: Platform,
+) -> None:
+    import time
+
+    from pipeline import automation
+    from pipeline.resources.landing import LandingResource
+
+    demo(platform, claims_months=(), valuation_dates=(), ticks_per_symbol=1_500)
+    landing = platform.settings.landing_dir
+    (delivered,) = sorted((landing / "fx_incidents").iterdir())
+    assert delivered.name == f"fx_incidents_{DAY}.csv"
+
+    # its landing sensor requests bronze and curated of the day named in the file, in one run
+    resources = {**platform.resources, "landing": LandingResource(path=str(landing), settle_s=0)}
+    context = dg.build_sensor_context(instance=platform.instance, resources=resources)
+    sensed = automation.evaluate_landing(
+        context,
+        resources["landing"],
+        platform.lake,
+        automation.LANDING_TARGETS["fx_incidents"],
+        now_s=time.time() + 60,
+    )
+    (request,) = sensed.run_requests
+    assert request.partition_key == DAY
+    assert request.asset_selection == [keys.BRONZE_FX_INCIDENTS, keys.FX_INCIDENTS]
+
+    result = platform.materialize(request.asset_selection, DAY)
+    assert_all_checks_passed(result, keys.BRONZE_FX_INCIDENTS, keys.FX_INCIDENTS)
+    log = pl.read_csv(delivered, try_parse_dates=True)
+    curated = platform.lake.read("curated", "fx_incidents", {"date": DAY}).sort("symbol", "start")
+    assert curated.columns == ["date", *INCIDENT_COLUMNS]
+    assert curated.height == log.height == metadata(result, keys.FX_INCIDENTS)["rows_curated"]
+    assert set(curated["symbol"]) == {normalise_symbol(s) for s in log["symbol"]}
+    assert set(curated["label"]) == {"anomaly", "reviewed_window"}
+    expected = log.with_columns(
+        pl.col("symbol").map_elements(normalise_symbol, return_dtype=pl.String),
+        pl.col("start", "end").cast(pl.Datetime("us")),
+    ).sort("symbol", "start")
+    assert_frame_equal(
+        curated.select("symbol", "start", "end", "label", "reviewer"),
+        expected.select("symbol", "start", "end", "label", "reviewer"),
+    )
+    assert quarantine(platform, "fx_incidents", DAY).height == 0
+
+
+def test_incident_rows_breaking_the_contract_are_quarantined_with_their_reason(
+    platform: Platform,
+) -> None:
+    rows = [
+        ["EUR/USD", f"{DAY}T08:00:00", f"{DAY}T12:00:00", "reviewed_window", "a.b", ""],
+        ["eur/usd", f"{DAY}T09:00:00", f"{DAY}T09:00:05", "anomaly", "a.b", "wide"],
+        ["EURUSD", f"{DAY}T10:00:00", f"{DAY}T09:00:00", "anomaly", "a.b", "backwards"],
+        ["EURUSD", "2026-09-02T10:00:00", "2026-09-02T11:00:00", "anomaly", "a.b", "next day"],
+        ["EURUSD", f"{DAY}T22:00:00", "2026-09-02T01:00:00", "reviewed_window", "a.b", ""],
+        ["EURUSD", f"{DAY}T10:00:00", f"{DAY}T11:00:00", "maybe", "a.b", "unknown label"],
+        ["../x", f"{DAY}T10:00:00", f"{DAY}T11:00:00", "anomaly", "a.b", "unsafe symbol"],
+        ["EURUSD", f"{DAY}T13:00:00", f"{DAY}T14:00:00", "anomaly", "", "no reviewer"],
+        ["EURUSD", f"{DAY}T15:00:00", "soon", "anomaly", "a.b", "unparseable end"],
+    ]
+    path = platform.settings.landing_dir / "fx_incidents" / f"fx_incidents_{DAY}.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text("\n".join(",".join(r) for r in [INCIDENT_COLUMNS, *rows]) + "\n")
+
+    result = platform.materialize(
+        [keys.BRONZE_FX_INCIDENTS, keys.FX_INCIDENTS], DAY, raise_on_error=False
+    )
+    assert result.success  # rows are quarantined; the partition reconciles
+    curated = platform.lake.read("curated", "fx_incidents").sort("start")
+    assert curated.select("symbol", "label").rows() == [
+        ("EURUSD", "reviewed_window"),
+        ("EURUSD", "anomaly"),
+    ]
+    assert curated["note"].to_list()[1] == "wide"  # a blank note (row 1) is allowed
+    reasons = dict(quarantine(platform, "fx_incidents", DAY).select("_row_number", "reason").rows())
+    assert reasons == {
+        3: "end < start",
+        4: f"start is not on the partition date {DAY}; end is after the partition date {DAY}",
+        5: f"end is after the partition date {DAY}",
+        6: "label not one of anomaly, reviewed_window",
+        7: "symbol does not normalise to [A-Z0-9]{3,12}",
+        8: "reviewer: missing value",
+        9: "end: cannot parse 'soon' as Datetime(time_unit='us', time_zone=None)",
+    }
+    outcomes = check_outcomes(result)
+    assert outcomes[("curated/fx_incidents", keys.CHECK_RECONCILES)]
+    assert outcomes[("curated/fx_incidents", keys.CHECK_CURATED_CONTRACT)]

@@ -33,6 +33,8 @@ from sklearn.metrics import average_precision_score, f1_score, precision_score, 
 from pipeline.domain.errors import DomainError
 from pipeline.domain.fx_anomaly import (
     FEATURE_COLUMNS,
+    LABEL_FREE,
+    LABELLED,
     MIN_HISTORY,
     MIN_TRAINING_ROWS,
     PSI_EPSILON,
@@ -43,15 +45,23 @@ from pipeline.domain.fx_anomaly import (
     FxInputError,
     FxModelError,
     anomaly_rate,
+    burst_blocks,
+    count_bursts,
     drift_warnings,
     evaluate_detector,
+    fast_average_precision,
     feature_drift,
     feature_matrix,
     fit_spread_model,
+    holdout_comparison,
     kpi_failures,
     ks_statistic,
+    label_free_failures,
+    paired_ap_bootstrap,
     population_stability_index,
     promotion_failures,
+    rank_agreement,
+    reviewed_labels,
     score_spreads,
     spread_features,
 )
@@ -666,3 +676,286 @@ def test_feature_drift_sees_a_spread_level_change_only_in_the_raw_spread() -> No
     assert list(legacy) == ["rel_spread_bps"]
     with pytest.raises(FxInputError, match="no reference sample"):
         feature_drift({"mid": reference["rel_spread_bps"]}, wider)
+
+
+# --------------------------------------------------------------------------------------------
+# Reviewed labels, the burst bootstrap of the AP difference, the label-free rule
+# --------------------------------------------------------------------------------------------
+
+
+def _at(minute: int) -> dt.datetime:
+    return dt.datetime(2026, 9, 6, 10) + dt.timedelta(minutes=minute)
+
+
+def test_only_ticks_inside_reviewed_windows_are_labelled() -> None:
+    ticks = pl.DataFrame({"ts": [_at(m) for m in range(10)]}).with_columns(
+        pl.col("ts").cast(pl.Datetime("us"))
+    )
+    incidents = pl.DataFrame(
+        {
+            "start": [_at(2), _at(3), _at(8), _at(7)],
+            "end": [_at(5), _at(4), _at(8), _at(9)],
+            "label": ["reviewed_window", "anomaly", "anomaly", "something_else"],
+        }
+    )
+    labels = reviewed_labels(ticks, incidents)
+    # minutes 2..5 reviewed (ends inclusive); 3 and 4 anomalous; the anomaly at 8 lies
+    # outside every reviewed window and is left out, as are the unreviewed ticks
+    assert labels["ts"].to_list() == [_at(m) for m in (2, 3, 4, 5)]
+    assert labels["is_anomaly"].to_list() == [False, True, True, False]
+    nothing = reviewed_labels(ticks, incidents.filter(pl.col("label") == "anomaly"))
+    assert nothing.height == 0
+    with pytest.raises(FxInputError, match="label"):
+        reviewed_labels(ticks, incidents.drop("label"))
+
+
+@given(
+    st.lists(st.booleans(), min_size=2, max_size=60),
+    st.lists(st.integers(0, 5), min_size=60, max_size=60),
+)
+def test_fast_average_precision_equals_sklearn_with_ties(y: list[bool], score: list[int]) -> None:
+    y_true = np.array(y)
+    s = np.array(score[: len(y)], dtype=float)  # few distinct values: many ties
+    if not y_true.any():
+        assert math.isnan(fast_average_precision(y_true, s))
+        return
+    assert fast_average_precision(y_true, s) == pytest.approx(
+        average_precision_score(y_true, s), abs=1e-12
+    )
+
+
+def test_burst_blocks_start_at_each_burst_and_keep_its_ticks_together() -> None:
+    y = np.array([0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1, 0], dtype=bool)
+    assert burst_blocks(y).tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2]
+    assert count_bursts(y) == 3
+    assert count_bursts(np.zeros(5, dtype=bool)) == 0
+
+
+def _bursty_truth(n_bursts: int, seed: int, *, gap: int = 60, length: int = 8) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y = np.zeros(n_bursts * gap, dtype=bool)
+    for b in range(n_bursts):
+        start = b * gap + int(rng.integers(0, gap - length))
+        y[start : start + int(rng.integers(1, length + 1))] = True
+    return y
+
+
+def test_bootstrap_of_identical_scores_gives_zero_with_an_interval_at_zero() -> None:
+    y = _bursty_truth(20, seed=1)
+    score = np.random.default_rng(2).normal(size=y.size) + 2.0 * y
+    result = paired_ap_bootstrap(y, score, score.copy(), n_resamples=300, seed=3)
+    assert result["ap_difference"] == 0.0
+    assert result["ap_difference_se"] == 0.0
+    assert result["ap_difference_lower"] == 0.0 == result["ap_difference_upper"]
+    assert result["n_bursts"] == 20
+    assert (
+        promotion_failures(
+            {"average_precision": 0.8},
+            {"average_precision": 0.8},
+            tolerance=0.0,
+            floor=0.3,
+            difference=result,
+        )
+        == []
+    )
+
+
+def test_bootstrap_of_a_perfect_against_a_random_detector_excludes_zero() -> None:
+    y = _bursty_truth(20, seed=4)
+    perfect = y.astype(float) + np.random.default_rng(5).uniform(0, 0.1, y.size)
+    random = np.random.default_rng(6).uniform(size=y.size)
+    base_rate = y.mean()
+    result = paired_ap_bootstrap(y, perfect, random, n_resamples=500, seed=7)
+    # truth: AP(perfect) = 1 and AP(random) is about the base rate (here ~0.07)
+    assert result["ap_difference"] == pytest.approx(1.0 - base_rate, abs=0.08)
+    assert 0 < result["ap_difference_lower"] <= result["ap_difference"]
+    assert result["ap_difference"] <= result["ap_difference_upper"] <= 1.0
+    assert 0.0 < result["ap_difference_se"] < 0.1
+    # the other way round the challenger is worse beyond the uncertainty and refused
+    worse = paired_ap_bootstrap(y, random, perfect, n_resamples=500, seed=7)
+    assert worse["ap_difference_upper"] < 0
+    (failure,) = promotion_failures(
+        {"average_precision": 0.9},
+        {"average_precision": 1.0},
+        tolerance=0.0,
+        floor=0.05,
+        difference=worse,
+    )
+    assert "worse than the champion beyond the uncertainty" in failure
+
+
+def test_bootstrap_resamples_bursts_not_ticks() -> None:
+    """Long bursts are few independent units: the SE is that of n_bursts, not of n ticks.
+
+    The same scores with each burst's ticks relabelled as one burst per tick (spaced
+    apart) would give a much smaller SE if ticks were resampled; block resampling of
+    long bursts must show the larger uncertainty of only a few incidents.
+    """
+    rng = np.random.default_rng(8)
+    y = np.zeros(600, dtype=bool)
+    for start in range(30, 600, 120):  # 5 bursts of 20 ticks
+        y[start : start + 20] = True
+    # the challenger finds some bursts completely and misses others
+    found = np.zeros(600)
+    for k, start in enumerate(range(30, 600, 120)):
+        found[start : start + 20] = 1.0 if k % 2 == 0 else 0.0
+    a = found + rng.uniform(0, 0.5, 600)
+    b = rng.uniform(0, 0.5, 600) + 0.5 * y
+    few = paired_ap_bootstrap(y, a, b, n_resamples=400, seed=9)
+    assert few["n_bursts"] == 5
+    # tick-level resampling (every tick its own block) of the same data
+    ticks_as_bursts = np.zeros(y.size * 2, dtype=bool)
+    ticks_as_bursts[::2] = y
+    spread_a, spread_b = np.repeat(a, 2), np.repeat(b, 2)
+    spread_a[1::2] = spread_b[1::2] = -1.0  # separators score lowest, change no AP
+    many = paired_ap_bootstrap(ticks_as_bursts, spread_a, spread_b, n_resamples=400, seed=9)
+    assert many["n_bursts"] == 100
+    assert few["ap_difference"] == pytest.approx(many["ap_difference"], abs=1e-12)
+    assert few["ap_difference_se"] > 2 * many["ap_difference_se"]
+
+
+def test_bootstrap_without_anomalies_is_undefined_and_rejects_bad_input() -> None:
+    result = paired_ap_bootstrap(np.zeros(10, bool), np.ones(10), np.ones(10))
+    assert result["n_bursts"] == 0
+    assert math.isnan(result["ap_difference_upper"])
+    with pytest.raises(FxInputError, match="shape"):
+        paired_ap_bootstrap(np.ones(3, bool), np.ones(3), np.ones(4))
+    with pytest.raises(FxGateConfigError):
+        paired_ap_bootstrap(np.ones(3, bool), np.ones(3), np.ones(3), level=1.0)
+
+
+def _scored(ts: list[dt.datetime], score: np.ndarray, flagged: np.ndarray) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"ts": ts, "anomaly_score": score, "is_anomaly": flagged},
+        schema_overrides={"ts": pl.Datetime("us")},
+    )
+
+
+def test_holdout_comparison_scores_reviewed_ticks_or_falls_back_to_label_free() -> None:
+    y = _bursty_truth(10, seed=10)
+    ts = [_at(0) + dt.timedelta(seconds=i) for i in range(y.size)]
+    good = np.where(y, 1.0, 0.0) + np.random.default_rng(11).uniform(0, 0.9, y.size)
+    noise = np.random.default_rng(12).uniform(size=y.size)
+    challenger = _scored(ts, good, good > 0.95)
+    champion = _scored(ts, noise, noise > 0.95)
+    half = y.size // 2  # the reviewer looked at the first half only
+    labels = pl.DataFrame(
+        {"ts": ts[:half], "is_anomaly": y[:half]}, schema_overrides={"ts": pl.Datetime("us")}
+    )
+    out = holdout_comparison(challenger, champion, labels, n_resamples=200)
+    assert out["gate"] == LABELLED
+    assert out["reviewed_ticks"] == half
+    assert out["n_positive"] == y[:half].sum()
+    assert out["challenger_average_precision"] == pytest.approx(
+        average_precision_score(y[:half], good[:half]), abs=1e-12
+    )
+    assert out["champion_average_precision"] == pytest.approx(
+        average_precision_score(y[:half], noise[:half]), abs=1e-12
+    )
+    assert out["ap_difference_lower"] > 0  # the good ranking wins beyond the uncertainty
+    assert out["challenger_anomaly_rate"] == pytest.approx((good > 0.95).mean())
+    assert out["rank_agreement"] == pytest.approx(stats.spearmanr(good, noise).statistic)
+
+    unreviewed = holdout_comparison(challenger, champion, labels.clear())
+    assert unreviewed["gate"] == LABEL_FREE
+    assert math.isnan(unreviewed["challenger_average_precision"])
+    assert math.isnan(unreviewed["ap_difference"])
+    assert unreviewed["rank_agreement"] == out["rank_agreement"]
+    first = holdout_comparison(challenger, None, labels, n_resamples=50)
+    assert first["gate"] == LABELLED and math.isnan(first["ap_difference"])
+    assert math.isnan(first["champion_average_precision"])
+    with pytest.raises(FxInputError, match="different holdout ticks"):
+        holdout_comparison(challenger, champion.slice(1), labels)
+
+
+def test_rank_agreement_is_undefined_for_a_constant_model() -> None:
+    a = np.arange(10.0)
+    assert rank_agreement(a, a[::-1]) == pytest.approx(-1.0)
+    assert math.isnan(rank_agreement(a, np.ones(10)))
+
+
+@pytest.mark.parametrize(
+    ("rate", "champion_rate", "agreement", "expected"),
+    [
+        # first model: the alarm budget 1/32 and ratio 2 give [1/64, 1/16]
+        (0.03125, None, None, []),
+        (0.0625, None, None, []),
+        (0.07, None, None, ["outside [0.0156, 0.0625] (the alarm budget 0.0312"]),
+        (0.01, None, None, ["outside"]),
+        # with a champion flagging 1/32: same rate bounds, and rank agreement >= 0.5
+        (0.03125, 0.03125, 0.9, []),
+        (0.03125, 0.03125, 0.4, ["rank agreement with the champion 0.4000 is below 0.5000"]),
+        (0.1, 0.03125, 0.4, ["the champion's rate", "rank agreement"]),
+        (0.03125, 0.03125, math.nan, ["rank agreement nan is not finite"]),
+        (math.nan, 0.03125, 0.9, ["flag rate nan is not finite"]),
+    ],
+)
+def test_label_free_truth_table(
+    rate: float, champion_rate: float | None, agreement: float | None, expected: list[str]
+) -> None:
+    failures = label_free_failures(
+        challenger_rate=rate,
+        champion_rate=champion_rate,
+        rank_agreement=agreement,
+        contamination=0.03125,
+        max_rate_ratio=2.0,
+        min_rank_agreement=0.5,
+    )
+    assert len(failures) == len(expected), failures
+    for failure, fragment in zip(failures, expected, strict=True):
+        assert fragment in failure
+
+
+def test_label_free_rule_rejects_bad_config() -> None:
+    kwargs = {"challenger_rate": 0.03, "champion_rate": None, "rank_agreement": None}
+    with pytest.raises(FxGateConfigError, match="max_rate_ratio"):
+        label_free_failures(
+            **kwargs, contamination=0.03, max_rate_ratio=0.5, min_rank_agreement=0.5
+        )
+    with pytest.raises(FxGateConfigError, match="contamination"):
+        label_free_failures(**kwargs, contamination=0.0, max_rate_ratio=2, min_rank_agreement=0.5)
+
+
+@pytest.mark.parametrize(
+    ("interval", "expected"),
+    [
+        ((-0.05, -0.12, 0.02), []),  # worse on the point, not beyond the uncertainty
+        ((-0.1, -0.15, -0.03), ["interval [-0.1500, -0.0300] lies below -0.0000"]),
+        ((0.1, 0.05, 0.2), []),
+        ((math.nan, math.nan, math.nan), ["AP difference interval is missing or not finite"]),
+    ],
+)
+def test_promotion_with_an_interval_refuses_only_a_challenger_worse_beyond_it(
+    interval: tuple[float, float, float], expected: list[str]
+) -> None:
+    point, lower, upper = interval
+    failures = promotion_failures(
+        {"average_precision": 0.7},
+        {"average_precision": 0.75},
+        tolerance=0.0,
+        floor=0.3,
+        difference={
+            "ap_difference": point,
+            "ap_difference_lower": lower,
+            "ap_difference_upper": upper,
+        },
+    )
+    assert len(failures) == len(expected), failures
+    for failure, fragment in zip(failures, expected, strict=True):
+        assert fragment in failure
+
+
+def test_weighted_resample_ap_equals_the_ap_of_the_expanded_ticks() -> None:
+    """The bootstrap weights ticks by how often their block was drawn; that must equal the
+    AP of the resample written out tick by tick (copies tie with their original)."""
+    from pipeline.domain.fx_anomaly import _weighted_ap
+
+    rng = np.random.default_rng(13)
+    y = rng.random(500) < 0.08
+    score = rng.integers(0, 40, 500).astype(float) + 5.0 * y  # ties on purpose
+    weights = rng.integers(0, 3, (6, 500)).astype(float)
+    for row in weights:
+        expanded = np.repeat(np.arange(500), row.astype(int))
+        assert _weighted_ap(y, score, row[None, :])[0] == pytest.approx(
+            average_precision_score(y[expanded], score[expanded]), abs=1e-12
+        )

@@ -7,6 +7,7 @@ Every process it spawns lives in its own session, which the fixture stops with
 """
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,17 +17,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from pipeline.domain.demo_data import (
     claims_truth,
     generate_claims,
+    generate_fx_incidents,
     generate_fx_ticks,
     write_drop,
 )
 from pipeline.settings import Settings, ensure_dagster_home, load_settings
-from pipeline.stores.fx import LABELS_FILE as FX_LABELS_FILE
 from pipeline_tests.e2e.graphql import FINISHED_RUN, DagsterGraphQL, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,8 @@ N_POLICIES = 20_000
 EXPECTED_SYMBOLS = ("EURUSD", "GBPUSD", "USDJPY")
 
 SERVER_START_TIMEOUT_S = float(os.environ.get("PIPELINE_E2E_START_TIMEOUT_S", "240"))
-RUNS_TIMEOUT_S = float(os.environ.get("PIPELINE_E2E_RUNS_TIMEOUT_S", "300"))
+# eleven sensor runs, one after another on 2 cores; the claims one runs the PII scan
+RUNS_TIMEOUT_S = float(os.environ.get("PIPELINE_E2E_RUNS_TIMEOUT_S", "900"))
 
 
 def free_port() -> int:
@@ -133,6 +134,7 @@ def e2e_environment(home: Path, **extra: str) -> dict[str, str]:
         PIPELINE_HOME=str(home),
         DAGSTER_HOME=str(home / "dagster"),
         PIPELINE_SENSOR_INTERVAL_S="3",
+        PIPELINE_PII_SALT=secrets.token_hex(16),  # the claims runs scan for PII
         PYTHONUNBUFFERED="1",
         **extra,
     )
@@ -196,22 +198,21 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev
 def deliver_e2e_drop(landing: Path) -> dict[str, int]:
     """Deliver one claims month and two FX days (three valid symbols, one invalid).
 
-    The FX anomaly labels go to ``_truth/fx_anomaly_labels.parquet`` as
-    :func:`pipeline.domain.demo_data.write_demo_landing` writes them: the challenger
-    gate measures average precision on the held-out day against these labels, and
-    without them it cannot judge (no sensor watches ``_truth``).
+    Each FX day comes with the desk's incident log under ``fx_incidents/``, as
+    :func:`pipeline.domain.demo_data.write_demo_landing` writes it: its landing sensor
+    ingests it like any source, and the challenger gate measures average precision on
+    the reviewed ticks of the held-out day (its invalid-symbol rows are quarantined).
     """
     claims = generate_claims(CLAIMS_MONTH, claims_truth(), n_policies=N_POLICIES)
     write_drop(claims, landing / "claims" / f"claims_{CLAIMS_MONTH}.csv")
     symbols = {**FX_SYMBOLS, INVALID_SYMBOL: (1.0, 1.0)}
-    labels = []
     for date in FX_DATES:
         ticks, day_labels = generate_fx_ticks(
             date, ticks_per_symbol=TICKS_PER_SYMBOL, symbols=symbols
         )
-        labels.append(day_labels)
         write_drop(ticks, landing / "fx_ticks" / f"fx_ticks_{date}.parquet")
-    write_drop(pl.concat(labels), landing / FX_LABELS_FILE)
+        incidents = generate_fx_incidents(date, ticks, day_labels)
+        write_drop(incidents, landing / "fx_incidents" / f"fx_incidents_{date}.csv")
     return {"claims_rows": claims.height, "fx_rows_per_day": TICKS_PER_SYMBOL * len(symbols)}
 
 
@@ -228,6 +229,7 @@ def runs_by_trigger(client: DagsterGraphQL) -> dict[str, list[dict]]:
 EXPECTED_SENSOR_RUNS = {
     "landing:claims": 1,
     "landing:fx_ticks": len(FX_DATES),
+    "landing:fx_incidents": len(FX_DATES),
     "bronze:fx_ticks": len(FX_DATES) * len(FX_SYMBOLS),
 }
 

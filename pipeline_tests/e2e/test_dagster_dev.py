@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 import requests
 
+from pipeline import keys
 from pipeline.domain.demo_data import claims_truth, generate_claims
 from pipeline.resources.lake import BATCH_METADATA_KEY as BATCH_METADATA
 from pipeline_tests.e2e.conftest import (
@@ -46,6 +47,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 SENSORS = (
     "claims_landing",
     "fx_ticks_landing",
+    "fx_incidents_landing",
     "loan_book_landing",
     "loan_scenarios_landing",
     "fx_spreads_from_bronze",
@@ -275,6 +277,49 @@ def test_gates_stay_open_after_a_range_run_backfill(
             for pk in fx_backfill.partitions
         }
     assert failures == {pk: [] for pk in fx_backfill.partitions}
+
+
+def test_each_backfilled_partition_shows_its_own_row_count_and_checks_over_graphql(
+    dagster_dev: DagsterDev, fx_backfill: Backfill
+) -> None:
+    """What the UI reads per partition: its own ``dagster/row_count`` (not the run's total)
+    and a real check outcome (never a planned, "Skipped" one)."""
+    data = dagster_dev.client.execute(
+        """query Mats($key: AssetKeyInput!, $partitions: [String!]) {
+          assetNodeOrError(assetKey: $key) { __typename ... on AssetNode {
+            assetMaterializations(partitions: $partitions) {
+              partition runId
+              metadataEntries { label ... on IntMetadataEntry { intValue } }
+            }
+          } }
+        }""",
+        {"key": {"path": ["curated", "fx_spreads"]}, "partitions": fx_backfill.partitions},
+    )["assetNodeOrError"]
+    assert data["__typename"] == "AssetNode", data
+    backfill_runs = {r["runId"] for r in fx_backfill.state["runs"]}
+    newest: dict[str, dict] = {}
+    for event in data["assetMaterializations"]:  # newest first
+        newest.setdefault(event["partition"], event)
+    assert sorted(newest) == sorted(fx_backfill.partitions)
+    stored = pl.read_delta(str(Path(dagster_dev.settings.lake_uri) / "curated" / "fx_spreads"))
+    for key, event in newest.items():
+        assert event["runId"] in backfill_runs, key
+        date, symbol = key.split("|")
+        rows = stored.filter((pl.col("symbol") == symbol) & (pl.col("date") == date)).height
+        shown = {e["label"]: e.get("intValue") for e in event["metadataEntries"]}
+        assert shown["dagster/row_count"] == rows == TICKS_PER_SYMBOL, key
+    for check in (keys.CHECK_CURATED_CONTRACT, keys.CHECK_RECONCILES):
+        executions = dagster_dev.client.execute(
+            """query Executions($key: AssetKeyInput!, $check: String!) {
+              assetCheckExecutions(assetKey: $key, checkName: $check, limit: 500) {
+                runId status partition
+              }
+            }""",
+            {"key": {"path": ["curated", "fx_spreads"]}, "check": check},
+        )["assetCheckExecutions"]
+        in_backfill = [e for e in executions if e["runId"] in backfill_runs]
+        assert sorted(e["partition"] for e in in_backfill) == sorted(fx_backfill.partitions)
+        assert {e["status"] for e in in_backfill} == {"SUCCEEDED"}, (check, in_backfill)
 
 
 # --- MLflow ------------------------------------------------------------------------
