@@ -80,6 +80,20 @@ def scenarios(**changes: object) -> pl.DataFrame:
     return _change(frame, changes)
 
 
+def incidents(**changes: object) -> pl.DataFrame:
+    frame = pl.DataFrame(
+        {
+            "symbol": ["EUR/USD", "EUR/USD"],
+            "start": [f"{DAY} 08:00:00", f"{DAY} 09:00:00"],
+            "end": [f"{DAY} 12:00:00", f"{DAY} 09:05:00"],
+            "label": ["reviewed_window", "anomaly"],
+            "reviewer": ["desk", "desk"],
+            "note": ["", "spread blow-out"],
+        }
+    )
+    return _change(frame, changes)
+
+
 def _change(frame: pl.DataFrame, changes: dict[str, object]) -> pl.DataFrame:
     """Set ``column`` of row 1 (``column="value"``), or drop it (``column=None``)."""
     for column, value in changes.items():
@@ -168,6 +182,15 @@ def _drops() -> list[Drop]:
             b"\xff\xfe\x00garbage",
             "reject",
             "not valid UTF-8",
+        ),
+        Drop("fx_incidents", f"fx_incidents {t}.csv", csv(incidents()), "reject", "separator"),
+        Drop("fx_incidents", f"fx_incidents_{t}.csv", csv(incidents(label=None)), "error", "label"),
+        Drop(
+            "fx_incidents",
+            f"fx_incidents_{t}.csv",
+            csv(incidents(label="maybe")),
+            "quarantine",
+            "label not one of",
         ),
         # whole-file contract breaches: bronze fails naming the file and the column
         Drop("claims", f"claims_{c}.csv", csv(claims(exposure=None)), "error", "exposure"),

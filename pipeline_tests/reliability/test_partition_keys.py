@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import automation
@@ -73,7 +73,8 @@ def test_a_table_name_or_artefact_path_stays_inside_the_lake(table: str, part: s
         uri = None
     if uri is not None:
         assert uri == f"/lake/curated/{table}" and re.fullmatch(r"[a-z][a-z0-9_]*", table)
-    assume(uri is not None or table == "")
+    # no assume() on the table: most generated names are refused, and filtering them out
+    # tripped hypothesis's filter_too_much health check at random
     try:
         path = LAKE.file_uri("gold", "posteriors", part)
     except LakeError:
