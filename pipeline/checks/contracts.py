@@ -57,82 +57,101 @@ def _judge(
     yield from check_outcomes(context, verdicts, severity=severity)
 
 
+BronzeVerdict = Callable[[pl.DataFrame, Source, str], Verdict]
+"""Judges one stored bronze partition: ``(stored rows, source, partition key) -> verdict``."""
+
+
+def _schema_verdict(stored: pl.DataFrame, source: Source, partition_key: str) -> Verdict:
+    required = source.contract(partition_key).required_columns
+    missing = [c for c in required if c not in stored.columns]
+    if stored.height == 0:
+        return Verdict(False, "no rows stored", {"rows": 0})
+    if missing:
+        return Verdict(False, f"missing columns {missing}", {"missing": str(missing)})
+    return Verdict(True, f"{stored.height} rows, all columns", {"rows": stored.height})
+
+
+def _ingest_lag_verdict(stored: pl.DataFrame, source: Source, partition_key: str) -> Verdict:
+    if stored.height == 0:
+        return Verdict(False, "no rows stored", {})
+    lag = stored.select((pl.col("_ingested_at") - pl.col("_delivered_at")).max()).item()
+    hours = lag.total_seconds() / 3600
+    return Verdict(
+        lag <= MAX_INGEST_LAG,
+        f"max ingest lag {hours:.2f} h (bound 24 h)",
+        {"max_ingest_lag_hours": round(hours, 3)},
+    )
+
+
+def _drift_verdict(stored: pl.DataFrame, source: Source, partition_key: str) -> Verdict:
+    extra = undeclared_in_bronze(stored, source, partition_key)
+    if not extra:
+        return Verdict(True, "every delivered column is declared", {"undeclared": ""})
+    files = stored.filter(pl.any_horizontal(pl.col(extra).is_not_null()))
+    named = ", ".join(sorted(files["_source_file"].unique().to_list()))
+    return Verdict(
+        False,
+        f"undeclared column(s) {', '.join(extra)} in {named}; kept in bronze",
+        {"undeclared": ", ".join(extra)},
+    )
+
+
+def _bronze_check(
+    source: Source,
+    name: str,
+    verdict: BronzeVerdict,
+    *,
+    description: str,
+    blocking: bool = False,
+    severity: AssetCheckSeverity = AssetCheckSeverity.ERROR,
+) -> AssetChecksDefinition:
+    """One check of a bronze source: ``verdict`` on each stored partition of the run."""
+
+    @asset_check(
+        asset=source.key,
+        name=name,
+        partitions_def=source.partitions_def,
+        blocking=blocking,
+        description=description,
+    )
+    def bronze_check(
+        context: AssetCheckExecutionContext, lake: LakeResource
+    ) -> Iterator[CheckEvent]:
+        def evaluate(partition_key: str) -> Verdict:
+            return verdict(read_bronze(lake, source, partition_key), source, partition_key)
+
+        yield from _judge(context, evaluate, severity=severity)
+
+    return bronze_check
+
+
 def _bronze_checks(source: Source) -> list[AssetChecksDefinition]:
-    @asset_check(
-        asset=source.key,
-        name=keys.CHECK_FILE_SCHEMA,
-        partitions_def=source.partitions_def,
-        blocking=True,
-        description="The stored partition has rows and every column the contract requires.",
-    )
-    def schema_check(
-        context: AssetCheckExecutionContext, lake: LakeResource
-    ) -> Iterator[CheckEvent]:
-        def evaluate(partition_key: str) -> Verdict:
-            stored = read_bronze(lake, source, partition_key)
-            required = source.contract(partition_key).required_columns
-            missing = [c for c in required if c not in stored.columns]
-            if stored.height == 0:
-                return Verdict(False, "no rows stored", {"rows": 0})
-            if missing:
-                return Verdict(False, f"missing columns {missing}", {"missing": str(missing)})
-            return Verdict(True, f"{stored.height} rows, all columns", {"rows": stored.height})
-
-        yield from _judge(context, evaluate)
-
-    @asset_check(
-        asset=source.key,
-        name=keys.CHECK_INGEST_LAG,
-        partitions_def=source.partitions_def,
-        description="Files were ingested within 24 h of their delivery (file time).",
-    )
-    def ingest_lag_check(
-        context: AssetCheckExecutionContext, lake: LakeResource
-    ) -> Iterator[CheckEvent]:
-        def evaluate(partition_key: str) -> Verdict:
-            stored = read_bronze(lake, source, partition_key)
-            if stored.height == 0:
-                return Verdict(False, "no rows stored", {})
-            lag = stored.select(
-                (pl.col("_ingested_at") - pl.col("_delivered_at")).max().alias("lag")
-            ).item()
-            hours = lag.total_seconds() / 3600
-            return Verdict(
-                lag <= MAX_INGEST_LAG,
-                f"max ingest lag {hours:.2f} h (bound 24 h)",
-                {"max_ingest_lag_hours": round(hours, 3)},
-            )
-
-        yield from _judge(context, evaluate, severity=AssetCheckSeverity.WARN)
-
-    @asset_check(
-        asset=source.key,
-        name=keys.CHECK_NO_UNDECLARED_COLUMNS,
-        partitions_def=source.partitions_def,
-        description=(
-            "Warns when a delivery carries columns the contract does not declare "
-            "(kept in bronze as delivered, never curated)."
+    return [
+        _bronze_check(
+            source,
+            keys.CHECK_FILE_SCHEMA,
+            _schema_verdict,
+            blocking=True,
+            description="The stored partition has rows and every column the contract requires.",
         ),
-    )
-    def drift_check(
-        context: AssetCheckExecutionContext, lake: LakeResource
-    ) -> Iterator[CheckEvent]:
-        def evaluate(partition_key: str) -> Verdict:
-            stored = read_bronze(lake, source, partition_key)
-            extra = undeclared_in_bronze(stored, source, partition_key)
-            if not extra:
-                return Verdict(True, "every delivered column is declared", {"undeclared": ""})
-            files = stored.filter(pl.any_horizontal(pl.col(extra).is_not_null()))
-            named = ", ".join(sorted(files["_source_file"].unique().to_list()))
-            return Verdict(
-                False,
-                f"undeclared column(s) {', '.join(extra)} in {named}; kept in bronze",
-                {"undeclared": ", ".join(extra)},
-            )
-
-        yield from _judge(context, evaluate, severity=AssetCheckSeverity.WARN)
-
-    return [schema_check, ingest_lag_check, drift_check]
+        _bronze_check(
+            source,
+            keys.CHECK_INGEST_LAG,
+            _ingest_lag_verdict,
+            severity=AssetCheckSeverity.WARN,
+            description="Files were ingested within 24 h of their delivery (file time).",
+        ),
+        _bronze_check(
+            source,
+            keys.CHECK_NO_UNDECLARED_COLUMNS,
+            _drift_verdict,
+            severity=AssetCheckSeverity.WARN,
+            description=(
+                "Warns when a delivery carries columns the contract does not declare "
+                "(kept in bronze as delivered, never curated)."
+            ),
+        ),
+    ]
 
 
 @dataclass(frozen=True)
