@@ -638,7 +638,9 @@ def test_an_unreviewed_symbol_is_trained_registered_and_judged_label_free(fx: Pl
     assert row["champion_version"] == "1"
     assert 0.8 <= row["rank_agreement"] <= 1.0, row
     ratio = row["challenger_anomaly_rate"] / row["champion_anomaly_rate"]
-    assert 1 / 3 <= ratio <= 3
+    # same contamination (3 %) on the same ticks: the two seeds flag within 25 % of each
+    # other (measured 1.02), far inside the gate's own 1/3-3 bound
+    assert 0.8 <= ratio <= 1.25, row
     assert aliases(fx, name)[CHAMPION] == "2"
 
     # a weakened challenger (constant scores, nothing flagged) is refused, not promoted

@@ -95,7 +95,8 @@ def test_fx_ticks_are_valid_quotes_within_the_day_and_anomalies_are_of_mixed_wid
         )
         .get_column("spread")
     )
-    assert 1.5 < ratio.median() < 3.0, ratio.to_list()
+    # seeded: measured 2.23; a band of about 15 % around the 2.1 of the multipliers alone
+    assert 1.8 < ratio.median() < 2.5, ratio.to_list()
     # mixed: some anomalies hide in the noise (below 1.5x the normal median), some do not (3x+)
     normal = flagged.filter(~pl.col("a")).group_by("symbol").agg(pl.col("spread").median())
     relative = flagged.filter(pl.col("a")).join(normal, on="symbol", suffix="_normal")

@@ -81,8 +81,15 @@ LakeResource(root_uri=sys.argv[1], service_timeout_s=30).overwrite_partition(
 """
 
 
+KILL_ATTEMPTS = 5
+
+
 def _kill_while_writing_a_file(root: str) -> Path:
-    """SIGKILL a writer while its data file is still being written; return that file."""
+    """SIGKILL a writer while its data file is still being written; return that file.
+
+    A writer that finishes before its staging file is seen is tried again (up to
+    :data:`KILL_ATTEMPTS` times); never seeing one fails the test rather than skipping it.
+    """
     lake = LakeResource(root_uri=root, service_timeout_s=30)
     lake.overwrite_partition(
         "gold",
@@ -91,12 +98,22 @@ def _kill_while_writing_a_file(root: str) -> Path:
         {"valuation_date": "2026-09-30"},
     )
     folder = Path(lake.table_uri("gold", "loan_loss_summary")) / "valuation_date=2026-09-30"
+    for _ in range(KILL_ATTEMPTS):
+        staged = _staged_file_of_a_killed_writer(root, folder)
+        if staged is not None:
+            return staged
+    pytest.fail(f"{KILL_ATTEMPTS} writers finished before a file under its staging name was seen")
+
+
+def _staged_file_of_a_killed_writer(root: str, folder: Path) -> Path | None:
+    """Start the big writer, SIGKILL it once a staging file has bytes; ``None`` if too late."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _BIG_WRITER, root],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+    staged: list[Path] = []
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         while proc.poll() is None:
@@ -107,9 +124,7 @@ def _kill_while_writing_a_file(root: str) -> Path:
             time.sleep(0.001)
     finally:
         proc.wait(timeout=120)
-    if proc.returncode != -signal.SIGKILL:
-        pytest.skip("the writer finished before a file under its staging name was seen")
-    return staged[0]
+    return staged[0] if proc.returncode == -signal.SIGKILL else None
 
 
 def _age_files(table_dir: Path, hours: float) -> None:

@@ -126,4 +126,5 @@ def test_an_unanswering_object_store_fails_the_step_naming_table_and_bound() -> 
         f"s3://landing-bucket/lake/bronze/claims: the object store failed or did not answer "
         f"within the bound of {BOUND_S} s (PIPELINE_SERVICE_TIMEOUT_S)"
     ) in outcome["error"]
-    assert 1 <= len(hole.connections) <= 6  # bounded retries, not a retry storm
+    # the request was retried, and no more than the lake's max_retries=2 allow (measured 3)
+    assert 2 <= len(hole.connections) <= 3, hole.connections
