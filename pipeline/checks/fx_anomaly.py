@@ -10,7 +10,7 @@ the model's features against its training sample, which warns and reverts nothin
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from dagster import AssetCheckExecutionContext, AssetCheckSeverity, MetadataValue, asset_check
 
@@ -91,19 +91,17 @@ def champion_kpi_within_bounds(
     context: AssetCheckExecutionContext, lake: LakeResource
 ) -> Iterator[CheckEvent]:
     """Show the monitor's KPI verdict for every partition of the run."""
-    verdicts = {}
-    for key, record in monitor_records(lake, context.partition_keys).items():
-        if record is None:
-            verdicts[key] = Verdict(False, "not monitored")
-            continue
+
+    def judge(record: dict) -> Verdict:
         failures = [f for f in record["failures"].split("\n") if f]
         action = f" (action: {record['action']})" if record["action"] != "none" else ""
-        verdicts[key] = Verdict(
+        return Verdict(
             not failures,
             ("; ".join(failures) or "within bounds") + action,
             {name: record[name] for name in MONITOR_METADATA},
         )
-    yield from check_outcomes(context, verdicts)
+
+    yield from check_outcomes(context, monitor_verdicts(lake, context.partition_keys, judge))
 
 
 @asset_check(
@@ -120,14 +118,11 @@ def model_features_within_drift_bounds(
     context: AssetCheckExecutionContext, lake: LakeResource
 ) -> Iterator[CheckEvent]:
     """Show the monitor's drift warnings for every partition of the run (severity WARN)."""
-    verdicts = {}
-    for key, record in monitor_records(lake, context.partition_keys).items():
-        if record is None:
-            verdicts[key] = Verdict(False, "not monitored")
-            continue
+
+    def judge(record: dict) -> Verdict:
         warnings = [w for w in record["drift_warnings"].split("\n") if w]
         drift = json.loads(record["drift"])
-        verdicts[key] = Verdict(
+        return Verdict(
             not warnings,
             f"{len(warnings)} drift warning(s): " + "; ".join(warnings)
             if warnings
@@ -137,17 +132,26 @@ def model_features_within_drift_bounds(
                 "drift_by_feature": MetadataValue.json(drift),
             },
         )
+
+    verdicts = monitor_verdicts(lake, context.partition_keys, judge)
     yield from check_outcomes(context, verdicts, severity=AssetCheckSeverity.WARN)
 
 
-def monitor_records(lake: LakeResource, partition_keys: list[str]) -> dict[str, dict | None]:
-    """Partition key -> its stored ``gold/fx_model_monitor`` row (``None`` when absent)."""
-    records: dict[str, dict | None] = {}
+def monitor_verdicts(
+    lake: LakeResource, partition_keys: Sequence[str], judge: Callable[[dict], Verdict]
+) -> dict[str, Verdict]:
+    """Partition key -> ``judge`` of its stored ``gold/fx_model_monitor`` row.
+
+    A partition with no stored row fails as "not monitored", whichever check asks.
+    """
+    verdicts: dict[str, Verdict] = {}
     for key in partition_keys:
         symbol, date = split_symbol_date(key)
         stored = lake.read("gold", "fx_model_monitor", {"symbol": symbol, "date": date})
-        records[key] = stored.row(0, named=True) if stored.height else None
-    return records
+        verdicts[key] = (
+            judge(stored.row(0, named=True)) if stored.height else Verdict(False, "not monitored")
+        )
+    return verdicts
 
 
 fx_checks = [
