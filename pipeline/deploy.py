@@ -254,6 +254,8 @@ run_monitoring:
   enabled: true
 telemetry:
   enabled: false
+nux:
+  enabled: false
 """
 
 

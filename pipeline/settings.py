@@ -313,6 +313,10 @@ run_retries:
   retry_on_asset_or_op_failure: false
 telemetry:
   enabled: false
+# no "join the community" dialog over the UI of a fresh instance (it covered menus
+# opened in the first seconds of a session)
+nux:
+  enabled: false
 """
 
 

@@ -77,6 +77,23 @@ def _shot(page, name: str) -> Path:
     return path
 
 
+def _open_graph_menu_item(page, item: str, attempts: int = 3) -> None:
+    """Click ``item`` of the graph's settings menu, reopening the menu if something (a
+    dialog, a re-render of the graph) closed it before the click landed."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    settings = page.locator("#zoom-slider-container").get_by_role("button", name="settings")
+    entry = page.get_by_role("menuitem", name=item)
+    for attempt in range(attempts):
+        settings.click()
+        try:
+            entry.click(timeout=10_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+
+
 def test_asset_graph_shows_every_layer(page, dagster_dev: DagsterDev) -> None:
     from playwright.sync_api import expect
 
@@ -84,8 +101,7 @@ def test_asset_graph_shows_every_layer(page, dagster_dev: DagsterDev) -> None:
     expect(page.get_by_text("Global asset lineage")).to_be_visible()
     # the graph's settings button opens its menu once the graph is drawn (a right click on
     # the canvas before that opens nothing, and was flaky on a loaded machine)
-    page.locator("#zoom-slider-container").get_by_role("button", name="settings").click()
-    page.get_by_role("menuitem", name="Expand all groups").click()
+    _open_graph_menu_item(page, "Expand all groups")
     for name in (
         "claims_by_district",
         "fx_spreads",
