@@ -163,6 +163,31 @@ def test_importing_assets_builds_no_sensor_and_reads_only_the_time_axis_setting(
     assert set(seen["read"]) <= {"PIPELINE_PARTITIONS_START", "PIPELINE_HOME"}, seen["read"]
 
 
+HEAVY_AT_RUN_TIME = (
+    "presidio_analyzer",
+    "spacy",
+    "pymc",
+    "pytensor",
+    "mlflow",
+    "pyspark",
+    "sklearn",
+)
+
+
+def test_loading_the_code_location_imports_no_model_library() -> None:
+    """The code server, the daemon and every sensor tick load the definitions: the model
+    libraries (Presidio with spaCy alone cost ~4 s) load only in the runs that use them."""
+    script = (
+        "import json, sys; import pipeline.definitions; "
+        f"print(json.dumps([m for m in {HEAVY_AT_RUN_TIME!r} if m in sys.modules]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
 # Declared dependencies that are used without being imported by ``pipeline``.
 USED_WITHOUT_IMPORT = {
     "dagster-webserver": "serves the UI of `make dev` (`dagster dev`)",

@@ -20,7 +20,6 @@ from dagster import (
 
 from pipeline import keys
 from pipeline.audit import input_versions, with_audit
-from pipeline.domain.pii import scrub
 from pipeline.metadata import counts_table
 from pipeline.resources.lake import LakeResource, PartitionWrite
 from pipeline.resources.pii import PiiResource
@@ -66,6 +65,10 @@ def claims_pii_scan(context: AssetExecutionContext, lake: LakeResource, pii: Pii
     bronze = read_bronze(lake, CLAIMS, month)
     if bronze.height == 0:
         raise Failure(f"claims partition {month}: bronze has no rows to scan; ingest it first")
+    # Presidio (and the spaCy it imports) costs ~4 s of import: loaded by the scan only, so
+    # the code server, the daemon and every sensor process start without it
+    from pipeline.domain.pii import scrub
+
     scrubbed, log = scrub(bronze, policy, salt, document_id=DOCUMENT_ID)
     scrubbed = scrubbed.drop("_batch_id", strict=False).with_columns(pl.lit(month).alias("month"))
     log = with_audit(
