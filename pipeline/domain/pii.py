@@ -233,23 +233,35 @@ def build_analyzer() -> AnalyzerEngine:
     return analyzer
 
 
-def _record_recognizer(entity: str, value: str) -> PatternRecognizer:
-    """The row's own declared ``value`` as it may be written in its text.
+def _record_spans(text: str, known: dict[str, str]) -> list[RecognizerResult]:
+    """Where ``text`` repeats one of the row's own declared values (score 0.9).
 
-    A name's parts may be separated by any whitespace; a number or address may be typed
-    with or without spaces between any two characters (IBANs and cards in fours).
+    Whitespace is ignored on both sides, so a name split over a line break and an IBAN
+    or card typed in fours are found. A string search, not a pattern per row and value:
+    Presidio ad-hoc recognizers or ``re`` patterns compiled per row tripled the scan time
+    (and evicted the compiled patterns of ``phonenumbers`` from ``re``'s cache).
     """
-    if entity == "PERSON":
-        body, name = r"\s+".join(re.escape(p) for p in value.split()), "RecordNameRecognizer"
-    else:
-        chars = "".join(value.split())
-        body, name = "[ \t]?".join(re.escape(c) for c in chars), "RecordValueRecognizer"
-    return PatternRecognizer(
-        supported_entity=entity,
-        name=name,
-        patterns=[Pattern("the record's own value", rf"(?<!\w){body}(?!\w)", 0.9)],
-        global_regex_flags=re.DOTALL | re.MULTILINE,
-    )
+    chars = [(i, c) for i, c in enumerate(text) if not c.isspace()]
+    compact = "".join(c for _, c in chars)
+    found = []
+    for entity, value in known.items():
+        needle = "".join((value or "").split())
+        name = "RecordNameRecognizer" if entity == "PERSON" else "RecordValueRecognizer"
+        at = compact.find(needle) if needle else -1
+        while at >= 0:
+            start, end = chars[at][0], chars[at + len(needle) - 1][0] + 1
+            if _standalone(text, start, end):
+                meta = {"recognizer_name": name}
+                found.append(RecognizerResult(entity, start, end, 0.9, recognition_metadata=meta))
+            at = compact.find(needle, at + 1)
+    return found
+
+
+def _standalone(text: str, start: int, end: int) -> bool:
+    """No letter or digit glued to either end: ``Ann Lee`` is not found in ``Ann Leeds``."""
+    before = text[start - 1] if start > 0 else " "
+    after = text[end] if end < len(text) else " "
+    return not (before.isalnum() or before == "_" or after.isalnum() or after == "_")
 
 
 def scan_text(
@@ -262,10 +274,8 @@ def scan_text(
     """
     if not text:
         return []
-    ad_hoc = [_record_recognizer(e, v) for e, v in (known or {}).items() if v and v.strip()] or None
-    found = build_analyzer().analyze(
-        text, language="en", entities=list(policy.entities), ad_hoc_recognizers=ad_hoc
-    )
+    found = build_analyzer().analyze(text, language="en", entities=list(policy.entities))
+    found += _record_spans(text, {e: v for e, v in (known or {}).items() if e in policy.entities})
     kept: list[RecognizerResult] = []
     for r in sorted(found, key=lambda r: (-r.score, r.start - r.end, r.start)):
         if r.score < policy.entities[r.entity_type].threshold:

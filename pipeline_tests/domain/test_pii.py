@@ -162,3 +162,12 @@ def test_an_empty_or_short_salt_names_the_variable() -> None:
         pii.check_salt("", "PIPELINE_PII_SALT")
     with pytest.raises(pii.PiiSaltError, match="PIPELINE_PII_SALT is too short"):
         pii.check_salt("short", "PIPELINE_PII_SALT")
+
+
+def test_the_rows_own_values_are_found_where_validators_and_cues_are_not() -> None:
+    """``phonenumbers`` calls +44 7700 numbers unallocated; the row declares it anyway."""
+    text = "Call +44 7700 225565 or write to Amelia\nOkafor; not Amelia Okaforova."
+    own = {"PHONE_NUMBER": "+44 7700 225565", "PERSON": "Amelia Okafor"}
+    spans = [(r.entity_type, text[r.start : r.end]) for r in pii.scan_text(text, POLICY, own)]
+    assert spans == [("PHONE_NUMBER", "+44 7700 225565"), ("PERSON", "Amelia\nOkafor")]
+    assert pii.scan_text(text, POLICY) == []
