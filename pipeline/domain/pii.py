@@ -13,7 +13,7 @@ no named-entity recognition. What that leaves:
   ``according to``), before a role (``X (passenger)``) or a reporting verb, or starting
   with a listed given name;
 * values the record itself declares: each delivered personal column of a row (name,
-  phone, e-mail, IBAN, card) is searched for in that row's notes (ad-hoc recognizers per
+  phone, e-mail, IBAN, card) is searched for in that row's notes (a string search per
   row), so a number a validator rejects (``+44 7700 ...`` is unallocated for
   ``phonenumbers``) is still found when it is the row's own;
 * declared personal columns (:data:`PiiPolicy.columns`) are personal data by
