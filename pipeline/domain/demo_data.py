@@ -140,6 +140,17 @@ def generate_claims(
     District sizes are lognormal, so some districts are dense and some sparse,
     as in a real book.
     """
+    return generate_claims_and_pii(month, truth, n_policies=n_policies, seed=seed)[0]
+
+
+def generate_claims_and_pii(
+    month: str, truth: ClaimsTruth, *, n_policies: int = 60_000, seed: int = DEMO_SEED
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """:func:`generate_claims` and the personal-data spans of its notes.
+
+    The spans (``row``, ``entity_type``, ``start``, ``end``, ``text``) are the answer
+    key of the PII scan, saved as ``_truth/claims_pii_<month>.parquet``.
+    """
     rng = np.random.default_rng([seed, 2, int(month.replace("-", ""))])
     n_d = truth.district_rates.height
     size_rng = np.random.default_rng([seed, 3])  # district sizes are stable over months
@@ -159,10 +170,10 @@ def generate_claims(
         }
     )
     holders = generate_policyholders(n_policies, seed=[seed, 6, int(month.replace("-", ""))])
-    notes, _ = generate_adjuster_notes(
+    notes, pii = generate_adjuster_notes(
         holders, policy_ids, counts > 0, seed=[seed, 7, int(month.replace("-", ""))]
     )
-    return pl.concat([frame, holders, notes.select("adjuster_notes")], how="horizontal")
+    return pl.concat([frame, holders, notes.select("adjuster_notes")], how="horizontal"), pii
 
 
 # --- personal data of the claims drop -------------------------------------------------
@@ -179,6 +190,31 @@ LAST_NAMES = (
     "Yilmaz", "Jansen", "Murphy", "Larsen", "Tanaka", "Haddad", "Moreau", "Brennan",
     "Petrov", "Silva", "Nakamura", "Weber", "Ahmed", "O'Connor", "Van Dijk", "Lindqvist",
     "Mensah", "Garcia", "Hoffmann", "Patel", "Byrne", "Castillo",
+)  # fmt: skip
+# Third parties named in notes (witnesses, other drivers, neighbours): a larger, varied
+# list of given names and surnames (particles, apostrophes, hyphens, three-part names).
+# The scan's given-name list (pipeline/domain/given_names.txt) is written separately and
+# is not built from these; some of these names are deliberately absent from it.
+THIRD_PARTY_GIVEN = (
+    "Aoife", "Bartholomew", "Chidi", "Dagny", "Eamon", "Folasade", "Gwendolyn", "Hamza",
+    "Ilse", "Jarrah", "Kasimir", "Leocadia", "Mirela", "Nnamdi", "Odalys", "Pernille",
+    "Quentin", "Radomir", "Saoirse", "Tiago", "Ulla", "Viggo", "Wiremu", "Ximena",
+    "Yevgenia", "Zbigniew", "Anneliese", "Benedikt", "Cosmin", "Dunya", "Efua", "Gintaras",
+    "Anna", "Thomas", "Maria", "Peter", "Sarah", "David", "Laura", "Michael", "Emma",
+    "John", "Elena", "Jan", "Sofia", "Ahmet", "Fatma", "Piotr", "Katarzyna", "Rahul",
+    "Pooja", "Kofi", "Amina", "Hiroshi", "Yuki", "Lars", "Ingrid", "Pablo", "Lucia",
+    "Mustafa", "Leila", "Sipho", "Chioma", "Niamh", "Declan", "Giulia", "Matteo", "Olga",
+    "Ivan", "Rachel", "Oscar", "Helga", "Klaus", "Wei", "Minh", "Ravi", "Ewa", "Camille",
+)  # fmt: skip
+THIRD_PARTY_SURNAMES = (
+    "Achterberg", "Baptiste", "Ciobanu", "Delacroix", "Eriksen", "Fitzgerald", "Gallagher",
+    "Horvath", "Iwasaki", "Jovanovic", "Kruger", "Lombardi", "Mbeki", "Nowak", "Oyelaran",
+    "Papadopoulos", "Quigley", "Rahman", "Szabo", "Takahashi", "Ulrich", "Vasquez",
+    "Wojcik", "Xu", "Yamamoto", "Zielinski", "O'Brien", "D'Angelo", "McKenzie", "MacLeod",
+    "Al-Rashid", "Smith-Jones", "van der Berg", "de Souza", "Van Damme", "De Luca",
+    "von Arnim", "Nguyen", "Kim", "Osei", "Adeyemi", "Bjornsson", "Carvalho", "Dimitrov",
+    "Esposito", "Fernandes", "Grabowski", "Hakimi", "Ivanova", "Johansson", "Kapoor",
+    "Lindgren", "Moreno", "Nieminen", "Ozturk", "Pereira", "Quispe", "Romano", "Sorensen",
 )  # fmt: skip
 MAIL_DOMAINS = ("gmail.com", "outlook.com", "web.de", "posteo.de", "yahoo.co.uk", "icloud.com")
 # country: (BBAN length in digits after the bank letters, bank letters)
@@ -317,6 +353,14 @@ _NOTE_SENTENCES = (
     "Policy {POLICY_NUMBER} checked, cover confirmed on [date].",
     "Third party driver {OTHER_PERSON} admitted fault at the scene.",
     "Witness {OTHER_PERSON} contacted, statement pending since [date].",
+    "According to {OTHER_PERSON}, the car was parked when it was hit.",
+    "The other driver, {OTHER_PERSON}, disputes the sequence of events.",
+    "{OTHER_PERSON} (passenger) reported neck pain on [date].",
+    "Statement from neighbour {OTHER_PERSON} received on [date].",
+    "Left a voicemail for {OTHER_PERSON}, the tenant upstairs.",
+    "{OTHER_PERSON} called back and confirmed the leak started on [date].",
+    "Photos of the damage were sent in by {OTHER_PERSON} on [date].",
+    "Passenger {OTHER_PERSON} was treated at the hospital and released.",
     "Garage invoice no. [invoice] for EUR [amount] received on [date].",
     "Loss adjuster visit booked for [date], contact number {PHONE_NUMBER}.",
     "Reserve raised to EUR [amount] after photos from {TITLE_PERSON}.",
@@ -335,9 +379,11 @@ def generate_adjuster_notes(
 
     A note mixes 2-4 sentences about the policyholder (full name, ``Mr``/``Ms`` and
     surname, phone, e-mail, IBAN and card, sometimes grouped in fours as people type
-    them, the policy number), third parties (witnesses, other drivers, without a
-    title) and look-alikes that are not personal data (amounts, dates, invoice numbers,
-    the last four digits of a card).
+    them, the policy number), third parties (witnesses, other drivers, passengers,
+    neighbours: without a title, before, inside or at the start of a sentence, drawn
+    from :data:`THIRD_PARTY_GIVEN` and :data:`THIRD_PARTY_SURNAMES`) and look-alikes
+    that are not personal data (amounts, dates, invoice numbers, the last four digits
+    of a card).
 
     Returns
     -------
@@ -380,6 +426,17 @@ def generate_adjuster_notes(
 _NOTE_PARTS = re.compile(r"(\{[A-Z_]+\}|\[[a-z0-9]+\])")
 
 
+def _third_party_name(rng: np.random.Generator) -> str:
+    """A witness or other driver: given name and surname, one in five with a middle name.
+
+    Drawn from the third-party lists, not the policyholders', so the scan cannot find
+    them by the row's own name.
+    """
+    given = [str(g) for g in rng.choice(THIRD_PARTY_GIVEN, 2)]
+    first = " ".join(given) if rng.random() < 0.2 else given[0]
+    return f"{first} {rng.choice(THIRD_PARTY_SURNAMES)}"
+
+
 def _note_part(
     part: str, holder: dict, policy_id: str, rng: np.random.Generator
 ) -> tuple[str, str | None, int]:
@@ -407,7 +464,7 @@ def _note_part(
         surname = holder["policyholder_name"].split(" ", 1)[1]
         return f"{title} {surname}", "PERSON", len(title) + 1
     if slot == "OTHER_PERSON":
-        return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}", "PERSON", 0
+        return _third_party_name(rng), "PERSON", 0
     if slot in ("EMAIL_ADDRESS", "PHONE_NUMBER"):
         return holder[f"policyholder_{slot.split('_')[0].lower()}"], slot, 0
     if slot == "IBAN_CODE":
@@ -609,7 +666,8 @@ def write_demo_landing(
     With ``inject_defects`` the first claims month and the first FX day carry the
     defects real drops have (negative and unparseable exposure, a re-sent policy
     row, crossed quotes), so the quarantine has something to show; the list is
-    saved as ``_truth/injected_defects.json``.
+    saved as ``_truth/injected_defects.json``. The personal data in each month's notes
+    is saved as ``_truth/claims_pii_<month>.parquet``.
     """
     calendar = demo_calendar(today)
     fx_dates = calendar.fx_dates if fx_dates is None else fx_dates
@@ -626,7 +684,8 @@ def write_demo_landing(
     truth.district_rates.write_csv(truth_dir / "claims_district_rates.csv")
     defects: list[dict] = []
     for i, month in enumerate(claims_months):
-        frame = generate_claims(month, truth, n_policies=n_policies, seed=seed)
+        frame, pii = generate_claims_and_pii(month, truth, n_policies=n_policies, seed=seed)
+        pii.write_parquet(truth_dir / f"claims_pii_{month}.parquet")
         if inject_defects and i == 0:
             frame, found = _claims_defects(frame)
             defects += [{"file": f"claims/claims_{month}.csv", **d} for d in found]

@@ -9,15 +9,20 @@ no named-entity recognition. What that leaves:
   (``phonenumbers``), IBANs (ISO 13616 check digits) and card numbers (Luhn);
 * domain :class:`~presidio_analyzer.PatternRecognizer` s: policy numbers and names
   after a title (``Mr Okafor``);
-* names the record itself declares: the delivered ``policyholder_name`` of a row is
-  searched for in that row's notes (an ad-hoc recognizer per row);
+* names without NER (:mod:`pipeline.domain.pii_names`): after a cue word (``witness``,
+  ``according to``), before a role (``X (passenger)``) or a reporting verb, or starting
+  with a listed given name;
+* values the record itself declares: each delivered personal column of a row (name,
+  phone, e-mail, IBAN, card) is searched for in that row's notes (a string search per
+  row), so a number a validator rejects (``+44 7700 ...`` is unallocated for
+  ``phonenumbers``) is still found when it is the row's own;
 * declared personal columns (:data:`PiiPolicy.columns`) are personal data by
   definition and are never scanned: the whole value is the span.
 
-The cost: a name that is neither the policyholder's nor preceded by a title (a
-witness, the other driver) is not found without NER; the measured PERSON recall on
-the generated notes is in the README. Context words ("call me on") cannot raise a
-score either, since the no-op engine yields no tokens.
+The cost: a name with no cue, not after a title, not the row's own and not starting
+with a listed given name is not found without NER (measured figures on generated notes
+are in the README, an upper bound for real prose). Presidio's context words cannot
+raise a score either, since the no-op engine yields no tokens; cues are in the patterns.
 """
 
 import re
@@ -41,6 +46,7 @@ from presidio_anonymizer.entities import OperatorConfig
 from presidio_anonymizer.operators import Hash
 
 from pipeline.domain.errors import DomainError
+from pipeline.domain.pii_names import name_recognizers
 
 ACTIONS = ("redact", "tokenise", "keep")
 MIN_SALT_BYTES = 16
@@ -89,16 +95,14 @@ class PiiPolicy:
     columns
         Declared personal column to its entity type: the whole value is one span.
     text_columns
-        Free-text columns scanned with the analyzer.
-    name_column
-        Column whose value (the record's own name) is looked for in its free text.
+        Free-text columns scanned with the analyzer; the row's own values of ``columns``
+        are looked for in them.
     """
 
     version: str
     entities: dict[str, EntityRule]
     columns: dict[str, str]
     text_columns: tuple[str, ...]
-    name_column: str | None = None
 
     def changed_entities(self, other: "PiiPolicy") -> list[str]:
         """Entity types whose rule differs between this policy and ``other``."""
@@ -142,7 +146,6 @@ def parse_policy(text: str, source: str) -> PiiPolicy:
         entities=entities,
         columns=columns,
         text_columns=tuple(doc.get("text_columns") or ()),
-        name_column=doc.get("name_column"),
     )
 
 
@@ -224,33 +227,55 @@ def build_analyzer() -> AnalyzerEngine:
         IbanRecognizer(),
         CreditCardRecognizer(),
         *_domain_recognizers(),
+        *name_recognizers(),
     ):
         analyzer.registry.add_recognizer(recognizer)
     return analyzer
 
 
-def _name_recognizer(name: str) -> PatternRecognizer:
-    pattern = r"\b" + r"\s+".join(re.escape(part) for part in name.split()) + r"\b"
-    return PatternRecognizer(
-        supported_entity="PERSON",
-        name="RecordNameRecognizer",
-        patterns=[Pattern("the record's own name", pattern, 0.9)],
-    )
+def _record_spans(text: str, known: dict[str, str]) -> list[RecognizerResult]:
+    """Where ``text`` repeats one of the row's own declared values (score 0.9).
+
+    Whitespace is ignored on both sides, so a name split over a line break and an IBAN
+    or card typed in fours are found. A string search, not a pattern per row and value:
+    Presidio ad-hoc recognizers or ``re`` patterns compiled per row tripled the scan time
+    (and evicted the compiled patterns of ``phonenumbers`` from ``re``'s cache).
+    """
+    chars = [(i, c) for i, c in enumerate(text) if not c.isspace()]
+    compact = "".join(c for _, c in chars)
+    found = []
+    for entity, value in known.items():
+        needle = "".join((value or "").split())
+        name = "RecordNameRecognizer" if entity == "PERSON" else "RecordValueRecognizer"
+        at = compact.find(needle) if needle else -1
+        while at >= 0:
+            start, end = chars[at][0], chars[at + len(needle) - 1][0] + 1
+            if _standalone(text, start, end):
+                meta = {"recognizer_name": name}
+                found.append(RecognizerResult(entity, start, end, 0.9, recognition_metadata=meta))
+            at = compact.find(needle, at + 1)
+    return found
+
+
+def _standalone(text: str, start: int, end: int) -> bool:
+    """No letter or digit glued to either end: ``Ann Lee`` is not found in ``Ann Leeds``."""
+    before = text[start - 1] if start > 0 else " "
+    after = text[end] if end < len(text) else " "
+    return not (before.isalnum() or before == "_" or after.isalnum() or after == "_")
 
 
 def scan_text(
-    text: str, policy: PiiPolicy, known_name: str | None = None
+    text: str, policy: PiiPolicy, known: dict[str, str] | None = None
 ) -> list[RecognizerResult]:
     """Spans of ``text`` the policy acts on: above their threshold, overlaps resolved.
 
-    Of two overlapping spans the higher score wins (then the longer one).
+    ``known`` maps entity types to the record's own declared values, looked for as
+    such. Of two overlapping spans the higher score wins (then the longer one).
     """
     if not text:
         return []
-    ad_hoc = [_name_recognizer(known_name)] if known_name and known_name.strip() else None
-    found = build_analyzer().analyze(
-        text, language="en", entities=list(policy.entities), ad_hoc_recognizers=ad_hoc
-    )
+    found = build_analyzer().analyze(text, language="en", entities=list(policy.entities))
+    found += _record_spans(text, {e: v for e, v in (known or {}).items() if e in policy.entities})
     kept: list[RecognizerResult] = []
     for r in sorted(found, key=lambda r: (-r.score, r.start - r.end, r.start)):
         if r.score < policy.entities[r.entity_type].threshold:
@@ -320,15 +345,14 @@ def scrub(
             if v
         ]
     anonymizer, operators = AnonymizerEngine(), _operators(policy, salt)
-    names = (
-        frame[policy.name_column].to_list()
-        if policy.name_column in frame.columns
-        else [None] * frame.height
-    )
+    declared = [c for c in policy.columns if c in frame.columns]
+    known = [
+        {policy.columns[c]: row[c] for c in declared} for row in frame.select(declared).to_dicts()
+    ]
     for column in (c for c in policy.text_columns if c in frame.columns):
         texts, scrubbed = frame[column].to_list(), []
-        for doc_id, text, name in zip(ids, texts, names, strict=True):
-            spans = scan_text(text, policy, name)
+        for doc_id, text, values in zip(ids, texts, known, strict=True):
+            spans = scan_text(text, policy, values)
             log += [
                 (doc_id, column, s.entity_type, s.start, s.end, round(s.score, 4),
                  (s.recognition_metadata or {}).get("recognizer_name", ""), policy.version,
