@@ -5,7 +5,9 @@ private copy of the curated FX demo home (the module fixture of the FX asset tes
 checks that the project run holds the entry point's parameters, that the training run is
 nested under it and registered and aliased as the asset path does it, and that its
 metrics equal those of :func:`pipeline.jobs.fx_training.train_challenger` called in this
-process on another copy of the same data with the same seed.
+process on another copy of the same data with the same seed. A second one runs the
+``loan_loss`` entry point in process under a project run and compares what it stores with
+what the asset stores for the same book, seed and simulations.
 """
 
 import math
@@ -17,18 +19,29 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import yaml
+from polars.testing import assert_frame_equal
 
+from pipeline import keys
 from pipeline.jobs import mlproject
 from pipeline.jobs.fx_training import EXPERIMENT, TrainingParams, train_challenger
+from pipeline.jobs.loan_loss_simulation import SE_COLUMNS, SUMMARY_COLUMNS
 from pipeline.resources.tracking import DAGSTER_RUN_TAG, PARENT_RUN_TAG
 from pipeline.stores import fx as fx_store
+from pipeline.stores.loan_loss import read_summary
 from pipeline_tests.assets.test_fx_assets import (  # noqa: F401  (module fixture)
     MODEL,
     SYMBOL,
     curated_home,
     restored_mlflow_environment,
+)
+from pipeline_tests.assets.test_loan_loss_assets import (
+    LOAN_INPUTS,
+    LOSS_OP,
+    VALUATION,
+    write_landing,
 )
 from pipeline_tests.conftest import make_platform
 
@@ -192,3 +205,47 @@ def test_mlflow_run_train_fx_registers_like_the_asset_path(
     print(f"mlflow run train_fx: {seconds:.1f} s")
     local.instance.dispose()
     project.instance.dispose()
+
+
+@pytest.mark.slow
+def test_loan_loss_entry_point_stores_what_the_asset_stores(tmp_path: Path) -> None:
+    """``loan_loss`` in process, under a project run: the asset's figures, nested run, tags."""
+    plat = make_platform(tmp_path / "home")
+    write_landing(plat)
+    assert plat.materialize(LOAN_INPUTS, VALUATION).success
+    client = plat.tracking.client()
+    experiment = client.create_experiment(
+        PROJECT_EXPERIMENT, artifact_location=(tmp_path / "project_runs").as_uri()
+    )
+    parent = client.create_run(experiment).info.run_id  # what `mlflow run` opens
+    config = {"n_sims": 4_000, "seed": 7, "chunk_size": 1_000}
+    argv = ["loan_loss", "--valuation-date", VALUATION, "--n-sims", "4000", "--seed", "7"]
+    environ = {
+        "PIPELINE_HOME": str(plat.settings.home),
+        "PIPELINE_PARTITIONS_START": os.environ["PIPELINE_PARTITIONS_START"],
+        "MLFLOW_RUN_ID": parent,
+    }
+    assert mlproject.main([*argv, "--chunk-size", "1000"], environ=environ) == 0
+    figures = ["scenario", *SUMMARY_COLUMNS, *SE_COLUMNS, "n_sims"]
+    project_summary = read_summary(plat.lake, VALUATION).sort("scenario")
+    assert set(project_summary["dagster_run_id"]) == {f"mlproject-{parent}"}
+    (nested,) = set(project_summary["mlflow_run_id"])
+    assert client.get_run(nested).data.tags[PARENT_RUN_TAG] == parent
+    assert client.get_run(parent).data.tags[mlproject.NESTED_RUNS_TAG] == nested
+
+    result = dg.materialize(
+        [*plat.defs.assets, *(plat.defs.asset_checks or [])],
+        selection=dg.AssetSelection.assets(keys.LOAN_LOSS_DISTRIBUTION).without_checks(),
+        partition_key=VALUATION,
+        resources=plat.resources,
+        instance=plat.instance,
+        run_config={"ops": {LOSS_OP: {"config": config}}},
+    )
+    assert result.success
+    asset_summary = read_summary(plat.lake, VALUATION).sort("scenario")
+    assert set(asset_summary["dagster_run_id"]) == {result.run_id}
+    assert project_summary.height == asset_summary.height >= 2
+    assert_frame_equal(
+        project_summary.select(figures), asset_summary.select(figures), check_exact=True
+    )
+    plat.instance.dispose()
