@@ -29,6 +29,7 @@ _UC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DAGSTER_RUN_TAG = "dagster.run_id"
 DAGSTER_ASSET_TAG = "dagster.asset_key"
 DAGSTER_PARTITION_TAG = "dagster.partition_key"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under its parent
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 
 
@@ -56,6 +57,10 @@ class TrackingResource(ConfigurableResource):
     request_timeout_s
         Bound (seconds) on the reachability probe of an HTTP tracking server;
         ``None`` reads ``PIPELINE_SERVICE_TIMEOUT_S``.
+    parent_run_id
+        When set, every run opened here is nested under this run (tag
+        ``mlflow.parentRunId``): the run of an ``mlflow run`` entry point
+        (:mod:`pipeline.jobs.mlproject`) is the parent of the runs its job opens.
     """
 
     tracking_uri: str
@@ -65,6 +70,7 @@ class TrackingResource(ConfigurableResource):
     uc_catalog: str | None = None
     uc_schema: str | None = None
     request_timeout_s: int | None = None
+    parent_run_id: str | None = None
 
     def client(self) -> Any:
         """An ``MlflowClient`` bound to this tracking store and registry.
@@ -140,6 +146,7 @@ class TrackingResource(ConfigurableResource):
             DAGSTER_RUN_TAG: dagster_run_id,
             DAGSTER_ASSET_TAG: asset_key,
             DAGSTER_PARTITION_TAG: partition_key or "",
+            **({PARENT_RUN_TAG: self.parent_run_id} if self.parent_run_id else {}),
             **(tags or {}),
         }
         info = client.create_run(
