@@ -181,6 +181,12 @@ def test_databricks_training_and_scoring_equal_the_local_path(
             assert task["spark_python_task"]["python_file"] == SCRIPT
             assert task["existing_cluster_id"] == CLUSTER
         assert workspace.local_path(wheel).is_file()
+        uploads = [
+            r
+            for r in workspace.requests
+            if r.endpoint in ("dbfs/put", "dbfs/create") and r.body.get("path") == wheel[5:]
+        ]
+        assert len(uploads) == 1  # built once per process, found by the second run
         (venv,) = workspace.venvs.values()
         reported = []
         for run in workspace.runs.values():
