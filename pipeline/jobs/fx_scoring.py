@@ -4,7 +4,9 @@
 with one model version (resolved once, loaded by version, never by a moving alias);
 :func:`monitor_day` measures the serving model on one scored day and reverts the alias
 when its KPI regressed (input drift is measured on the model's features and only
-warns). Both are plain functions of the lake and tracking resources.
+warns). Both are plain functions of the lake and tracking resources. Their parts,
+:func:`champion_version`, :func:`score_days` and :func:`write_scores`, are what the
+Databricks path (:mod:`pipeline.jobs.fx_databricks`) splits between driver and job.
 """
 
 import json

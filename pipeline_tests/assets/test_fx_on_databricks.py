@@ -34,7 +34,7 @@ from pipeline.resources.tracking import (
     DAGSTER_RUN_TAG,
     TrackingResource,
 )
-from pipeline.stores.fx import CHALLENGER
+from pipeline.stores.fx import CHALLENGER, CHAMPION
 from pipeline_tests.assets.test_databricks_pipes import (
     CLUSTER,
     event_log_text,
@@ -134,7 +134,7 @@ def test_databricks_training_and_scoring_equal_the_local_path(
             assert scored.success, failure_text(scored)
             runs[name] = (trained.run_id, scored.run_id)
 
-        # the challengers: same versions, same metrics, tagged with this Dagster run
+        # the challengers: same versions and aliases, same metrics, tagged with the run
         for symbol in symbols:
             name = remote.tracking.model_name(symbol)
             by_path = {}
@@ -149,9 +149,10 @@ def test_databricks_training_and_scoring_equal_the_local_path(
                 assert version.tags["dagster_run_id"] == runs[label][0]
                 metrics = dict(run.data.metrics)
                 assert 0 < metrics.pop("fit_seconds") < 60  # wall time: differs between paths
-                by_path[label] = (version.version, metrics)
+                champion = client.get_model_version_by_alias(name, CHAMPION).version
+                by_path[label] = (version.version, champion, metrics)
             assert by_path["databricks"] == by_path["local"], symbol
-            measured = by_path["databricks"][1]
+            measured = by_path["databricks"][2]
             if symbol == UNREVIEWED:  # label-free gate: no AP, and none logged as NaN
                 assert "holdout_average_precision" not in measured
             else:
