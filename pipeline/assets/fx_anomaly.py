@@ -33,7 +33,7 @@ from pydantic import Field
 from pipeline import keys
 from pipeline.audit import input_versions
 from pipeline.gates import GateClosedError, check_record_failures
-from pipeline.jobs import fx_promotion, fx_scoring, fx_spark, fx_training
+from pipeline.jobs import fx_databricks, fx_promotion, fx_scoring, fx_spark, fx_training
 from pipeline.metadata import attach_per_partition, markdown_table, png_markdown
 from pipeline.partitions import (
     split_symbol_date,
@@ -138,6 +138,10 @@ def fx_challenger_model(
                 params=params,
                 tracking=tracking,
                 dagster_run_id=context.run.run_id,
+            )
+        elif compute.backend == "databricks":  # one Databricks job run, from the wheel
+            evaluations = fx_databricks.train_challengers(
+                context, compute, lake=lake, params=params, tracking=tracking
             )
         else:
             fx_spark.require_local_or_spark(compute.backend, "fx_challenger_model")
@@ -328,6 +332,8 @@ def fx_anomaly_scores(
     with domain_errors_are_final():
         if compute.backend == "spark":  # mapInPandas over the ticks repartitioned by symbol
             champions, scored = fx_spark.score_symbols(compute.spark_session(), by_symbol, **io)
+        elif compute.backend == "databricks":  # one Databricks job run, from the wheel
+            champions, scored = fx_databricks.score_symbols(context, compute, by_symbol, **io)
         else:
             fx_spark.require_local_or_spark(compute.backend, "fx_anomaly_scores")
         for symbol, dates in by_symbol.items() if compute.backend == "local" else ():

@@ -4,7 +4,9 @@
 with one model version (resolved once, loaded by version, never by a moving alias);
 :func:`monitor_day` measures the serving model on one scored day and reverts the alias
 when its KPI regressed (input drift is measured on the model's features and only
-warns). Both are plain functions of the lake and tracking resources.
+warns). Both are plain functions of the lake and tracking resources. Their parts,
+:func:`champion_version`, :func:`score_days` and :func:`write_scores`, are what the
+Databricks path (:mod:`pipeline.jobs.fx_databricks`) splits between driver and job.
 """
 
 import json
@@ -61,36 +63,88 @@ def score_symbol_days(
     NoChampionError
         When the symbol has no champion.
     """
-    from pipeline.domain import fx_anomaly
-
     watch = watch or Stopwatch()
     with watch("load_model"):
-        name = tracking.model_name(symbol)
-        champion = tracking.alias_version(name, store.CHAMPION)
-        if champion is None:
-            raise NoChampionError(
-                f"fx symbol {symbol}: model {name} has no `champion`; promote one"
-            )
-        version = str(champion.version)
-        model = tracking.load_sklearn(name, version=version)
+        version, run_id = champion_version(tracking, symbol)
+        model = tracking.load_sklearn(tracking.model_name(symbol), version=version)
     with watch("read"):
         inputs = input_versions(lake, "curated/fx_spreads")
         ticks = store.scoring_ticks(lake, symbol, dates)
+    scored = score_days(model, ticks, dates, watch=watch)  # timed as features, score
+    with watch("write"):
+        out = write_scores(
+            lake,
+            symbol,
+            dates,
+            scored,
+            version=version,
+            mlflow_run_id=run_id,
+            inputs=inputs,
+            dagster_run_id=dagster_run_id,
+        )
+    return version, out
+
+
+def champion_version(tracking: TrackingResource, symbol: str) -> tuple[str, str]:
+    """The version behind the symbol's ``champion`` alias now, and its MLflow run id.
+
+    Callers load the model by this version, never by the alias again (it may move).
+
+    Raises
+    ------
+    NoChampionError
+        When the symbol has no champion.
+    """
+    name = tracking.model_name(symbol)
+    champion = tracking.alias_version(name, store.CHAMPION)
+    if champion is None:
+        raise NoChampionError(f"fx symbol {symbol}: model {name} has no `champion`; promote one")
+    return str(champion.version), champion.run_id
+
+
+def score_days(
+    model: Any, ticks: pl.DataFrame, dates: list[str], *, watch: Stopwatch | None = None
+) -> pl.DataFrame:
+    """The :data:`SCORE_COLUMNS` of the requested days, scored by ``model``.
+
+    ``ticks`` are :func:`pipeline.stores.fx.scoring_ticks` (with the warm-up tail), so the
+    features equal those of training. A Databricks job calls this unchanged.
+    """
+    from pipeline.domain import fx_anomaly
+
+    watch = watch or Stopwatch()
     with watch("features"):
         features = day_features(ticks, dates)
     with watch("score"):
         scored = fx_anomaly.score_spreads(model, features)
-    with watch("write"):
-        out = with_audit(
-            scored.select(*SCORE_COLUMNS, pl.lit(version).alias("model_version")),
-            dagster_run_id=dagster_run_id,
-            inputs=inputs,
-            mlflow_run_id=champion.run_id,
-        )
-        lake.overwrite_partitions(
-            "gold", "fx_anomaly_scores", out, [{"symbol": symbol, "date": d} for d in dates]
-        )
-    return version, out
+    return scored.select(*SCORE_COLUMNS)
+
+
+def write_scores(
+    lake: LakeResource,
+    symbol: str,
+    dates: list[str],
+    scored: pl.DataFrame,
+    *,
+    version: str,
+    mlflow_run_id: str,
+    inputs: dict[str, int | None],
+    dagster_run_id: str,
+) -> pl.DataFrame:
+    """Overwrite the symbol's requested days in ``gold/fx_anomaly_scores`` in one commit.
+
+    Returns the rows written: ``scored`` with ``model_version`` and the audit columns.
+    """
+    out = with_audit(
+        scored.select(*SCORE_COLUMNS, pl.lit(version).alias("model_version")),
+        dagster_run_id=dagster_run_id,
+        inputs=inputs,
+        mlflow_run_id=mlflow_run_id,
+    )
+    lake.overwrite_partitions(
+        "gold", "fx_anomaly_scores", out, [{"symbol": symbol, "date": d} for d in dates]
+    )
+    return out
 
 
 def day_features(ticks: pl.DataFrame, dates: list[str]) -> pl.DataFrame:

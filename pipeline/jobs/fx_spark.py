@@ -57,15 +57,17 @@ class SparkTaskDomainError(DomainError):
 
 
 class UnsupportedBackendError(DomainError):
-    """The FX assets run in process or on Spark; Databricks job runs are not wired yet."""
+    """The FX assets run in process, on Spark or as a Databricks job; nothing else."""
 
 
 def require_local_or_spark(backend: str, asset: str) -> None:
-    """Raise :class:`UnsupportedBackendError` unless ``backend`` is ``local`` or ``spark``."""
+    """Raise :class:`UnsupportedBackendError` unless ``backend`` is ``local`` or ``spark``.
+
+    The assets send ``databricks`` to :mod:`pipeline.jobs.fx_databricks` before asking.
+    """
     if backend not in ("local", "spark"):
         raise UnsupportedBackendError(
-            f"{asset} runs with COMPUTE=local or COMPUTE=spark, not {backend!r}; "
-            "run the FX models with COMPUTE=spark against the cluster's Spark instead"
+            f"{asset} runs with COMPUTE=local, COMPUTE=spark or COMPUTE=databricks, not {backend!r}"
         )
 
 

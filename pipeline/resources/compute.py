@@ -333,22 +333,19 @@ class ComputeResource(ConfigurableResource):
     def deployed_wheel(self, workspace: Any) -> str | None:
         """The wheel tasks install, or ``None`` for the zip bundle (see ``databricks_wheel``).
 
-        With ``"build"`` the checkout's wheel is built and uploaded once per process; an
-        identical build already in the workspace is not uploaded again.
+        With ``"build"`` the checkout's wheel is built once per process (Dagster hands each
+        run a fresh copy of this resource, so the build is cached at module level) and
+        uploaded unless the workspace holds an identical build already.
         """
         if self.databricks_wheel != "build":
             return self.databricks_wheel
         if "wheel" not in self._deployed:
-            import tempfile
-
             from pipeline import deploy
 
-            with tempfile.TemporaryDirectory(prefix="pipeline-deploy-") as tmp:
-                try:
-                    wheel = deploy.build_wheel(Path(tmp))
-                    path, _ = deploy.upload_wheel(workspace, wheel, self.databricks_wheel_root)
-                except deploy.DeployError as exc:
-                    raise ComputeError(f"cannot deploy the wheel: {exc}") from exc
+            try:
+                path, _ = deploy.upload_wheel(workspace, _built_wheel(), self.databricks_wheel_root)
+            except deploy.DeployError as exc:
+                raise ComputeError(f"cannot deploy the wheel: {exc}") from exc
             self._deployed["wheel"] = path
         return self._deployed["wheel"]
 
@@ -415,6 +412,23 @@ class ComputeResource(ConfigurableResource):
             _ensure_file(workspace, target, source.read_bytes())
             self._deployed[target] = target
         return target, bundle
+
+
+@functools.cache
+def _built_wheel() -> Any:
+    """The checkout's wheel, built on first use into a folder removed at exit.
+
+    Cached per process: a failed build is not cached (the next call tries again).
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    from pipeline import deploy
+
+    folder = tempfile.mkdtemp(prefix="pipeline-deploy-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return deploy.build_wheel(Path(folder))
 
 
 @functools.cache

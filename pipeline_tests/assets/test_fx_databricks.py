@@ -46,7 +46,7 @@ def test_wheel_holds_the_platform_and_is_named_by_content(
     with zipfile.ZipFile(wheel.path) as archive:
         names = set(archive.namelist())
     assert {"pipeline/jobs/fx_spark.py", "pipeline/jobs/fx_training.py"} <= names
-    assert "pipeline/remote/loan_loss_job.py" in names
+    assert {"pipeline/remote/loan_loss_job.py", "pipeline/remote/fx_job.py"} <= names
     assert not any(n.startswith("pipeline_tests/") for n in names)
     assert re.fullmatch(
         rf"{ROOT}/{wheel.version}/[0-9a-f]{{16}}/pipeline-{wheel.version}-py3-none-any\.whl",

@@ -16,13 +16,23 @@ shapes and error codes, so the code under test talks to it exactly as to a works
 * Every call needs ``Authorization: Bearer <token>``; anything else is HTTP 401.
 
 On ``runs/submit`` the ``spark_python_task`` is executed the way a cluster would: a
-subprocess of this virtualenv's Python runs the ``python_file`` read from the fake DBFS,
-with the task ``parameters`` as argv and, on a ``new_cluster``, its ``spark_env_vars`` in
-the environment. The environment is otherwise minimal (nothing of the test process leaks
-in, credentials least of all), plus ``PIPELINE_DBFS_FUSE_ROOT`` pointing at the DBFS temp
-folder: that is where the job sees DBFS, as a cluster sees it under ``/dbfs``. Python
-packages come from the virtualenv, so task ``libraries`` are recorded but not installed,
-and ``DATABRICKS_RUNTIME_VERSION`` is not set (jobs run without Spark).
+subprocess runs the ``python_file`` read from the fake DBFS, with the task ``parameters``
+as argv and, on a ``new_cluster``, its ``spark_env_vars`` in the environment. The
+environment is otherwise minimal (nothing of the test process leaks in, ``PYTHONPATH`` and
+credentials least of all), plus ``PIPELINE_DBFS_FUSE_ROOT`` pointing at the DBFS temp
+folder: that is where the job sees DBFS, as a cluster sees it under ``/dbfs``.
+``DATABRICKS_RUNTIME_VERSION`` is not set (jobs run without Spark).
+
+Task ``libraries``: a ``whl`` on the fake DBFS is installed, as a cluster installs it, into
+a fresh virtual environment (``python -m venv``, one per wheel content hash and fake
+instance), and the task runs with that environment's interpreter, so the job imports the
+platform from the installed wheel, never from the checkout. The environment stands for the
+cluster's runtime: a ``.pth`` file puts the running interpreter's ``purelib`` after the
+venv's own site-packages, and the wheel is installed with ``--no-deps`` (offline; its
+dependencies are those of this virtualenv, not resolved from an index). A ``whl`` missing
+from DBFS fails the run as a library installation error. ``pypi`` libraries are recorded,
+not installed (the runtime has them); a task without a wheel runs with this virtualenv's
+Python (``python``).
 
 Every request is recorded (method, path, query, JSON body, whether it was authorised) so
 tests assert what was asked. ``fail_runs`` makes the next runs fail like a lost cluster,
@@ -34,12 +44,14 @@ workspace file; no job clusters, no repair, no run listing.
 """
 
 import base64
+import hashlib
 import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -62,6 +74,28 @@ class ApiError(Exception):
     def __init__(self, status: int, error_code: str, message: str):
         super().__init__(message)
         self.status, self.error_code, self.message = status, error_code, message
+
+
+class LibraryError(Exception):
+    """A task library cannot be installed (the run fails before the task starts)."""
+
+
+def _checked(argv: list[str]) -> str:
+    """Run an install step; its stdout, or :class:`LibraryError` with its stderr."""
+    done = subprocess.run(  # fixed argv: an interpreter or uv, temp paths
+        argv, capture_output=True, text=True, timeout=300, check=False, env=_install_env()
+    )
+    if done.returncode != 0:
+        raise LibraryError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done.stdout
+
+
+def _install_env() -> dict[str, str]:
+    """What the install steps see: no PYTHONPATH of the test process, no index."""
+    keep = ("PATH", "HOME", "LANG", "PYENV_VERSION", "PYENV_ROOT", "UV_CACHE_DIR")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env["PIP_NO_INDEX"] = "1"
+    return env
 
 
 def _not_found(path: str) -> ApiError:
@@ -100,6 +134,7 @@ class FakeRun:
     result_state: str | None = None
     state_message: str = "Waiting for cluster"
     end_time: int = 0
+    python: str = ""
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     stdout: str = ""
@@ -164,6 +199,8 @@ class FakeDatabricksWorkspace:
         self._lock = threading.RLock()
         self._threads: list[threading.Thread] = []
         self._server: ThreadingHTTPServer | None = None
+        self.venvs: dict[str, Path] = {}  # wheel SHA-256 -> virtual environment it is in
+        self._venv_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -480,6 +517,12 @@ class FakeDatabricksWorkspace:
             run.error = self.fail_runs
             self._finish(run, "FAILED", self.fail_runs)
             return
+        try:
+            run.python = self._interpreter(run.task.get("libraries") or [])
+        except LibraryError as exc:
+            run.error = str(exc)
+            self._finish(run, "FAILED", f"Library installation failed: {exc}")
+            return
         python_file = run.task["spark_python_task"]["python_file"]
         if not python_file.startswith("dbfs:/"):
             run.error = f"the fake workspace runs DBFS python files only, got {python_file}"
@@ -500,7 +543,7 @@ class FakeDatabricksWorkspace:
         }
         if "new_cluster" in run.task:
             env.update(run.task["new_cluster"].get("spark_env_vars") or {})
-        run.argv = [self.python, str(script), *run.task["spark_python_task"].get("parameters", [])]
+        run.argv = [run.python, str(script), *run.task["spark_python_task"].get("parameters", [])]
         run.env = env
         out_path, err_path = scratch / "stdout", scratch / "stderr"
         with out_path.open("wb") as out, err_path.open("wb") as err:
@@ -533,6 +576,43 @@ class FakeDatabricksWorkspace:
                 f"Task {run.task['task_key']} failed with message: Workload failed, see run "
                 "output for details.",
             )
+
+    def _interpreter(self, libraries: list[Any]) -> str:
+        """The Python that runs the task: a venv with the task's wheel installed, if any."""
+        wheels = [lib["whl"] for lib in libraries if isinstance(lib, dict) and "whl" in lib]
+        if not wheels:
+            return self.python
+        if len(wheels) > 1:
+            raise LibraryError(f"the fake workspace installs one wheel per task, got {wheels}")
+        (wheel,) = wheels
+        if not isinstance(wheel, str) or not wheel.startswith("dbfs:/"):
+            raise LibraryError(f"the fake workspace installs DBFS wheels only, got {wheel!r}")
+        local = self.local_path(wheel)
+        if not local.is_file():
+            raise LibraryError(f"{wheel} does not exist")
+        digest = hashlib.sha256(local.read_bytes()).hexdigest()
+        with self._venv_lock:
+            if digest not in self.venvs:
+                self.venvs[digest] = self._install(local, self.root / "venvs" / digest[:16])
+            return str(self.venvs[digest] / "bin" / "python")
+
+    def _install(self, wheel: Path, venv: Path) -> Path:
+        """A fresh venv over this interpreter's packages, with ``wheel`` installed (no deps)."""
+        python = venv / "bin" / "python"
+        uv = shutil.which("uv")
+        if uv is not None:
+            install = [uv, "pip", "install", "--offline", "--no-deps", "--python", str(python)]
+        else:
+            install = [self.python, "-m", "pip", "install", "--no-index", "--no-deps"]
+            install += ["--python", str(python)]
+        _checked([self.python, "-m", "venv", "--without-pip", str(venv)])
+        purelib = _checked(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+        ).strip()
+        # the "runtime": this interpreter's packages, after the venv's own site-packages
+        Path(purelib, "_fake_runtime.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        _checked([*install, str(wheel)])
+        return venv
 
     def _find_run(self, value: Any) -> FakeRun:
         try:
