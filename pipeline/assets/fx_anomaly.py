@@ -51,8 +51,16 @@ from pipeline.timing import Stopwatch
 PER_SYMBOL = MultiToSingleDimensionPartitionMapping(partition_dimension_name="symbol")
 
 
+class GridCandidate(Config):
+    """One hyper-parameter candidate; an unset field keeps the challenger's own setting."""
+
+    n_estimators: int | None = Field(default=None, description="trees per forest")
+    max_samples: int | None = Field(default=None, description="rows drawn per tree; 0 = auto")
+    contamination: float | None = Field(default=None, description="alarm budget")
+
+
 class ChallengerConfig(Config):
-    """Training window and promotion bounds."""
+    """Training window, forest (or grid of forests) and promotion bounds."""
 
     holdout_days: int = Field(default=3, description="latest days held out for the gate")
     contamination: float = Field(default=0.03, description="alarm budget of the forest")
@@ -82,6 +90,11 @@ class ChallengerConfig(Config):
     )
     min_rank_agreement: float = Field(
         default=0.5, description="label-free gate: Spearman of scores with the champion"
+    )
+    grid: list[GridCandidate] = Field(
+        default=[],
+        description="candidates compared as nested MLflow runs; the best holdout AP becomes "
+        "the challenger (label-free: the first). Empty = one candidate, the settings above",
     )
 
 

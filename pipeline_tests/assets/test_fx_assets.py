@@ -40,7 +40,7 @@ from pipeline.dagster_private import CheckStatus, latest_check_records
 from pipeline.domain import fx_anomaly
 from pipeline.domain.demo_data import write_demo_landing
 from pipeline.gates import GateClosedError, check_record_failures
-from pipeline.jobs import fx_promotion
+from pipeline.jobs import fx_promotion, fx_training
 from pipeline.jobs.fx_training import SKOPS_TRUSTED_TYPES, pip_requirements
 from pipeline.partitions import split_symbol_date, symbol_date_key
 from pipeline.resources.tracking import (
@@ -295,6 +295,16 @@ def same(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
+def nested_runs(plat: Platform, parent_run_id: str) -> list:
+    """The candidate runs logged under ``parent_run_id`` (tag ``mlflow.parentRunId``)."""
+    client = plat.tracking.client()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
+    return sorted(runs, key=lambda r: int(r.data.tags["candidate_index"]))
+
+
 def precision_recall(frame: pl.DataFrame) -> tuple[float, float]:
     hits = frame.filter(pl.col("is_anomaly") & pl.col("truth")).height
     return hits / frame["is_anomaly"].sum(), hits / frame["truth"].sum()
@@ -361,6 +371,13 @@ def test_first_challenger_is_registered_gated_by_the_floor_promoted_and_tracked(
     assert params["train_dates"] == f"{TRAIN_DATES[0]}..{TRAIN_DATES[-1]}"
     assert params["holdout_dates"] == f"{HOLDOUT_DATES[0]}..{HOLDOUT_DATES[-1]}"
     assert params["features"] == ",".join(fx_anomaly.FEATURE_COLUMNS)
+    # the default grid is one candidate, today's settings: chosen without a nested run
+    assert params["selected_by"] == fx_training.SINGLE_RULE
+    assert json.loads(params["grid"]) == [
+        {"n_estimators": 100, "max_samples": 0, "contamination": 0.03}
+    ]
+    assert nested_runs(fx, mlflow_run.info.run_id) == []
+    assert evaluation["candidates"] == 1 and evaluation["candidate_index"] == 0
     features = symbol_features(fx)
     train = features.filter(pl.col("date").is_in(TRAIN_DATES))
     metrics = mlflow_run.data.metrics
@@ -1104,3 +1121,76 @@ def test_range_runs_train_every_symbol_and_score_boxes_of_partitions(fx: Platfor
     before = scores.filter(pl.col("symbol") == SYMBOL).sort("ts")
     held_out = mine.filter(pl.col("date").is_in(HOLDOUT_DATES))
     assert held_out.drop(AUDIT_COLUMNS).equals(before.drop(AUDIT_COLUMNS))
+
+
+# --- a grid of candidates compared in MLflow as nested runs -------------------------------
+
+
+@pytest.mark.slow
+def test_a_grid_is_compared_as_nested_runs_and_the_best_holdout_ap_is_registered(
+    fx: Platform,
+) -> None:
+    grid = [{**BAD_FOREST}, {"n_estimators": 50}, {"n_estimators": 100, "contamination": 0.02}]
+    result = run(fx, [keys.FX_CHALLENGER_MODEL], SYMBOL, ops={CHALLENGER_OP: {"grid": grid}})
+    assert result.success
+    evaluation = evaluations(fx).row(-1, named=True)
+    assert evaluation["gate"] == "labelled"
+    assert evaluation["candidates"] == len(grid)
+    client = fx.tracking.client()
+    parent = client.get_run(evaluation["mlflow_run_id"])
+    candidates = nested_runs(fx, parent.info.run_id)
+    assert [r.data.tags["candidate_index"] for r in candidates] == ["0", "1", "2"]
+    for index, (nested, entry) in enumerate(zip(candidates, grid, strict=True)):
+        assert nested.data.tags[DAGSTER_RUN_TAG] == result.run_id
+        assert nested.data.tags[DAGSTER_PARTITION_TAG] == SYMBOL
+        assert nested.info.status == "FINISHED"
+        expected = {"n_estimators": 100, "max_samples": 0, "contamination": 0.03, **entry}
+        assert nested.data.params == {
+            **{k: str(v) for k, v in expected.items()},
+            "candidate_index": str(index),
+        }
+        assert 0 <= nested.data.metrics["holdout_average_precision"] <= 1
+    ap = [r.data.metrics["holdout_average_precision"] for r in candidates]
+    # the one-tree forest on two samples ranks no better than chance (measured 0.03-0.08)
+    assert ap[0] < 0.2 < min(ap[1:]), ap
+    # MLflow's own ranking picks the winner; it is the registered challenger
+    best = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        order_by=["metrics.holdout_average_precision DESC", "metrics.candidate_index ASC"],
+    )[0]
+    winner = int(best.data.tags["candidate_index"])
+    assert winner == int(np.argmax(ap)) != 0
+    version = client.get_model_version(MODEL, evaluation["model_version"])
+    assert version.run_id == parent.info.run_id
+    assert aliases(fx) == {CHALLENGER: evaluation["model_version"]}
+    for key in ("n_estimators", "max_samples", "contamination"):
+        assert parent.data.params[key] == best.data.params[key]
+    assert parent.data.params["candidate_index"] == str(winner)
+    assert parent.data.params["selected_by"] == fx_training.SEARCH_RULE
+    assert json.loads(parent.data.params["grid"])[winner] == {
+        k: float(v) if k == "contamination" else int(v)
+        for k, v in best.data.params.items()
+        if k != "candidate_index"
+    }
+    # the challenger's own holdout AP is the winning candidate's, measured on the same ticks
+    assert evaluation["challenger_average_precision"] == pytest.approx(ap[winner], abs=1e-12)
+    assert evaluation["contamination"] == float(best.data.params["contamination"])
+    # one registered version: the losing candidates log no model
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 1
+
+    # label-free (no reviewed anomaly): nothing ranks the grid, the first candidate wins
+    name = fx.tracking.model_name(UNREVIEWED)
+    label_free_grid = [{"n_estimators": 60}, {"n_estimators": 30}]
+    assert run(
+        fx, [keys.FX_CHALLENGER_MODEL], UNREVIEWED, ops={CHALLENGER_OP: {"grid": label_free_grid}}
+    ).success
+    row = evaluations(fx, UNREVIEWED).row(-1, named=True)
+    assert row["gate"] == "label-free" and row["candidate_index"] == 0
+    assert row["selected_by"] == fx_training.FIRST_CANDIDATE_RULE
+    parent = client.get_run(row["mlflow_run_id"])
+    candidates = nested_runs(fx, parent.info.run_id)
+    assert [r.data.params["n_estimators"] for r in candidates] == ["60", "30"]
+    assert not any("holdout_average_precision" in r.data.metrics for r in candidates)
+    assert parent.data.params["n_estimators"] == "60"
+    assert client.get_model_version(name, row["model_version"]).run_id == parent.info.run_id
