@@ -1225,3 +1225,32 @@ def label_free_failures(
                 f"{min_rank_agreement:.4f}"
             )
     return failures
+
+
+def label_free_summary(
+    *,
+    challenger_rate: float,
+    champion_rate: float | None,
+    rank_agreement: float | None,
+    contamination: float,
+    max_rate_ratio: float,
+    min_rank_agreement: float,
+) -> str:
+    """The label-free rule's values in words, for an audit record of a promotion.
+
+    States the flag-rate ratio against the reference :func:`label_free_failures` uses (the
+    champion's rate floored at :data:`RATE_FLOOR`, or the alarm budget for a first model)
+    with its bound, and the rank agreement with its minimum (or that there was no champion).
+    """
+    with_champion = champion_rate is not None and math.isfinite(champion_rate)
+    reference = max(champion_rate, RATE_FLOOR) if with_champion else contamination
+    what = "the champion's rate" if with_champion else "the alarm budget"
+    ratio = challenger_rate / reference if reference > 0 else math.nan
+    rate = (
+        f"flag rate {challenger_rate:.4f} = {ratio:.2f} x {what} {reference:.4f} "
+        f"(bound 1/{max_rate_ratio:g}..{max_rate_ratio:g})"
+    )
+    if not with_champion:
+        return f"{rate}; no champion to compare rankings with"
+    agreement = math.nan if rank_agreement is None else rank_agreement
+    return f"{rate}; rank agreement with the champion {agreement:.3f} (min {min_rank_agreement:g})"

@@ -647,6 +647,13 @@ def test_an_unreviewed_symbol_is_trained_registered_and_judged_label_free(fx: Pl
     assert shown["ap_difference"] == "label-free (no reviewed anomaly in the holdout)"
     version = fx.tracking.client().get_model_version(name, "1")
     assert version.tags["gate"] == "label-free"
+    # the promotion's audit record states the label-free rule's values, not an AP of nan
+    (reason,) = model_events(fx).filter(pl.col("symbol") == UNREVIEWED)["reason"]
+    assert reason == (
+        f"label-free gate passed: flag rate {row['challenger_anomaly_rate']:.4f} = "
+        f"{row['challenger_anomaly_rate'] / 0.03:.2f} x the alarm budget 0.0300 (bound 1/3..3); "
+        "no champion to compare rankings with"
+    )
 
     # another seed ranks the ticks like the champion: promoted on rate and rank agreement
     second = run(fx, promote, UNREVIEWED, ops={CHALLENGER_OP: {"random_state": 7}})
@@ -659,6 +666,10 @@ def test_an_unreviewed_symbol_is_trained_registered_and_judged_label_free(fx: Pl
     # other (measured 1.02), far inside the gate's own 1/3-3 bound
     assert 0.8 <= ratio <= 1.25, row
     assert aliases(fx, name)[CHAMPION] == "2"
+    reason = model_events(fx).filter(pl.col("symbol") == UNREVIEWED)["reason"][-1]
+    assert reason.startswith("label-free gate passed: flag rate ") and "nan" not in reason
+    assert f"= {ratio:.2f} x the champion's rate" in reason
+    assert f"rank agreement with the champion {row['rank_agreement']:.3f} (min 0.5)" in reason
 
     # a weakened challenger (constant scores, nothing flagged) is refused, not promoted
     weak = run(fx, promote, UNREVIEWED, ops={CHALLENGER_OP: BAD_FOREST})

@@ -57,6 +57,7 @@ from pipeline.domain.fx_anomaly import (
     kpi_failures,
     ks_statistic,
     label_free_failures,
+    label_free_summary,
     paired_ap_bootstrap,
     population_stability_index,
     promotion_failures,
@@ -904,6 +905,24 @@ def test_label_free_truth_table(
     assert len(failures) == len(expected), failures
     for failure, fragment in zip(failures, expected, strict=True):
         assert fragment in failure
+
+
+def test_label_free_summary_states_the_rule_values_not_an_ap() -> None:
+    common = {"contamination": 0.03125, "max_rate_ratio": 2.0, "min_rank_agreement": 0.5}
+    first = label_free_summary(
+        challenger_rate=0.0625, champion_rate=None, rank_agreement=None, **common
+    )
+    assert first == (
+        "flag rate 0.0625 = 2.00 x the alarm budget 0.0312 (bound 1/2..2); "
+        "no champion to compare rankings with"
+    )
+    # a champion flagging less than RATE_FLOOR is compared with the floor, as the rule does
+    floored = label_free_summary(
+        challenger_rate=RATE_FLOOR, champion_rate=0.0, rank_agreement=0.875, **common
+    )
+    assert floored.startswith(f"flag rate {RATE_FLOOR:.4f} = 1.00 x the champion's rate")
+    assert floored.endswith("rank agreement with the champion 0.875 (min 0.5)")
+    assert "nan" not in first + floored
 
 
 def test_label_free_rule_rejects_bad_config() -> None:
