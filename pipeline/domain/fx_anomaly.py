@@ -781,6 +781,67 @@ def kpi_failures(
     return []
 
 
+def reviewed_precision(scored: pl.DataFrame, labels: pl.DataFrame) -> dict[str, float]:
+    """Precision of a model's flags on the ticks the desk reviewed.
+
+    Parameters
+    ----------
+    scored
+        ``ts`` and ``is_anomaly`` of the scored ticks.
+    labels
+        :func:`reviewed_labels` of those ticks (``ts``, ``is_anomaly``).
+
+    Returns
+    -------
+    dict
+        ``reviewed_ticks`` (scored ticks inside a reviewed window), ``reviewed_flags`` (of
+        them, flagged), ``confirmed_flags`` (of those, inside a reviewed anomaly) and
+        ``reviewed_precision`` = confirmed / flagged, NaN when no reviewed tick is flagged.
+    """
+    reviewed = scored.select("ts", "is_anomaly").join(
+        labels.select("ts", pl.col("is_anomaly").alias("_label")), on="ts", how="inner"
+    )
+    flags = reviewed["is_anomaly"].to_numpy().astype(bool)
+    confirmed = int((flags & reviewed["_label"].to_numpy().astype(bool)).sum())
+    flagged = int(flags.sum())
+    return {
+        "reviewed_ticks": float(reviewed.height),
+        "reviewed_flags": float(flagged),
+        "confirmed_flags": float(confirmed),
+        "reviewed_precision": confirmed / flagged if flagged else math.nan,
+    }
+
+
+def precision_failures(
+    measured: Mapping[str, float], *, min_precision: float, min_flags: int
+) -> list[str]:
+    """A KPI regression when the flags on reviewed ticks are mostly wrong.
+
+    Judged only when at least ``min_flags`` reviewed ticks were flagged (a precision of one
+    or two flags says little); then the precision of :func:`reviewed_precision` must be at
+    least ``min_precision``.
+
+    Raises
+    ------
+    FxGateConfigError
+        If ``min_precision`` is outside [0, 1] or ``min_flags`` < 1.
+    """
+    if not 0 <= min_precision <= 1:
+        raise FxGateConfigError(f"min_precision must be in [0, 1]; got {min_precision}")
+    if min_flags < 1:
+        raise FxGateConfigError(f"min_flags must be >= 1; got {min_flags}")
+    flagged = int(measured["reviewed_flags"])
+    if flagged < min_flags:
+        return []
+    precision = measured["reviewed_precision"]
+    if precision < min_precision:
+        return [
+            f"precision on reviewed ticks {precision:.4f} ({int(measured['confirmed_flags'])} "
+            f"of {flagged} flags confirmed by the incident log) is below {min_precision:.4f}"
+        ]
+    return []
+
+
 def feature_drift(
     reference: Mapping[str, np.ndarray], current: pl.DataFrame
 ) -> dict[str, dict[str, float]]:

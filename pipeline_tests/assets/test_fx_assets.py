@@ -1205,3 +1205,76 @@ def test_a_grid_is_compared_as_nested_runs_and_the_best_holdout_ap_is_registered
     assert not any("holdout_average_precision" in r.data.metrics for r in candidates)
     assert parent.data.params["n_estimators"] == "60"
     assert client.get_model_version(name, row["model_version"]).run_id == parent.info.run_id
+
+
+def replace_incident_log(
+    plat: Platform, symbol: str, rows: list[tuple[dt.datetime, dt.datetime, str]]
+) -> None:
+    """Make ``rows`` (start, end, label) the symbol's whole curated incident log."""
+    log = plat.lake.read("curated", "fx_incidents")
+    template = log.filter(pl.col("symbol") == symbol).row(0, named=True)
+    mine = pl.DataFrame(
+        [{**template, "start": s, "end": e, "label": label} for s, e, label in rows],
+        schema=log.schema,
+    )
+    plat.lake.overwrite_partitions(
+        "curated",
+        "fx_incidents",
+        pl.concat([log.filter(pl.col("symbol") != symbol), mine]),
+        [{"date": d} for d in log["date"].unique().to_list()],
+    )
+
+
+@pytest.mark.slow
+def test_the_monitor_reverts_when_reviewed_incidents_show_the_flags_are_mostly_wrong(
+    fx: Platform,
+) -> None:
+    assert run(fx, PROMOTE, SYMBOL).success
+    assert run(fx, PROMOTE, SYMBOL, ops={CHALLENGER_OP: {"random_state": 7}}).success
+    day = symbol_date_key(SYMBOL, DATES[-1])
+    assert run(fx, [keys.FX_ANOMALY_SCORES], day).success
+    scores = fx.lake.read("gold", "fx_anomaly_scores", {"symbol": SYMBOL, "date": DATES[-1]})
+    whole_day = (scores["ts"].min(), scores["ts"].max())
+
+    # the desk reviewed the whole day and logged every injected anomaly: precision is the
+    # champion's true precision on the day, fine, and nothing moves
+    truth = labelled(fx, scores).filter("truth")
+    replace_incident_log(
+        fx,
+        SYMBOL,
+        [(*whole_day, "reviewed_window"), *[(ts, ts, "anomaly") for ts in truth["ts"]]],
+    )
+    fine = run(fx, [keys.FX_MODEL_MONITOR], day)
+    assert fine.success
+    row = fx.lake.read("gold", "fx_model_monitor").row(0, named=True)
+    precision, _ = precision_recall(labelled(fx, scores))
+    assert row["reviewed_ticks"] == scores.height
+    assert row["reviewed_flags"] == scores["is_anomaly"].sum() >= row["min_reviewed_flags"]
+    assert row["reviewed_precision"] == pytest.approx(precision, abs=1e-12)
+    assert 0.3 < row["reviewed_precision"] <= 1.0, row
+    assert (row["failures"], row["action"]) == ("", "none")
+    assert checks_of(fine)[keys.CHECK_CHAMPION_KPI].passed
+    assert aliases(fx) == {CHALLENGER: "2", CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+
+    # the desk reviewed the whole day and found nothing: every flag is a false alarm; the
+    # flag rate alone is within its bound, precision 0 reverts
+    replace_incident_log(fx, SYMBOL, [(*whole_day, "reviewed_window")])
+    wrong = run(fx, [keys.FX_MODEL_MONITOR], day)
+    assert wrong.success
+    row = fx.lake.read("gold", "fx_model_monitor").row(0, named=True)
+    flagged = int(scores["is_anomaly"].sum())
+    assert row["anomaly_rate"] <= row["max_rate_ratio"] * row["promotion_anomaly_rate"]
+    assert row["reviewed_precision"] == 0.0 and row["confirmed_flags"] == 0
+    assert row["failures"] == (
+        f"precision on reviewed ticks 0.0000 (0 of {flagged} flags confirmed by the incident "
+        "log) is below 0.3000"
+    )
+    assert row["action"] == "reverted 2 -> 1"
+    assert aliases(fx) == {CHALLENGER: "2", CHAMPION: "1"}
+    event = model_events(fx).row(-1, named=True)
+    assert (event["event"], event["from_version"], event["to_version"]) == ("reverted", "2", "1")
+    assert event["reason"] == row["failures"]
+    kpi = checks_of(wrong)[keys.CHECK_CHAMPION_KPI]
+    assert not kpi.passed and kpi.description.startswith("precision on reviewed ticks 0.0000")
+    # the reverted version is tagged, so no later revert or promotion puts it back
+    assert fx.tracking.client().get_model_version(MODEL, "2").tags[REVERTED_TAG] == row["failures"]
