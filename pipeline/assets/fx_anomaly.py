@@ -51,8 +51,16 @@ from pipeline.timing import Stopwatch
 PER_SYMBOL = MultiToSingleDimensionPartitionMapping(partition_dimension_name="symbol")
 
 
+class GridCandidate(Config):
+    """One hyper-parameter candidate; an unset field keeps the challenger's own setting."""
+
+    n_estimators: int | None = Field(default=None, description="trees per forest")
+    max_samples: int | None = Field(default=None, description="rows drawn per tree; 0 = auto")
+    contamination: float | None = Field(default=None, description="alarm budget")
+
+
 class ChallengerConfig(Config):
-    """Training window and promotion bounds."""
+    """Training window, forest (or grid of forests) and promotion bounds."""
 
     holdout_days: int = Field(default=3, description="latest days held out for the gate")
     contamination: float = Field(default=0.03, description="alarm budget of the forest")
@@ -83,6 +91,11 @@ class ChallengerConfig(Config):
     min_rank_agreement: float = Field(
         default=0.5, description="label-free gate: Spearman of scores with the champion"
     )
+    grid: list[GridCandidate] = Field(
+        default=[],
+        description="candidates compared as nested MLflow runs; the best holdout AP becomes "
+        "the challenger (label-free: the first). Empty = one candidate, the settings above",
+    )
 
 
 class MonitorConfig(Config):
@@ -96,6 +109,16 @@ class MonitorConfig(Config):
     )
     max_ks: float = Field(
         default=0.25, description="drift warning: KS statistic of any model feature vs training"
+    )
+    min_reviewed_precision: float = Field(
+        default=0.3,
+        description="KPI: precision of the day's flags on ticks inside reviewed windows of "
+        "curated/fx_incidents (confirmed anomalies / flags); below it, revert",
+    )
+    min_reviewed_flags: int = Field(
+        default=5,
+        description="the precision KPI is judged only when at least this many reviewed ticks "
+        "were flagged",
     )
     revert: bool = Field(default=True, description="move champion back on a KPI regression")
 
@@ -391,7 +414,8 @@ def score_facts(scored: pl.DataFrame, symbol: str, date: str, version: str, *, p
     group_name="fx_models",
     kinds={"delta", "mlflow"},
     description=(
-        "Champion KPI (anomaly rate against the rate at promotion) and drift (PSI, KS of "
+        "Champion KPIs (anomaly rate against the rate at promotion; precision of the flags "
+        "on ticks the desk reviewed, when there are any) and drift (PSI, KS of "
         "each model feature against training). A KPI regression reverts `champion` to a "
         "sound `previous_champion` and records the event; drift only warns."
     ),
@@ -412,6 +436,8 @@ def fx_model_monitor(
                 max_psi=config.max_psi,
                 max_ks=config.max_ks,
                 revert=config.revert,
+                min_reviewed_precision=config.min_reviewed_precision,
+                min_reviewed_flags=config.min_reviewed_flags,
                 lake=lake,
                 tracking=tracking,
                 dagster_run_id=context.run.run_id,
@@ -441,7 +467,16 @@ def fx_model_monitor(
 
 def monitor_facts(row: dict) -> dict:
     """One (symbol, date) partition's KPI, drift and action."""
-    facts = ("model_version", "anomaly_rate", "promotion_anomaly_rate", "psi", "ks", "action")
+    facts = (
+        "model_version",
+        "anomaly_rate",
+        "promotion_anomaly_rate",
+        "reviewed_flags",
+        "reviewed_precision",
+        "psi",
+        "ks",
+        "action",
+    )
     return {
         **{k: row[k] for k in facts},
         "regression": MetadataValue.md(

@@ -83,8 +83,9 @@ def challenger_beats_champion(
     partitions_def=symbol_date_partitions,
     description=(
         "The serving model's anomaly (flag) rate stays within the configured ratio of its "
-        "rate at promotion. A regression reverts `champion` to a `previous_champion` that "
-        "has not failed itself."
+        "rate at promotion, and the precision of its flags on ticks inside reviewed windows "
+        "of the incident log stays above its bound (when enough are flagged). A regression "
+        "reverts `champion` to a `previous_champion` that has not failed itself."
     ),
 )
 def champion_kpi_within_bounds(

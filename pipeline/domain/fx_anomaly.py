@@ -781,6 +781,67 @@ def kpi_failures(
     return []
 
 
+def reviewed_precision(scored: pl.DataFrame, labels: pl.DataFrame) -> dict[str, float]:
+    """Precision of a model's flags on the ticks the desk reviewed.
+
+    Parameters
+    ----------
+    scored
+        ``ts`` and ``is_anomaly`` of the scored ticks.
+    labels
+        :func:`reviewed_labels` of those ticks (``ts``, ``is_anomaly``).
+
+    Returns
+    -------
+    dict
+        ``reviewed_ticks`` (scored ticks inside a reviewed window), ``reviewed_flags`` (of
+        them, flagged), ``confirmed_flags`` (of those, inside a reviewed anomaly) and
+        ``reviewed_precision`` = confirmed / flagged, NaN when no reviewed tick is flagged.
+    """
+    reviewed = scored.select("ts", "is_anomaly").join(
+        labels.select("ts", pl.col("is_anomaly").alias("_label")), on="ts", how="inner"
+    )
+    flags = reviewed["is_anomaly"].to_numpy().astype(bool)
+    confirmed = int((flags & reviewed["_label"].to_numpy().astype(bool)).sum())
+    flagged = int(flags.sum())
+    return {
+        "reviewed_ticks": float(reviewed.height),
+        "reviewed_flags": float(flagged),
+        "confirmed_flags": float(confirmed),
+        "reviewed_precision": confirmed / flagged if flagged else math.nan,
+    }
+
+
+def precision_failures(
+    measured: Mapping[str, float], *, min_precision: float, min_flags: int
+) -> list[str]:
+    """A KPI regression when the flags on reviewed ticks are mostly wrong.
+
+    Judged only when at least ``min_flags`` reviewed ticks were flagged (a precision of one
+    or two flags says little); then the precision of :func:`reviewed_precision` must be at
+    least ``min_precision``.
+
+    Raises
+    ------
+    FxGateConfigError
+        If ``min_precision`` is outside [0, 1] or ``min_flags`` < 1.
+    """
+    if not 0 <= min_precision <= 1:
+        raise FxGateConfigError(f"min_precision must be in [0, 1]; got {min_precision}")
+    if min_flags < 1:
+        raise FxGateConfigError(f"min_flags must be >= 1; got {min_flags}")
+    flagged = int(measured["reviewed_flags"])
+    if flagged < min_flags:
+        return []
+    precision = measured["reviewed_precision"]
+    if precision < min_precision:
+        return [
+            f"precision on reviewed ticks {precision:.4f} ({int(measured['confirmed_flags'])} "
+            f"of {flagged} flags confirmed by the incident log) is below {min_precision:.4f}"
+        ]
+    return []
+
+
 def feature_drift(
     reference: Mapping[str, np.ndarray], current: pl.DataFrame
 ) -> dict[str, dict[str, float]]:
@@ -1225,3 +1286,32 @@ def label_free_failures(
                 f"{min_rank_agreement:.4f}"
             )
     return failures
+
+
+def label_free_summary(
+    *,
+    challenger_rate: float,
+    champion_rate: float | None,
+    rank_agreement: float | None,
+    contamination: float,
+    max_rate_ratio: float,
+    min_rank_agreement: float,
+) -> str:
+    """The label-free rule's values in words, for an audit record of a promotion.
+
+    States the flag-rate ratio against the reference :func:`label_free_failures` uses (the
+    champion's rate floored at :data:`RATE_FLOOR`, or the alarm budget for a first model)
+    with its bound, and the rank agreement with its minimum (or that there was no champion).
+    """
+    with_champion = champion_rate is not None and math.isfinite(champion_rate)
+    reference = max(champion_rate, RATE_FLOOR) if with_champion else contamination
+    what = "the champion's rate" if with_champion else "the alarm budget"
+    ratio = challenger_rate / reference if reference > 0 else math.nan
+    rate = (
+        f"flag rate {challenger_rate:.4f} = {ratio:.2f} x {what} {reference:.4f} "
+        f"(bound 1/{max_rate_ratio:g}..{max_rate_ratio:g})"
+    )
+    if not with_champion:
+        return f"{rate}; no champion to compare rankings with"
+    agreement = math.nan if rank_agreement is None else rank_agreement
+    return f"{rate}; rank agreement with the champion {agreement:.3f} (min {min_rank_agreement:g})"

@@ -159,9 +159,6 @@ def _record(
         event="promoted",
         from_version=from_version,
         to_version=to_version,
-        reason=(
-            f"challenger AP {evaluation.get('challenger_average_precision', float('nan')):.3f} "
-            "passed the gate"
-        ),
+        reason=store.promotion_reason(evaluation),
         dagster_run_id=dagster_run_id,
     )

@@ -163,6 +163,8 @@ def monitor_day(
     max_psi: float,
     max_ks: float,
     revert: bool,
+    min_reviewed_precision: float = 0.3,
+    min_reviewed_flags: int = 5,
     lake: LakeResource,
     tracking: TrackingResource,
     dagster_run_id: str,
@@ -170,13 +172,19 @@ def monitor_day(
 ) -> dict:
     """KPI and feature drift of one scored (symbol, date), the revert if needed, the row.
 
-    ``failures`` lists KPI regressions (they revert the alias); ``drift_warnings`` lists
+    Two KPIs: the flag rate against the rate at promotion, and, when reviewed windows of
+    ``curated/fx_incidents`` cover scored ticks of the day and at least
+    ``min_reviewed_flags`` of them are flagged, the precision of those flags (at least
+    ``min_reviewed_precision``). ``failures`` lists KPI regressions (they revert the alias);
+    ``drift_warnings`` lists
     features whose PSI or KS against the model's training sample is past its bound (they
     only warn). ``psi`` and ``ks`` are the largest over the features; ``drift`` has each.
     """
     from pipeline.domain import fx_anomaly
 
-    inputs = input_versions(lake, "gold/fx_anomaly_scores", "curated/fx_spreads")
+    inputs = input_versions(
+        lake, "gold/fx_anomaly_scores", "curated/fx_spreads", "curated/fx_incidents"
+    )
     scores = lake.read("gold", "fx_anomaly_scores", {"symbol": symbol, "date": date})
     if scores.height == 0:
         raise DomainError(f"fx_anomaly_scores {symbol} {date}: nothing scored to monitor")
@@ -192,6 +200,12 @@ def monitor_day(
     warnings = fx_anomaly.drift_warnings(drift, max_psi=max_psi, max_ks=max_ks)
     failures = fx_anomaly.kpi_failures(
         anomaly_rate=rate, promotion_anomaly_rate=promotion_rate, max_rate_ratio=max_rate_ratio
+    )
+    reviewed = fx_anomaly.reviewed_precision(
+        scores, fx_anomaly.reviewed_labels(scores, store.read_incidents(lake, symbol))
+    )
+    failures += fx_anomaly.precision_failures(
+        reviewed, min_precision=min_reviewed_precision, min_flags=min_reviewed_flags
     )
     action = "none"
     if failures:
@@ -211,6 +225,12 @@ def monitor_day(
         "model_version": scored_version,
         "anomaly_rate": rate,
         "promotion_anomaly_rate": promotion_rate,
+        "reviewed_ticks": int(reviewed["reviewed_ticks"]),
+        "reviewed_flags": int(reviewed["reviewed_flags"]),
+        "confirmed_flags": int(reviewed["confirmed_flags"]),
+        "reviewed_precision": reviewed["reviewed_precision"],
+        "min_reviewed_precision": min_reviewed_precision,
+        "min_reviewed_flags": min_reviewed_flags,
         "psi": max(m["psi"] for m in drift.values()),
         "ks": max(m["ks"] for m in drift.values()),
         "drift": json.dumps(drift),

@@ -111,6 +111,28 @@ def promotion_rule_failures(evaluation: dict | None) -> list[str]:
     return contract + failures
 
 
+def promotion_reason(evaluation: dict) -> str:
+    """Why a promoted challenger passed, for ``gold/model_events``.
+
+    A labelled gate states the challenger's holdout AP; a label-free gate, which measured
+    no AP, states its own rule's values (flag-rate ratio and rank agreement).
+    """
+    from pipeline.domain import fx_anomaly
+
+    if evaluation.get("gate", fx_anomaly.LABELLED) == fx_anomaly.LABEL_FREE:
+        has_champion = bool(evaluation["champion_version"])
+        return "label-free gate passed: " + fx_anomaly.label_free_summary(
+            challenger_rate=evaluation["challenger_anomaly_rate"],
+            champion_rate=evaluation["champion_anomaly_rate"] if has_champion else None,
+            rank_agreement=evaluation["rank_agreement"] if has_champion else None,
+            contamination=evaluation["contamination"],
+            max_rate_ratio=evaluation["label_free_rate_ratio"],
+            min_rank_agreement=evaluation["min_rank_agreement"],
+        )
+    ap = evaluation.get("challenger_average_precision", float("nan"))
+    return f"challenger AP {ap:.3f} passed the gate"
+
+
 def record_model_event(lake: LakeResource, **event: str) -> None:
     """Append an alias move to ``gold/model_events`` (the audit trail of the registry).
 

@@ -40,7 +40,7 @@ from pipeline.dagster_private import CheckStatus, latest_check_records
 from pipeline.domain import fx_anomaly
 from pipeline.domain.demo_data import write_demo_landing
 from pipeline.gates import GateClosedError, check_record_failures
-from pipeline.jobs import fx_promotion
+from pipeline.jobs import fx_promotion, fx_training
 from pipeline.jobs.fx_training import SKOPS_TRUSTED_TYPES, pip_requirements
 from pipeline.partitions import split_symbol_date, symbol_date_key
 from pipeline.resources.tracking import (
@@ -295,6 +295,16 @@ def same(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
+def nested_runs(plat: Platform, parent_run_id: str) -> list:
+    """The candidate runs logged under ``parent_run_id`` (tag ``mlflow.parentRunId``)."""
+    client = plat.tracking.client()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
+    return sorted(runs, key=lambda r: int(r.data.tags["candidate_index"]))
+
+
 def precision_recall(frame: pl.DataFrame) -> tuple[float, float]:
     hits = frame.filter(pl.col("is_anomaly") & pl.col("truth")).height
     return hits / frame["is_anomaly"].sum(), hits / frame["truth"].sum()
@@ -361,6 +371,13 @@ def test_first_challenger_is_registered_gated_by_the_floor_promoted_and_tracked(
     assert params["train_dates"] == f"{TRAIN_DATES[0]}..{TRAIN_DATES[-1]}"
     assert params["holdout_dates"] == f"{HOLDOUT_DATES[0]}..{HOLDOUT_DATES[-1]}"
     assert params["features"] == ",".join(fx_anomaly.FEATURE_COLUMNS)
+    # the default grid is one candidate, today's settings: chosen without a nested run
+    assert params["selected_by"] == fx_training.SINGLE_RULE
+    assert json.loads(params["grid"]) == [
+        {"n_estimators": 100, "max_samples": 0, "contamination": 0.03}
+    ]
+    assert nested_runs(fx, mlflow_run.info.run_id) == []
+    assert evaluation["candidates"] == 1 and evaluation["candidate_index"] == 0
     features = symbol_features(fx)
     train = features.filter(pl.col("date").is_in(TRAIN_DATES))
     metrics = mlflow_run.data.metrics
@@ -630,6 +647,13 @@ def test_an_unreviewed_symbol_is_trained_registered_and_judged_label_free(fx: Pl
     assert shown["ap_difference"] == "label-free (no reviewed anomaly in the holdout)"
     version = fx.tracking.client().get_model_version(name, "1")
     assert version.tags["gate"] == "label-free"
+    # the promotion's audit record states the label-free rule's values, not an AP of nan
+    (reason,) = model_events(fx).filter(pl.col("symbol") == UNREVIEWED)["reason"]
+    assert reason == (
+        f"label-free gate passed: flag rate {row['challenger_anomaly_rate']:.4f} = "
+        f"{row['challenger_anomaly_rate'] / 0.03:.2f} x the alarm budget 0.0300 (bound 1/3..3); "
+        "no champion to compare rankings with"
+    )
 
     # another seed ranks the ticks like the champion: promoted on rate and rank agreement
     second = run(fx, promote, UNREVIEWED, ops={CHALLENGER_OP: {"random_state": 7}})
@@ -642,6 +666,10 @@ def test_an_unreviewed_symbol_is_trained_registered_and_judged_label_free(fx: Pl
     # other (measured 1.02), far inside the gate's own 1/3-3 bound
     assert 0.8 <= ratio <= 1.25, row
     assert aliases(fx, name)[CHAMPION] == "2"
+    reason = model_events(fx).filter(pl.col("symbol") == UNREVIEWED)["reason"][-1]
+    assert reason.startswith("label-free gate passed: flag rate ") and "nan" not in reason
+    assert f"= {ratio:.2f} x the champion's rate" in reason
+    assert f"rank agreement with the champion {row['rank_agreement']:.3f} (min 0.5)" in reason
 
     # a weakened challenger (constant scores, nothing flagged) is refused, not promoted
     weak = run(fx, promote, UNREVIEWED, ops={CHALLENGER_OP: BAD_FOREST})
@@ -1104,3 +1132,149 @@ def test_range_runs_train_every_symbol_and_score_boxes_of_partitions(fx: Platfor
     before = scores.filter(pl.col("symbol") == SYMBOL).sort("ts")
     held_out = mine.filter(pl.col("date").is_in(HOLDOUT_DATES))
     assert held_out.drop(AUDIT_COLUMNS).equals(before.drop(AUDIT_COLUMNS))
+
+
+# --- a grid of candidates compared in MLflow as nested runs -------------------------------
+
+
+@pytest.mark.slow
+def test_a_grid_is_compared_as_nested_runs_and_the_best_holdout_ap_is_registered(
+    fx: Platform,
+) -> None:
+    grid = [{**BAD_FOREST}, {"n_estimators": 50}, {"n_estimators": 100, "contamination": 0.02}]
+    result = run(fx, [keys.FX_CHALLENGER_MODEL], SYMBOL, ops={CHALLENGER_OP: {"grid": grid}})
+    assert result.success
+    evaluation = evaluations(fx).row(-1, named=True)
+    assert evaluation["gate"] == "labelled"
+    assert evaluation["candidates"] == len(grid)
+    client = fx.tracking.client()
+    parent = client.get_run(evaluation["mlflow_run_id"])
+    candidates = nested_runs(fx, parent.info.run_id)
+    assert [r.data.tags["candidate_index"] for r in candidates] == ["0", "1", "2"]
+    for index, (nested, entry) in enumerate(zip(candidates, grid, strict=True)):
+        assert nested.data.tags[DAGSTER_RUN_TAG] == result.run_id
+        assert nested.data.tags[DAGSTER_PARTITION_TAG] == SYMBOL
+        assert nested.info.status == "FINISHED"
+        expected = {"n_estimators": 100, "max_samples": 0, "contamination": 0.03, **entry}
+        assert nested.data.params == {
+            **{k: str(v) for k, v in expected.items()},
+            "candidate_index": str(index),
+        }
+        assert 0 <= nested.data.metrics["holdout_average_precision"] <= 1
+    ap = [r.data.metrics["holdout_average_precision"] for r in candidates]
+    # the one-tree forest on two samples ranks no better than chance (measured 0.03-0.08)
+    assert ap[0] < 0.2 < min(ap[1:]), ap
+    # MLflow's own ranking picks the winner; it is the registered challenger
+    best = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        order_by=["metrics.holdout_average_precision DESC", "metrics.candidate_index ASC"],
+    )[0]
+    winner = int(best.data.tags["candidate_index"])
+    assert winner == int(np.argmax(ap)) != 0
+    version = client.get_model_version(MODEL, evaluation["model_version"])
+    assert version.run_id == parent.info.run_id
+    assert aliases(fx) == {CHALLENGER: evaluation["model_version"]}
+    for key in ("n_estimators", "max_samples", "contamination"):
+        assert parent.data.params[key] == best.data.params[key]
+    assert parent.data.params["candidate_index"] == str(winner)
+    assert parent.data.params["selected_by"] == fx_training.SEARCH_RULE
+    assert json.loads(parent.data.params["grid"])[winner] == {
+        k: float(v) if k == "contamination" else int(v)
+        for k, v in best.data.params.items()
+        if k != "candidate_index"
+    }
+    # the challenger's own holdout AP is the winning candidate's, measured on the same ticks
+    assert evaluation["challenger_average_precision"] == pytest.approx(ap[winner], abs=1e-12)
+    assert evaluation["contamination"] == float(best.data.params["contamination"])
+    # one registered version: the losing candidates log no model
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 1
+
+    # label-free (no reviewed anomaly): nothing ranks the grid, the first candidate wins
+    name = fx.tracking.model_name(UNREVIEWED)
+    label_free_grid = [{"n_estimators": 60}, {"n_estimators": 30}]
+    assert run(
+        fx, [keys.FX_CHALLENGER_MODEL], UNREVIEWED, ops={CHALLENGER_OP: {"grid": label_free_grid}}
+    ).success
+    row = evaluations(fx, UNREVIEWED).row(-1, named=True)
+    assert row["gate"] == "label-free" and row["candidate_index"] == 0
+    assert row["selected_by"] == fx_training.FIRST_CANDIDATE_RULE
+    parent = client.get_run(row["mlflow_run_id"])
+    candidates = nested_runs(fx, parent.info.run_id)
+    assert [r.data.params["n_estimators"] for r in candidates] == ["60", "30"]
+    assert not any("holdout_average_precision" in r.data.metrics for r in candidates)
+    assert parent.data.params["n_estimators"] == "60"
+    assert client.get_model_version(name, row["model_version"]).run_id == parent.info.run_id
+
+
+def replace_incident_log(
+    plat: Platform, symbol: str, rows: list[tuple[dt.datetime, dt.datetime, str]]
+) -> None:
+    """Make ``rows`` (start, end, label) the symbol's whole curated incident log."""
+    log = plat.lake.read("curated", "fx_incidents")
+    template = log.filter(pl.col("symbol") == symbol).row(0, named=True)
+    mine = pl.DataFrame(
+        [{**template, "start": s, "end": e, "label": label} for s, e, label in rows],
+        schema=log.schema,
+    )
+    plat.lake.overwrite_partitions(
+        "curated",
+        "fx_incidents",
+        pl.concat([log.filter(pl.col("symbol") != symbol), mine]),
+        [{"date": d} for d in log["date"].unique().to_list()],
+    )
+
+
+@pytest.mark.slow
+def test_the_monitor_reverts_when_reviewed_incidents_show_the_flags_are_mostly_wrong(
+    fx: Platform,
+) -> None:
+    assert run(fx, PROMOTE, SYMBOL).success
+    assert run(fx, PROMOTE, SYMBOL, ops={CHALLENGER_OP: {"random_state": 7}}).success
+    day = symbol_date_key(SYMBOL, DATES[-1])
+    assert run(fx, [keys.FX_ANOMALY_SCORES], day).success
+    scores = fx.lake.read("gold", "fx_anomaly_scores", {"symbol": SYMBOL, "date": DATES[-1]})
+    whole_day = (scores["ts"].min(), scores["ts"].max())
+
+    # the desk reviewed the whole day and logged every injected anomaly: precision is the
+    # champion's true precision on the day, fine, and nothing moves
+    truth = labelled(fx, scores).filter("truth")
+    replace_incident_log(
+        fx,
+        SYMBOL,
+        [(*whole_day, "reviewed_window"), *[(ts, ts, "anomaly") for ts in truth["ts"]]],
+    )
+    fine = run(fx, [keys.FX_MODEL_MONITOR], day)
+    assert fine.success
+    row = fx.lake.read("gold", "fx_model_monitor").row(0, named=True)
+    precision, _ = precision_recall(labelled(fx, scores))
+    assert row["reviewed_ticks"] == scores.height
+    assert row["reviewed_flags"] == scores["is_anomaly"].sum() >= row["min_reviewed_flags"]
+    assert row["reviewed_precision"] == pytest.approx(precision, abs=1e-12)
+    assert 0.3 < row["reviewed_precision"] <= 1.0, row
+    assert (row["failures"], row["action"]) == ("", "none")
+    assert checks_of(fine)[keys.CHECK_CHAMPION_KPI].passed
+    assert aliases(fx) == {CHALLENGER: "2", CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+
+    # the desk reviewed the whole day and found nothing: every flag is a false alarm; the
+    # flag rate alone is within its bound, precision 0 reverts
+    replace_incident_log(fx, SYMBOL, [(*whole_day, "reviewed_window")])
+    wrong = run(fx, [keys.FX_MODEL_MONITOR], day)
+    assert wrong.success
+    row = fx.lake.read("gold", "fx_model_monitor").row(0, named=True)
+    flagged = int(scores["is_anomaly"].sum())
+    assert row["anomaly_rate"] <= row["max_rate_ratio"] * row["promotion_anomaly_rate"]
+    assert row["reviewed_precision"] == 0.0 and row["confirmed_flags"] == 0
+    assert row["failures"] == (
+        f"precision on reviewed ticks 0.0000 (0 of {flagged} flags confirmed by the incident "
+        "log) is below 0.3000"
+    )
+    assert row["action"] == "reverted 2 -> 1"
+    assert aliases(fx) == {CHALLENGER: "2", CHAMPION: "1"}
+    event = model_events(fx).row(-1, named=True)
+    assert (event["event"], event["from_version"], event["to_version"]) == ("reverted", "2", "1")
+    assert event["reason"] == row["failures"]
+    kpi = checks_of(wrong)[keys.CHECK_CHAMPION_KPI]
+    assert not kpi.passed and kpi.description.startswith("precision on reviewed ticks 0.0000")
+    # the reverted version is tagged, so no later revert or promotion puts it back
+    assert fx.tracking.client().get_model_version(MODEL, "2").tags[REVERTED_TAG] == row["failures"]

@@ -20,9 +20,12 @@ from pipeline.jobs import fx_spark
 from pipeline.resources.tracking import DAGSTER_ASSET_TAG, DAGSTER_PARTITION_TAG, DAGSTER_RUN_TAG
 from pipeline.stores.fx import CHALLENGER
 from pipeline_tests.assets.test_fx_assets import (  # noqa: F401  (module fixture)
+    CHALLENGER_OP,
     HOLDOUT_DATES,
+    SYMBOL,
     UNREVIEWED,
     curated_home,
+    nested_runs,
     restored_mlflow_environment,
 )
 from pipeline_tests.conftest import Platform, make_platform
@@ -119,3 +122,34 @@ def test_spark_training_and_scoring_equal_the_local_path(
         assert actual["mlflow_run_id"].n_unique() == len(symbols)
         for plat in (local, spark):
             plat.instance.dispose()
+
+
+def test_a_grid_on_spark_logs_nested_runs_from_the_task_and_registers_the_winner(
+    curated_home: Path,  # noqa: F811
+    tmp_path: Path,
+    spark_session,
+) -> None:
+    with restored_mlflow_environment():
+        spark = copy_of(curated_home, tmp_path / "spark", COMPUTE="spark")
+        assert spark.resources["compute"].spark_session() is spark_session
+        grid = [{"max_samples": 2, "n_estimators": 1}, {"n_estimators": 50}]
+        result = spark.materialize(
+            [keys.FX_CHALLENGER_MODEL],
+            SYMBOL,
+            run_config={
+                "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+                "ops": {CHALLENGER_OP: {"config": {"grid": grid}}},
+            },
+        )
+        assert result.success
+        client = spark.tracking.client()
+        version = client.get_model_version_by_alias(spark.tracking.model_name(SYMBOL), CHALLENGER)
+        parent = client.get_run(version.run_id)
+        nested = nested_runs(spark, parent.info.run_id)
+        assert [r.data.params["n_estimators"] for r in nested] == ["1", "50"]
+        assert {r.data.tags[DAGSTER_RUN_TAG] for r in nested} == {result.run_id}
+        ap = [r.data.metrics["holdout_average_precision"] for r in nested]
+        assert ap[0] < 0.2 < ap[1], ap  # the one-tree forest on two samples loses
+        assert parent.data.params["candidate_index"] == "1"
+        assert parent.data.params["n_estimators"] == "50"
+        spark.instance.dispose()

@@ -57,11 +57,14 @@ from pipeline.domain.fx_anomaly import (
     kpi_failures,
     ks_statistic,
     label_free_failures,
+    label_free_summary,
     paired_ap_bootstrap,
     population_stability_index,
+    precision_failures,
     promotion_failures,
     rank_agreement,
     reviewed_labels,
+    reviewed_precision,
     score_spreads,
     spread_features,
 )
@@ -906,6 +909,24 @@ def test_label_free_truth_table(
         assert fragment in failure
 
 
+def test_label_free_summary_states_the_rule_values_not_an_ap() -> None:
+    common = {"contamination": 0.03125, "max_rate_ratio": 2.0, "min_rank_agreement": 0.5}
+    first = label_free_summary(
+        challenger_rate=0.0625, champion_rate=None, rank_agreement=None, **common
+    )
+    assert first == (
+        "flag rate 0.0625 = 2.00 x the alarm budget 0.0312 (bound 1/2..2); "
+        "no champion to compare rankings with"
+    )
+    # a champion flagging less than RATE_FLOOR is compared with the floor, as the rule does
+    floored = label_free_summary(
+        challenger_rate=RATE_FLOOR, champion_rate=0.0, rank_agreement=0.875, **common
+    )
+    assert floored.startswith(f"flag rate {RATE_FLOOR:.4f} = 1.00 x the champion's rate")
+    assert floored.endswith("rank agreement with the champion 0.875 (min 0.5)")
+    assert "nan" not in first + floored
+
+
 def test_label_free_rule_rejects_bad_config() -> None:
     kwargs = {"challenger_rate": 0.03, "champion_rate": None, "rank_agreement": None}
     with pytest.raises(FxGateConfigError, match="max_rate_ratio"):
@@ -959,3 +980,39 @@ def test_weighted_resample_ap_equals_the_ap_of_the_expanded_ticks() -> None:
         assert _weighted_ap(y, score, row[None, :])[0] == pytest.approx(
             average_precision_score(y[expanded], score[expanded]), abs=1e-12
         )
+
+
+def test_reviewed_precision_counts_only_flags_inside_reviewed_windows() -> None:
+    ts = pl.datetime_range(
+        dt.datetime(2026, 9, 1), dt.datetime(2026, 9, 1, 0, 9), "1m", eager=True
+    ).alias("ts")
+    # ticks 0-9 flagged at 1, 2, 3, 7, 8; reviewed 0-5 with an anomaly at 2-3; 7-8 unreviewed
+    scored = pl.DataFrame({"ts": ts, "is_anomaly": [i in (1, 2, 3, 7, 8) for i in range(10)]})
+    incidents = pl.DataFrame(
+        {
+            "start": [ts[0], ts[2]],
+            "end": [ts[5], ts[3]],
+            "label": ["reviewed_window", "anomaly"],
+        }
+    )
+    measured = reviewed_precision(scored, reviewed_labels(scored, incidents))
+    assert measured == {
+        "reviewed_ticks": 6.0,
+        "reviewed_flags": 3.0,
+        "confirmed_flags": 2.0,
+        "reviewed_precision": 2 / 3,
+    }
+    assert precision_failures(measured, min_precision=0.6, min_flags=3) == []
+    (failure,) = precision_failures(measured, min_precision=0.7, min_flags=3)
+    assert failure == (
+        "precision on reviewed ticks 0.6667 (2 of 3 flags confirmed by the incident log) "
+        "is below 0.7000"
+    )
+    assert precision_failures(measured, min_precision=0.7, min_flags=4) == []  # too few flags
+    nothing = reviewed_precision(scored, reviewed_labels(scored, incidents.head(0)))
+    assert nothing["reviewed_ticks"] == 0 and math.isnan(nothing["reviewed_precision"])
+    assert precision_failures(nothing, min_precision=1.0, min_flags=1) == []
+    with pytest.raises(FxGateConfigError, match="min_precision"):
+        precision_failures(measured, min_precision=1.5, min_flags=1)
+    with pytest.raises(FxGateConfigError, match="min_flags"):
+        precision_failures(measured, min_precision=0.5, min_flags=0)
