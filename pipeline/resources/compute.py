@@ -33,6 +33,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import sys
 import uuid
 import zipfile
@@ -193,6 +194,12 @@ class ComputeResource(ConfigurableResource):
         """
         if self._spark is None:
             from dagster_pyspark import LazyPySparkResource
+
+            # A session built inside a running interpreter starts its Python workers with
+            # $PYSPARK_PYTHON, else the `python3` on PATH (pyspark/core/context.py): the
+            # `spark.pyspark.python` setting is read by spark-submit only. Default it to this
+            # interpreter, where the platform is installed; a value the user set is kept.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
             self._spark = LazyPySparkResource(spark_config=self.spark_config())
         return self._spark.spark_session
