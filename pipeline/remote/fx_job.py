@@ -35,15 +35,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from dagster_pipes import PipesContext, open_dagster_pipes
+from dagster_pipes import PipesContext
 
-from pipeline.remote.loan_loss_job import (
-    FuseDbfsContextLoader,
-    FuseDbfsMessageWriter,
-    JobError,
-    bootstrap_params_loader,
-    fuse_path,
-)
+from pipeline.remote.loan_loss_job import JobError, fuse_path, run_under_pipes
 from pipeline.remote.loan_loss_job import _write as write_output
 
 MODES = ("train", "score")
@@ -269,12 +263,7 @@ def run(pipes: PipesContext) -> dict[str, Any]:
 
 def main() -> None:
     """Entry point of the ``spark_python_task``."""
-    with open_dagster_pipes(
-        params_loader=bootstrap_params_loader(),
-        context_loader=FuseDbfsContextLoader(),
-        message_writer=FuseDbfsMessageWriter(),
-    ) as pipes:
-        run(pipes)
+    run_under_pipes(run)
 
 
 if __name__ == "__main__":

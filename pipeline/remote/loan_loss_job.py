@@ -56,7 +56,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -605,14 +605,23 @@ def run(pipes: PipesContext) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    """Entry point of the ``spark_python_task``."""
+def run_under_pipes(job: Callable[[PipesContext], dict[str, Any]]) -> None:
+    """Run ``job`` in a Dagster Pipes session opened as a Databricks task sees it.
+
+    Bootstrap parameters come from the task's environment; context and messages go through
+    the DBFS mount.
+    """
     with open_dagster_pipes(
         params_loader=bootstrap_params_loader(),
         context_loader=FuseDbfsContextLoader(),
         message_writer=FuseDbfsMessageWriter(),
     ) as pipes:
-        run(pipes)
+        job(pipes)
+
+
+def main() -> None:
+    """Entry point of the ``spark_python_task``."""
+    run_under_pipes(run)
 
 
 if __name__ == "__main__":
