@@ -278,7 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     deploy_parser = sub.add_parser(
         "deploy", help="build the wheel and upload it to the Databricks workspace"
     )
-    deploy_parser.add_argument("--root", help="wheel folder (default PIPELINE_WHEEL_ROOT)")
+    deploy_parser.add_argument(
+        "--root",
+        help="wheel folder, dbfs:/... or /Volumes/<catalog>/<schema>/<volume>/... "
+        "(default PIPELINE_WHEEL_ROOT)",
+    )
     deploy_parser.add_argument("--build-only", action="store_true", help="build, do not upload")
     trace = sub.add_parser(
         "lineage",

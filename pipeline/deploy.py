@@ -1,10 +1,14 @@
 """Ship the project to a Databricks workspace: the wheel, and where runs are tracked.
 
 ``pipeline deploy`` builds the project's wheel with ``uv build`` (offline: the build
-backend comes from this virtualenv, no index is asked) and uploads it, over the DBFS API
-of the Databricks SDK's ``WorkspaceClient``, to
+backend comes from this virtualenv, no index is asked) and uploads it with the Databricks
+SDK's ``WorkspaceClient`` to
 
     <root>/<version>/<content hash>/pipeline-<version>-py3-none-any.whl
+
+The root is a DBFS folder (``dbfs:/...``, uploaded over the DBFS API) or a folder of a Unity
+Catalog volume (``/Volumes/<catalog>/<schema>/<volume>/...``, uploaded over the Files API,
+``PUT /api/2.0/fs/files{path}``); see :func:`wheel_root_kind`.
 
 The content hash covers the wheel's entries (names and bytes), not the zip's timestamps,
 so rebuilding unchanged code gives the same path, and a path that already holds a file of
@@ -30,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_WHEEL_ROOT = "dbfs:/pipeline/wheels"
+# /Volumes/<catalog>/<schema>/<volume>[/<folder>...]: Unity Catalog names, plain folder names
+_VOLUME_ROOT = re.compile(
+    r"/Volumes/[A-Za-z0-9_-]+/[A-Za-z0-9_-]+/[A-Za-z0-9_-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)*"
+)
 _BUILD_TIMEOUT_SECONDS = 300
 _SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip entry can hold
 
@@ -140,15 +148,47 @@ def build_wheel(out_dir: Path, root: Path | None = None) -> Wheel:
     return Wheel(path=target, version=target.name.split("-")[1], content_hash=content_hash(data))
 
 
+def wheel_root_kind(root: str) -> str:
+    """``"dbfs"`` for a ``dbfs:/...`` root, ``"volume"`` for a Unity Catalog volume folder.
+
+    A volume root is ``/Volumes/<catalog>/<schema>/<volume>`` with an optional folder below
+    it; catalog, schema and volume are ``[A-Za-z0-9_-]+``, folders plain names (no ``..``).
+
+    Raises
+    ------
+    DeployError
+        For anything else, naming the value.
+    """
+    if root.startswith("dbfs:/"):
+        return "dbfs"
+    if root.startswith("/Volumes/") or root == "/Volumes":
+        if _VOLUME_ROOT.fullmatch(root.rstrip("/")):
+            return "volume"
+        raise DeployError(
+            f"wheel root {root!r} is not a Unity Catalog volume folder: expected "
+            "/Volumes/<catalog>/<schema>/<volume>[/<folder>...] with catalog, schema and "
+            "volume names of letters, digits, '_' or '-'"
+        )
+    raise DeployError(
+        f"wheel root {root!r} is neither a DBFS path (dbfs:/...) nor a Unity Catalog volume "
+        "folder (/Volumes/<catalog>/<schema>/<volume>/...)"
+    )
+
+
 def upload_wheel(workspace: Any, wheel: Wheel, root: str = DEFAULT_WHEEL_ROOT) -> tuple[str, bool]:
     """Upload ``wheel`` under ``root`` unless the same build is there already.
+
+    A build is "there already" when its path (version and content hash) holds a file of the
+    wheel's size: DBFS is asked with ``get-status``, a volume with the Files API's metadata
+    call (``HEAD /api/2.0/fs/files{path}``). A volume upload first creates the folder
+    (``PUT /api/2.0/fs/directories{folder}``, idempotent), then ``PUT``s the bytes.
 
     Parameters
     ----------
     workspace
         A ``databricks.sdk.WorkspaceClient``.
     root
-        A DBFS folder, ``dbfs:/...``.
+        A DBFS folder, ``dbfs:/...``, or a volume folder, ``/Volumes/<c>/<s>/<v>/...``.
 
     Returns
     -------
@@ -159,12 +199,12 @@ def upload_wheel(workspace: Any, wheel: Wheel, root: str = DEFAULT_WHEEL_ROOT) -
     Raises
     ------
     DeployError
-        When ``root`` is not a DBFS path.
+        When ``root`` is neither (see :func:`wheel_root_kind`).
     """
     from databricks.sdk.errors import NotFound
 
-    if not root.startswith("dbfs:/"):
-        raise DeployError(f"wheel root {root!r} is not a DBFS path (dbfs:/...)")
+    if wheel_root_kind(root) == "volume":
+        return _upload_to_volume(workspace, wheel, root)
     target = wheel.target(root)
     api_path = target.removeprefix("dbfs:")
     size = wheel.path.stat().st_size
@@ -176,6 +216,24 @@ def upload_wheel(workspace: Any, wheel: Wheel, root: str = DEFAULT_WHEEL_ROOT) -
         return target, False
     with wheel.path.open("rb") as f:
         workspace.dbfs.upload(api_path, f, overwrite=True)
+    return target, True
+
+
+def _upload_to_volume(workspace: Any, wheel: Wheel, root: str) -> tuple[str, bool]:
+    """:func:`upload_wheel` for a Unity Catalog volume, over the Files API."""
+    from databricks.sdk.errors import NotFound
+
+    target = wheel.target(root)
+    size = wheel.path.stat().st_size
+    try:
+        metadata = workspace.files.get_metadata(target)
+    except NotFound:
+        metadata = None
+    if metadata is not None and metadata.content_length == size:
+        return target, False
+    workspace.files.create_directory(target.rsplit("/", 1)[0])
+    with wheel.path.open("rb") as f:
+        workspace.files.upload(target, f, overwrite=True)
     return target, True
 
 
@@ -194,8 +252,8 @@ def deploy(
         Where ``DATABRICKS_HOST``, ``DATABRICKS_TOKEN`` and ``PIPELINE_WHEEL_ROOT`` are
         read (default: the process environment).
     root
-        Folder of the wheels (default ``PIPELINE_WHEEL_ROOT``, else
-        :data:`DEFAULT_WHEEL_ROOT`).
+        Folder of the wheels, ``dbfs:/...`` or ``/Volumes/<catalog>/<schema>/<volume>/...``
+        (default ``PIPELINE_WHEEL_ROOT``, else :data:`DEFAULT_WHEEL_ROOT`).
     out_dir
         Where the wheel is kept locally (default ``$PIPELINE_HOME/dist``).
     upload
@@ -210,10 +268,12 @@ def deploy(
     Raises
     ------
     DeployError
-        When the build fails, or the host or token is not set for an upload.
+        When the root is not a DBFS or volume folder, the build fails, or the host or
+        token is not set for an upload.
     """
     env = os.environ if environ is None else environ
     root = root or env.get("PIPELINE_WHEEL_ROOT") or DEFAULT_WHEEL_ROOT
+    wheel_root_kind(root)  # a wrong root fails before the build, not after it
     home = Path(env.get("PIPELINE_HOME", ".pipeline")).expanduser().resolve()
     wheel = build_wheel(out_dir or home / "dist")
     result: dict[str, Any] = {

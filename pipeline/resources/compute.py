@@ -116,7 +116,9 @@ class ComputeResource(ConfigurableResource):
         wheel uploaded by ``pipeline deploy``, or ``"build"`` to build this checkout's
         wheel and upload it (once per content hash) on first use.
     databricks_wheel_root
-        DBFS folder of uploaded wheels (``"build"`` uploads there).
+        Folder of uploaded wheels (``"build"`` uploads there): ``dbfs:/...`` (DBFS API) or
+        a Unity Catalog volume folder ``/Volumes/<catalog>/<schema>/<volume>/...`` (Files
+        API); tasks then install ``{"whl": "/Volumes/..."}``.
     databricks_poll_interval_seconds
         How often the run state is polled.
     databricks_timeout_seconds

@@ -1,4 +1,4 @@
-"""A loopback fake of a Databricks workspace: Jobs, Clusters and DBFS REST endpoints.
+"""A loopback fake of a Databricks workspace: Jobs, Clusters, DBFS and Files REST endpoints.
 
 A real HTTP server on ``127.0.0.1`` (stdlib ``http.server`` in a thread) that answers the
 documented REST calls the Databricks SDK makes for Dagster Pipes, with the documented JSON
@@ -13,6 +13,15 @@ shapes and error codes, so the code under test talks to it exactly as to a works
   ``GET /api/2.0/dbfs/read|get-status|list``; ``read`` returns base64 ``data`` and
   ``bytes_read`` (0.5 MB by default, 1 MB at most); a missing path is HTTP 404
   ``RESOURCE_DOES_NOT_EXIST``. DBFS is a temp folder.
+* Files API on Unity Catalog volumes (``/Volumes/<catalog>/<schema>/<volume>/...``, every
+  volume exists): ``PUT|GET|HEAD|DELETE /api/2.0/fs/files{path}`` (raw octet-stream bodies;
+  ``PUT`` takes ``?overwrite=true|false``, answers 204; ``GET``/``HEAD`` answer
+  ``Content-Length``, ``Content-Type`` and ``Last-Modified``) and
+  ``PUT|HEAD|GET /api/2.0/fs/directories{path}`` (create like ``mkdir -p``, exists?, list
+  ``contents``). A missing file or directory is HTTP 404 ``NOT_FOUND`` (a ``HEAD`` answer has
+  no body), writing over an existing file with ``overwrite=false`` is 409
+  ``ALREADY_EXISTS``. Stricter than documented, on purpose: a file's parent directory must
+  exist (404 otherwise), so callers create it. Volumes are a second temp folder.
 * Every call needs ``Authorization: Bearer <token>``; anything else is HTTP 401.
 
 On ``runs/submit`` the ``spark_python_task`` is executed the way a cluster would: a
@@ -23,16 +32,17 @@ credentials least of all), plus ``PIPELINE_DBFS_FUSE_ROOT`` pointing at the DBFS
 folder: that is where the job sees DBFS, as a cluster sees it under ``/dbfs``.
 ``DATABRICKS_RUNTIME_VERSION`` is not set (jobs run without Spark).
 
-Task ``libraries``: a ``whl`` on the fake DBFS is installed, as a cluster installs it, into
+Task ``libraries``: a ``whl`` on the fake DBFS or on a fake volume (``/Volumes/...``, the
+documented form for volume wheels) is installed, as a cluster installs it, into
 a fresh virtual environment (``python -m venv``, one per wheel content hash and fake
 instance), and the task runs with that environment's interpreter, so the job imports the
 platform from the installed wheel, never from the checkout. The environment stands for the
 cluster's runtime: a ``.pth`` file puts the running interpreter's ``purelib`` after the
 venv's own site-packages, and the wheel is installed with ``--no-deps`` (offline; its
 dependencies are those of this virtualenv, not resolved from an index). A ``whl`` missing
-from DBFS fails the run as a library installation error. ``pypi`` libraries are recorded,
-not installed (the runtime has them); a task without a wheel runs with this virtualenv's
-Python (``python``).
+from DBFS or the volume fails the run as a library installation error. ``pypi`` libraries
+are recorded, not installed (the runtime has them); a task without a wheel runs with this
+virtualenv's Python (``python``).
 
 Every request is recorded (method, path, query, JSON body, whether it was authorised) so
 tests assert what was asked. ``fail_runs`` makes the next runs fail like a lost cluster,
@@ -40,10 +50,12 @@ without executing anything.
 
 Limits, stated so nobody mistakes this for Databricks: one task per submitted run;
 ``spark_python_task`` only; ``python_file`` must be on DBFS (``dbfs:/...``), not a
-workspace file; no job clusters, no repair, no run listing.
+workspace file; no job clusters, no repair, no run listing; no directory ``DELETE`` and no
+multipart or resumable uploads in the Files API; no volume permissions.
 """
 
 import base64
+import email.utils
 import hashlib
 import itertools
 import json
@@ -60,12 +72,13 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 FUSE_ROOT_ENV = "PIPELINE_DBFS_FUSE_ROOT"  # honoured by pipeline.remote.loan_loss_job
 READ_DEFAULT = 512 * 1024  # documented default ``length`` of dbfs/read
 MAX_BLOCK = 1024 * 1024  # documented limit of dbfs/read length, put contents, add-block data
 JOB_ID = 947  # one-time runs report a job id on real workspaces too
+FILES_PREFIXES = ("/api/2.0/fs/files/", "/api/2.0/fs/directories/")
 
 
 class ApiError(Exception):
@@ -103,6 +116,19 @@ def _not_found(path: str) -> ApiError:
 
 
 @dataclass
+class RawResponse:
+    """A Files API answer: not JSON, a status, headers and bytes (sent unless ``HEAD``)."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+def _file_missing(path: str) -> ApiError:
+    return ApiError(404, "NOT_FOUND", f"The file or directory {path} does not exist.")
+
+
+@dataclass
 class RecordedRequest:
     """One HTTP request as the fake saw it."""
 
@@ -112,12 +138,23 @@ class RecordedRequest:
     body: Any
     authorized: bool
     status: int = 0
+    size: int = 0  # bytes of the request body (the Files API sends raw bytes, not JSON)
 
     @property
     def endpoint(self) -> str:
-        """The path without the API version, e.g. ``jobs/runs/submit`` or ``dbfs/put``."""
+        """The path without the API version, e.g. ``jobs/runs/submit`` or ``dbfs/put``;
+        ``fs/files`` or ``fs/directories`` for the Files API (its target is in ``path``)."""
         parts = self.path.strip("/").split("/")
+        if parts[:1] == ["api"] and parts[2:3] == ["fs"]:
+            return "/".join(parts[2:4])
         return "/".join(parts[2:]) if parts[:1] == ["api"] else self.path
+
+    @property
+    def file_path(self) -> str:
+        """The Files API target (``/Volumes/...``), ``""`` for other endpoints."""
+        if not self.path.startswith(FILES_PREFIXES):
+            return ""
+        return unquote("/" + self.path.strip("/").split("/", 4)[4])
 
 
 @dataclass
@@ -185,6 +222,8 @@ class FakeDatabricksWorkspace:
         self.root = Path(root)
         self.dbfs_root = self.root / "dbfs"
         self.dbfs_root.mkdir(parents=True, exist_ok=True)
+        self.files_root = self.root / "volumes"  # /Volumes/<catalog>/<schema>/<volume>/...
+        self.files_root.mkdir(exist_ok=True)
         (self.root / "runs").mkdir(exist_ok=True)
         self.token = token
         self.cluster_ids = tuple(cluster_ids)
@@ -259,6 +298,126 @@ class FakeDatabricksWorkspace:
             for p in self.dbfs_root.rglob("*")
             if p.is_file()
         )
+
+    def volume_path(self, path: str) -> Path:
+        """Where a ``/Volumes/...`` path lives in the temp folder."""
+        return self._volume_local(path)
+
+    def volume_files(self) -> list[str]:
+        """Every file on the fake volumes, as ``/Volumes/...`` paths."""
+        return sorted(
+            "/Volumes/" + p.relative_to(self.files_root).as_posix()
+            for p in self.files_root.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+
+    # ------------------------------------------------------------------ Files API (volumes)
+
+    def _volume_local(self, path: Any) -> Path:
+        parts = path.split("/") if isinstance(path, str) else []
+        if parts[:2] != ["", "Volumes"] or len(parts) < 5 or not all(parts[2:5]):
+            raise ApiError(
+                400,
+                "INVALID_PARAMETER_VALUE",
+                "the fake workspace serves /Volumes/<catalog>/<schema>/<volume>/... only: "
+                f"{path!r}",
+            )
+        names = [p for p in parts[2:] if p]
+        if any(n in (".", "..") for n in names):
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", f"Invalid path: {path}")
+        volume = self.files_root.joinpath(*names[:3])
+        volume.mkdir(parents=True, exist_ok=True)  # every volume exists
+        return self.files_root.joinpath(*names)
+
+    @staticmethod
+    def _file_headers(local: Path) -> dict[str, str]:
+        stat = local.stat()
+        return {
+            "Content-Length": str(stat.st_size),
+            "Content-Type": "application/octet-stream",
+            "Last-Modified": email.utils.formatdate(stat.st_mtime, usegmt=True),
+        }
+
+    def files_read(self, path: str, with_body: bool) -> RawResponse:
+        local = self._volume_local(path)
+        if not local.is_file():
+            raise _file_missing(path)
+        body = local.read_bytes() if with_body else b""
+        return RawResponse(200, self._file_headers(local), body)
+
+    def files_upload(self, path: str, query: dict[str, str], data: bytes) -> RawResponse:
+        local = self._volume_local(path)
+        overwrite = query.get("overwrite", "true").lower() != "false"
+        if local.is_dir():
+            raise ApiError(409, "ALREADY_EXISTS", f"A directory exists at {path}.")
+        if local.exists() and not overwrite:
+            raise ApiError(409, "ALREADY_EXISTS", f"The file {path} already exists.")
+        if not local.parent.is_dir():
+            raise ApiError(404, "NOT_FOUND", f"The parent directory of {path} does not exist.")
+        tmp = local.with_name(f".{local.name}.upload-{os.getpid()}-{threading.get_ident()}")
+        tmp.write_bytes(data)
+        tmp.replace(local)
+        return RawResponse(204)
+
+    def files_delete(self, path: str) -> RawResponse:
+        local = self._volume_local(path)
+        if not local.is_file():
+            raise _file_missing(path)
+        local.unlink()
+        return RawResponse(204)
+
+    def directories_create(self, path: str) -> RawResponse:
+        local = self._volume_local(path)
+        for folder in (local, *local.parents):
+            if folder.is_file():
+                raise ApiError(409, "ALREADY_EXISTS", f"A file exists at a prefix of {path}.")
+            if folder == self.files_root:
+                break
+        local.mkdir(parents=True, exist_ok=True)
+        return RawResponse(204)
+
+    def directories_exists(self, path: str) -> RawResponse:
+        if not self._volume_local(path).is_dir():
+            raise _file_missing(path)
+        return RawResponse(200)
+
+    def directories_list(self, path: str) -> dict[str, Any]:
+        local = self._volume_local(path)
+        if not local.is_dir():
+            raise _file_missing(path)
+        base = path.rstrip("/")
+        contents = []
+        for child in sorted(local.iterdir()):
+            if child.name.startswith("."):
+                continue
+            entry: dict[str, Any] = {
+                "path": f"{base}/{child.name}" + ("/" if child.is_dir() else ""),
+                "name": child.name,
+                "is_directory": child.is_dir(),
+            }
+            if child.is_file():
+                stat = child.stat()
+                entry["file_size"] = stat.st_size
+                entry["last_modified"] = int(stat.st_mtime * 1000)
+            contents.append(entry)
+        return {"contents": contents}
+
+    def handle_files(self, method: str, path: str, query: dict[str, str], data: bytes) -> Any:
+        """The Files API: ``path`` is the URL path (``/api/2.0/fs/{files,directories}/...``)."""
+        kind = "files" if path.startswith(FILES_PREFIXES[0]) else "directories"
+        target = unquote("/" + path.split("/", 5)[5])
+        routes = {
+            ("files", "PUT"): lambda: self.files_upload(target, query, data),
+            ("files", "GET"): lambda: self.files_read(target, with_body=True),
+            ("files", "HEAD"): lambda: self.files_read(target, with_body=False),
+            ("files", "DELETE"): lambda: self.files_delete(target),
+            ("directories", "PUT"): lambda: self.directories_create(target),
+            ("directories", "HEAD"): lambda: self.directories_exists(target),
+            ("directories", "GET"): lambda: self.directories_list(target),
+        }
+        if (kind, method) not in routes:
+            raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{method} {path}'")
+        return routes[kind, method]()
 
     # ------------------------------------------------------------------ DBFS
 
@@ -585,9 +744,17 @@ class FakeDatabricksWorkspace:
         if len(wheels) > 1:
             raise LibraryError(f"the fake workspace installs one wheel per task, got {wheels}")
         (wheel,) = wheels
-        if not isinstance(wheel, str) or not wheel.startswith("dbfs:/"):
-            raise LibraryError(f"the fake workspace installs DBFS wheels only, got {wheel!r}")
-        local = self.local_path(wheel)
+        if isinstance(wheel, str) and wheel.startswith("dbfs:/"):
+            local = self.local_path(wheel)
+        elif isinstance(wheel, str) and wheel.startswith("/Volumes/"):
+            try:
+                local = self.volume_path(wheel)
+            except ApiError as exc:
+                raise LibraryError(f"{wheel} is not a volume file: {exc.message}") from exc
+        else:
+            raise LibraryError(
+                f"the fake workspace installs DBFS or volume wheels only, got {wheel!r}"
+            )
         if not local.is_file():
             raise LibraryError(f"{wheel} does not exist")
         digest = hashlib.sha256(local.read_bytes()).hexdigest()
@@ -768,12 +935,13 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        files_api = url.path.startswith(FILES_PREFIXES)
         try:
-            body = json.loads(raw) if raw else {}
-        except json.JSONDecodeError:
+            body = None if files_api else json.loads(raw) if raw else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
         authorized = self.headers.get("Authorization") == f"Bearer {self.fake.token}"
-        record = RecordedRequest(method, url.path, query, body, authorized)
+        record = RecordedRequest(method, url.path, query, body, authorized, size=len(raw))
         with self.fake._lock:
             self.fake.requests.append(record)
         if not authorized:
@@ -786,20 +954,44 @@ class _Handler(BaseHTTPRequestHandler):
             )
         else:
             try:
-                status, payload = HTTPStatus.OK, self.fake.handle(method, url.path, query, body)
+                if files_api:
+                    payload = self.fake.handle_files(method, url.path, query, raw)
+                else:
+                    payload = self.fake.handle(method, url.path, query, body)
+                status = HTTPStatus.OK
             except ApiError as exc:
                 status = HTTPStatus(exc.status)
                 payload = {"error_code": exc.error_code, "message": exc.message}
+        if isinstance(payload, RawResponse):
+            record.status = payload.status
+            self.send_response(payload.status)
+            headers = {"Content-Length": str(len(payload.body)), **payload.headers}
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if method != "HEAD":
+                self.wfile.write(payload.body)
+            return
         record.status = int(status)
         data = json.dumps(payload).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if method != "HEAD":  # a HEAD answer has headers only, errors included
+            self.wfile.write(data)
 
     def do_GET(self) -> None:
         self._serve("GET")
 
     def do_POST(self) -> None:
         self._serve("POST")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_HEAD(self) -> None:
+        self._serve("HEAD")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
