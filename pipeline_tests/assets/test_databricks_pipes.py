@@ -20,7 +20,6 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from pipeline.remote import loan_loss_job
 from pipeline.resources.compute import ComputeResource, code_bundle
 from pipeline.stores.loan_loss import committed_samples_uri
 from pipeline_tests.conftest import Platform, make_platform
+from pipeline_tests.fakes.databricks_server import CLUSTER_ID as CLUSTER
 from pipeline_tests.fakes.databricks_server import FakeDatabricksWorkspace
 
 VALUATION = "2026-09-30"
@@ -54,19 +54,7 @@ LOAN_INPUTS = (
 )
 # columns that differ between any two runs by construction, not by result
 VOLATILE = ("dagster_run_id", "mlflow_run_id", "computed_at", "samples_uri")
-CLUSTER = "0930-120000-fakeclu1"
 SCRIPT = "dbfs:/pipeline/jobs/loan_loss_job.py"
-
-
-@pytest.fixture
-def token() -> str:
-    return f"dapi-fake-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def workspace(tmp_path: Path, token: str) -> Iterator[FakeDatabricksWorkspace]:
-    with FakeDatabricksWorkspace(tmp_path / "workspace", token=token, cluster_ids=(CLUSTER,)) as ws:
-        yield ws
 
 
 @pytest.fixture

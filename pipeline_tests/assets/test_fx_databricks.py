@@ -12,9 +12,7 @@ follows the documented request and answer shapes only.
 
 import re
 import subprocess
-import uuid
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -28,22 +26,11 @@ from pipeline.resources import compute as compute_module
 from pipeline.resources.compute import ComputeError, ComputeResource
 from pipeline.settings import experiment_root, load_settings, sanitise_branch
 from pipeline_tests.assets.test_databricks_pipes import BOOK, fast_compute, one_scenario
+from pipeline_tests.fakes.databricks_server import CLUSTER_ID as CLUSTER
 from pipeline_tests.fakes.databricks_server import FakeDatabricksWorkspace
 
-CLUSTER = "0930-120000-fakeclu1"
 ROOT = "dbfs:/pipeline/wheels"
 VOLUME = "/Volumes/main/pipeline/wheels"
-
-
-@pytest.fixture
-def token() -> str:
-    return f"dapi-fake-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def workspace(tmp_path: Path, token: str) -> Iterator[FakeDatabricksWorkspace]:
-    with FakeDatabricksWorkspace(tmp_path / "workspace", token=token, cluster_ids=(CLUSTER,)) as ws:
-        yield ws
 
 
 @pytest.fixture(scope="module")

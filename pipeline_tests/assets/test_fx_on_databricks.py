@@ -16,8 +16,6 @@ on Databricks (the job runs in process).
 """
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -54,17 +52,6 @@ from pipeline_tests.fakes.databricks_server import FakeDatabricksWorkspace
 SCRIPT = "dbfs:/pipeline/jobs/fx_job.py"
 # differ between any two runs by construction, not by result
 VOLATILE = ("dagster_run_id", "mlflow_run_id", "evaluated_at")
-
-
-@pytest.fixture
-def token() -> str:
-    return f"dapi-fake-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def workspace(tmp_path: Path, token: str) -> Iterator[FakeDatabricksWorkspace]:
-    with FakeDatabricksWorkspace(tmp_path / "workspace", token=token, cluster_ids=(CLUSTER,)) as ws:
-        yield ws
 
 
 def test_tracking_settings_carry_no_password_and_rebuild_the_resource() -> None:

@@ -81,6 +81,10 @@ JOB_ID = 947  # one-time runs report a job id on real workspaces too
 FILES_PREFIXES = ("/api/2.0/fs/files/", "/api/2.0/fs/directories/")
 
 
+CLUSTER_ID = "0930-120000-fakeclu1"
+"""The existing cluster the tests give a fake workspace."""
+
+
 class ApiError(Exception):
     """An error answered as ``{"error_code": ..., "message": ...}`` with an HTTP status."""
 
