@@ -2,10 +2,13 @@
 
 import base64
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 from dagster import AssetExecutionContext, MetadataValue, TableColumn, TableSchema
+
+if TYPE_CHECKING:
+    from pipeline.resources.lake import FrameStream
 
 _DAGSTER_TYPES = {
     pl.String: "string",
@@ -17,8 +20,8 @@ _DAGSTER_TYPES = {
 }
 
 
-def column_schema(frame: pl.DataFrame) -> TableSchema:
-    """Dagster column schema of a polars frame (shown on the asset page)."""
+def column_schema(frame: "pl.DataFrame | FrameStream") -> TableSchema:
+    """Dagster column schema of a polars frame or stream (shown on the asset page)."""
     return TableSchema(
         columns=[
             TableColumn(name=name, type=_DAGSTER_TYPES.get(type(dtype), str(dtype)))

@@ -57,10 +57,9 @@ def _bronze_asset(source: Source) -> AssetsDefinition:
     ) -> MaterializeResult:
         partition_key = context.partition_key
         delivery = read_delivery(landing, source, partition_key)
-        delivered = delivery.rows
-        version = lake.overwrite_partition(
-            "bronze", source.name, delivered, {BRONZE_PARTITION_COLUMN: partition_key}
-        )
+        partition = {BRONZE_PARTITION_COLUMN: partition_key}
+        version = lake.overwrite_partition("bronze", source.name, delivery.rows, partition)
+        rows_stored = lake.count("bronze", source.name, partition)
         metadata = {}
         if delivery.undeclared:
             context.log.warning(
@@ -78,8 +77,8 @@ def _bronze_asset(source: Source) -> AssetsDefinition:
         files = sorted(delivery.sha256)
         return MaterializeResult(
             metadata={
-                "dagster/row_count": delivered.height,
-                "dagster/column_schema": column_schema(delivered),
+                "dagster/row_count": rows_stored,
+                "dagster/column_schema": column_schema(delivery.rows),
                 "files": MetadataValue.md("\n".join(f"- `{f}`" for f in files)),
                 LANDING_HASHES_METADATA: MetadataValue.text(delivery.hashes_json),
                 "undeclared_columns": MetadataValue.text(", ".join(delivery.undeclared)),

@@ -40,7 +40,7 @@ from pipeline.stores.sources import (
     SOURCES,
     Source,
     quarantined_symbol,
-    read_bronze,
+    scan_bronze,
     undeclared_in_bronze,
 )
 
@@ -57,24 +57,31 @@ def _judge(
     yield from check_outcomes(context, verdicts, severity=severity)
 
 
-BronzeVerdict = Callable[[pl.DataFrame, Source, str], Verdict]
-"""Judges one stored bronze partition: ``(stored rows, source, partition key) -> verdict``."""
+BronzeVerdict = Callable[[pl.LazyFrame, Source, str], Verdict]
+"""Judges one stored bronze partition, read lazily (it may hold tens of millions of rows):
+``(stored rows, source, partition key) -> verdict``."""
 
 
-def _schema_verdict(stored: pl.DataFrame, source: Source, partition_key: str) -> Verdict:
+def _rows(stored: pl.LazyFrame) -> int:
+    return int(stored.select(pl.len()).collect().item()) if stored.collect_schema() else 0
+
+
+def _schema_verdict(stored: pl.LazyFrame, source: Source, partition_key: str) -> Verdict:
     required = source.contract(partition_key).required_columns
-    missing = [c for c in required if c not in stored.columns]
-    if stored.height == 0:
+    columns = stored.collect_schema().names()
+    missing = [c for c in required if c not in columns]
+    rows = _rows(stored)
+    if rows == 0:
         return Verdict(False, "no rows stored", {"rows": 0})
     if missing:
         return Verdict(False, f"missing columns {missing}", {"missing": str(missing)})
-    return Verdict(True, f"{stored.height} rows, all columns", {"rows": stored.height})
+    return Verdict(True, f"{rows} rows, all columns", {"rows": rows})
 
 
-def _ingest_lag_verdict(stored: pl.DataFrame, source: Source, partition_key: str) -> Verdict:
-    if stored.height == 0:
+def _ingest_lag_verdict(stored: pl.LazyFrame, source: Source, partition_key: str) -> Verdict:
+    if _rows(stored) == 0:
         return Verdict(False, "no rows stored", {})
-    lag = stored.select((pl.col("_ingested_at") - pl.col("_delivered_at")).max()).item()
+    lag = stored.select((pl.col("_ingested_at") - pl.col("_delivered_at")).max()).collect().item()
     hours = lag.total_seconds() / 3600
     return Verdict(
         lag <= MAX_INGEST_LAG,
@@ -83,12 +90,16 @@ def _ingest_lag_verdict(stored: pl.DataFrame, source: Source, partition_key: str
     )
 
 
-def _drift_verdict(stored: pl.DataFrame, source: Source, partition_key: str) -> Verdict:
-    extra = undeclared_in_bronze(stored, source, partition_key)
+def _drift_verdict(stored: pl.LazyFrame, source: Source, partition_key: str) -> Verdict:
+    extra = undeclared_in_bronze(stored, source, partition_key) if _rows(stored) else []
     if not extra:
         return Verdict(True, "every delivered column is declared", {"undeclared": ""})
-    files = stored.filter(pl.any_horizontal(pl.col(extra).is_not_null()))
-    named = ", ".join(sorted(files["_source_file"].unique().to_list()))
+    files = (
+        stored.filter(pl.any_horizontal(pl.col(extra).is_not_null()))
+        .select(pl.col("_source_file").unique())
+        .collect()
+    )
+    named = ", ".join(sorted(files["_source_file"].to_list()))
     return Verdict(
         False,
         f"undeclared column(s) {', '.join(extra)} in {named}; kept in bronze",
@@ -118,7 +129,7 @@ def _bronze_check(
         context: AssetCheckExecutionContext, lake: LakeResource
     ) -> Iterator[CheckEvent]:
         def evaluate(partition_key: str) -> Verdict:
-            return verdict(read_bronze(lake, source, partition_key), source, partition_key)
+            return verdict(scan_bronze(lake, source, partition_key), source, partition_key)
 
         yield from _judge(context, evaluate, severity=severity)
 
@@ -169,11 +180,11 @@ class CuratedSpec:
 
 
 def _quarantine_count(table: str) -> Callable[[LakeResource, str], int]:
-    return lambda lake, pk: lake.read("quarantine", table, {"partition_key": pk}).height
+    return lambda lake, pk: lake.count("quarantine", table, {"partition_key": pk})
 
 
 def _bronze_count(source: Source) -> Callable[[LakeResource, str], int]:
-    return lambda lake, pk: read_bronze(lake, source, pk).height
+    return lambda lake, pk: lake.count("bronze", source.name, {BRONZE_PARTITION_COLUMN: pk})
 
 
 def _fx_delivered(lake: LakeResource, partition_key: str) -> int:

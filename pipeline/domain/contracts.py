@@ -9,7 +9,7 @@ guarantees and the reconciliation checks verify on what was stored.
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -177,29 +177,29 @@ def _cast(col: str, dtype: pl.DataType) -> pl.Expr:
     return raw.cast(dtype, strict=False).alias(col)
 
 
-def check_required_columns(frame: pl.DataFrame, contract: Contract, source_file: str) -> None:
-    """Fail the whole file when a contract column is missing.
+def check_required_columns(columns: Sequence[str], contract: Contract, source_file: str) -> None:
+    """Fail the whole file when a contract column is missing from its ``columns``.
 
     Raises
     ------
     ContractError
         Naming the file and every missing column.
     """
-    missing = [c for c in contract.required_columns if c not in frame.columns]
+    missing = [c for c in contract.required_columns if c not in columns]
     if missing:
         raise ContractError(
             f"{source_file}: missing required column(s) {', '.join(missing)} "
-            f"for {contract.table} (found: {', '.join(frame.columns) or 'none'})"
+            f"for {contract.table} (found: {', '.join(columns) or 'none'})"
         )
 
 
-def undeclared_columns(frame: pl.DataFrame, contract: Contract) -> list[str]:
+def undeclared_columns(columns: Sequence[str], contract: Contract) -> list[str]:
     """Delivered columns the contract does not declare (lineage columns aside), in file order.
 
     Bronze keeps them as delivered; the bronze drift check names them.
     """
     declared = (*contract.columns, *contract.personal, *RESERVED_COLUMNS)
-    return [c for c in frame.columns if c not in declared]
+    return [c for c in columns if c not in declared]
 
 
 def check_storable_columns(columns: list[str], source_file: str) -> None:
@@ -256,7 +256,7 @@ def apply_contract(
     for col in ("_source_file", "_row_number"):
         if col not in bronze.columns:
             raise ContractError(f"bronze frame for {contract.table} lacks lineage column {col}")
-    check_required_columns(bronze, contract, "bronze frame")
+    check_required_columns(bronze.columns, contract, "bronze frame")
     raw_cols = list(contract.columns)
     typed = bronze.with_columns(
         [_cast(c, t).alias(f"__typed_{c}") for c, t in contract.columns.items()]
@@ -302,7 +302,7 @@ def apply_contract(
     )
     passing = passing.join(first_seen, on=key, how="left", nulls_equal=True)
     derived_names = {e.meta.output_name() for e in contract.derived}
-    undeclared = [c for c in undeclared_columns(bronze, contract) if c not in derived_names]
+    undeclared = [c for c in undeclared_columns(bronze.columns, contract) if c not in derived_names]
     is_dup = (pl.col("_source_file") != pl.col("__first_file")) | (
         pl.col("_row_number") != pl.col("__first_row")
     )

@@ -13,6 +13,7 @@ sensor reports it. A file is ingested only once complete
 marker).
 """
 
+import codecs
 import io
 import re
 from pathlib import Path
@@ -111,10 +112,15 @@ def parquet_footer_intact(payload: bytes) -> bool:
     Parquet is self-delimiting: a writer appends the footer (its length and the
     ``PAR1`` magic) last, so a file written in place without one is incomplete.
     """
-    if len(payload) < 12 or payload[:4] != _PARQUET_MAGIC or payload[-4:] != _PARQUET_MAGIC:
+    return parquet_ends_intact(payload[:4], payload[-8:], len(payload))
+
+
+def parquet_ends_intact(head: bytes, tail: bytes, size: int) -> bool:
+    """:func:`parquet_footer_intact` from the first 4 and last 8 bytes of a file of ``size``."""
+    if size < 12 or head[:4] != _PARQUET_MAGIC or tail[-4:] != _PARQUET_MAGIC:
         return False
-    footer_length = int.from_bytes(payload[-8:-4], "little")
-    return 0 < footer_length <= len(payload) - 12
+    footer_length = int.from_bytes(tail[-8:-4], "little")
+    return 0 < footer_length <= size - 12
 
 
 def read_as_text(path: Path) -> pl.DataFrame:
@@ -128,6 +134,40 @@ def read_as_text(path: Path) -> pl.DataFrame:
     if not path.exists():
         raise LandingFileError(f"{path}: file does not exist")
     return parse_as_text(str(path), path.read_bytes())
+
+
+class Utf8Validator:
+    """Checks that a file is UTF-8 as its bytes arrive in chunks (a drop may be gigabytes).
+
+    Feed every chunk in order, then :meth:`finish`; the first invalid byte raises the
+    same error a whole-file check would, with its offset in the file.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._offset = 0
+
+    def feed(self, chunk: bytes, *, final: bool = False) -> None:
+        """Validate the next chunk (``final`` once the file has ended)."""
+        pending = len(self._decoder.getstate()[0])
+        try:
+            self._decoder.decode(chunk, final=final)
+        except UnicodeDecodeError as exc:
+            at = self._offset - pending + exc.start
+            raise LandingFileError(
+                f"{self.name}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {at})"
+            ) from exc
+        self._offset += len(chunk)
+
+    def finish(self) -> None:
+        """The file has ended: a multi-byte character cut off at its end is invalid."""
+        self.feed(b"", final=True)
+
+
+def text_columns(schema: pl.Schema) -> list[pl.Expr]:
+    """Expressions turning the typed columns of a Parquet drop into text, as bronze stores them."""
+    return [_parquet_column_as_text(c, t) for c, t in schema.items()]
 
 
 def parse_as_text(name: str, payload: bytes) -> pl.DataFrame:
@@ -150,19 +190,11 @@ def parse_as_text(name: str, payload: bytes) -> pl.DataFrame:
         raise LandingFileError(f"{name}: file is empty (0 bytes)")
     try:
         if suffix == ".csv":
-            try:
-                payload.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise LandingFileError(
-                    f"{name}: not valid UTF-8 (byte 0x{payload[exc.start]:02x} at offset "
-                    f"{exc.start})"
-                ) from exc
+            Utf8Validator(name).feed(payload, final=True)
             frame = pl.read_csv(payload, infer_schema=False)
         elif suffix == ".parquet":
             frame = pl.read_parquet(io.BytesIO(payload))
-            frame = frame.with_columns(
-                [_parquet_column_as_text(c, t) for c, t in frame.schema.items()]
-            )
+            frame = frame.with_columns(text_columns(frame.schema))
         else:
             raise LandingFileError(f"{name}: unsupported file type {suffix!r}")
     except LandingFileError:

@@ -36,7 +36,8 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from deltalake import DeltaTable
 
 LAYERS = ("bronze", "curated", "quarantine", "gold", "ops")
@@ -57,6 +59,8 @@ BATCH_METADATA_KEY = "pipeline.batch_id"
 _TABLE = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _PREDICATE_VALUE = re.compile(r"[A-Za-z0-9_.:\- |]{1,64}")
 _COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+STREAM_BATCH_ROWS = 200_000
+"""Rows per batch when a :class:`FrameStream` is written: bounds the writer's memory."""
 
 
 class LakeError(ValueError):
@@ -79,6 +83,93 @@ def batch_time(batch_id: str) -> dt.datetime:
 
 
 @dataclass(frozen=True)
+class FrameStream:
+    """Rows too many to hold at once: their schema and a way to produce them in batches.
+
+    The lake writes a stream batch by batch into one Delta commit, so a month of 50
+    million policies goes from its landing file to bronze, or from spill files to a
+    quarantine, in the memory of a few batches. ``batches`` is called once per write
+    attempt (a lost commit race writes again from the start); every batch must have
+    ``schema``'s columns and types. An exception a batch raises (a landing file that
+    stops parsing half way) aborts the write before anything is committed and reaches
+    the caller as raised, not as delta-rs' wrapper of it.
+    """
+
+    schema: pl.Schema
+    batches: Callable[[], Iterator[pl.DataFrame]]
+
+    @classmethod
+    def of(cls, lazy: pl.LazyFrame, batch_rows: int = STREAM_BATCH_ROWS) -> "FrameStream":
+        """A lazy query (a scan of files) run by polars' streaming engine, batch by batch."""
+        return cls(
+            lazy.collect_schema(),
+            lambda: iter(lazy.collect_batches(chunk_size=batch_rows, lazy=True)),
+        )
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names, in order."""
+        return self.schema.names()
+
+    def collect(self) -> pl.DataFrame:
+        """Every row in memory at once: for small streams and tests only."""
+        return pl.concat(
+            [pl.DataFrame(schema=self.schema), *(b.select(self.columns) for b in self.batches())]
+        )
+
+    def with_constant(self, name: str, value: str) -> "FrameStream":
+        """The same rows with a text column holding ``value`` (a batch id)."""
+        schema = pl.Schema({**self.schema, name: pl.String()})
+        return FrameStream(
+            schema, lambda: (b.with_columns(pl.lit(value).alias(name)) for b in self.batches())
+        )
+
+
+Rows = pl.DataFrame | FrameStream
+"""What a lake write takes: rows in memory, or a stream of batches."""
+
+
+class _CheckedStream:
+    """One write attempt of a :class:`FrameStream`: Arrow batches, each checked and counted.
+
+    Every batch is checked against the partitions being written (a row outside them
+    aborts the write before its commit) and counted per partition, which is what
+    :meth:`LakeResource.commit_outcome` records. The first exception is kept, because
+    delta-rs reports a failing Arrow stream under its own exception type.
+    """
+
+    def __init__(self, stream: FrameStream, where: str, columns: list[str], allowed: pl.DataFrame):
+        self.stream, self.where, self.columns, self.allowed = stream, where, columns, allowed
+        self.counts: Counter[str] = Counter()
+        self.error: BaseException | None = None
+
+    def reader(self) -> "pa.RecordBatchReader":
+        import pyarrow as pa
+
+        schema = pl.DataFrame(schema=self.stream.schema).to_arrow().schema
+        return pa.RecordBatchReader.from_batches(schema, self._arrow_batches(schema))
+
+    def _arrow_batches(self, schema: "pa.Schema") -> Iterator["pa.RecordBatch"]:
+        try:
+            for batch in self.stream.batches():
+                batch = batch.select(self.stream.columns)
+                if self.columns:
+                    keys = batch.select(pl.col(c).cast(pl.String) for c in self.columns)
+                    stray = keys.join(self.allowed, on=self.columns, how="anti")
+                    if stray.height:
+                        raise LakeError(
+                            f"{self.where}: {stray.height} row(s) of a batch lie outside the "
+                            f"partitions being written (e.g. {stray.row(0, named=True)}); "
+                            "refusing to write outside them"
+                        )
+                    self.counts.update(_partition_counts(keys, self.columns))
+                yield from batch.to_arrow().cast(schema).to_batches()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+
+@dataclass(frozen=True)
 class PartitionWrite:
     """Rows of some partitions of one table, part of one :meth:`LakeResource.commit_outcome`.
 
@@ -91,7 +182,7 @@ class PartitionWrite:
 
     layer: str
     table: str
-    frame: pl.DataFrame
+    frame: Rows
     partitions: Sequence[Mapping[str, str]]
 
 
@@ -264,12 +355,27 @@ class LakeResource(ConfigurableResource):
             of each partition, without the ``_batch_id`` column (the default), or
             every stored row with it (``False``: maintenance and tests).
         """
-        if not self.exists(layer, table):
+        scanned = self._scan(layer, table, where)
+        if scanned is None:
             return pl.DataFrame()
+        lazy, loaded = scanned
+        names = lazy.collect_schema().names()
+        if BATCH_COLUMN not in names or not committed:
+            return (lazy.select(columns) if columns else lazy).collect()
+        keys = list(loaded.metadata().partition_columns)
+        wanted = [*dict.fromkeys([*(columns or names), *keys, BATCH_COLUMN])]
+        rows = visible_rows(lazy.select(wanted).collect(), self.commits(layer, table), keys)
+        return rows.select(columns) if columns else rows.drop(BATCH_COLUMN)
+
+    def _scan(
+        self, layer: str, table: str, where: Mapping[str, str | list[str]] | None
+    ) -> "tuple[pl.LazyFrame, DeltaTable] | None":
+        if not self.exists(layer, table):
+            return None
         uri = self.table_uri(layer, table)
         loaded = self._load(uri)
         if loaded is None:
-            return pl.DataFrame()
+            return None
         if self.is_local:
             lazy = pl.scan_delta(loaded)
         else:
@@ -279,13 +385,42 @@ class LakeResource(ConfigurableResource):
         for col, value in (where or {}).items():
             values = value if isinstance(value, list) else [value]
             lazy = lazy.filter(pl.col(col).is_in(values))
-        names = lazy.collect_schema().names()
-        if BATCH_COLUMN not in names or not committed:
-            return (lazy.select(columns) if columns else lazy).collect()
+        return lazy, loaded
+
+    def scan(
+        self, layer: str, table: str, where: Mapping[str, str | list[str]] | None = None
+    ) -> pl.LazyFrame | None:
+        """A lazy read of a table that is not written by :meth:`commit_outcome` (bronze).
+
+        For partitions too large to read at once: callers aggregate or stream it.
+        ``None`` when the table does not exist yet.
+
+        Raises
+        ------
+        LakeError
+            For a table with commit points, whose visible rows need the commit records
+            (use :meth:`read`).
+        """
+        scanned = self._scan(layer, table, where)
+        if scanned is None:
+            return None
+        lazy, _ = scanned
+        if BATCH_COLUMN in lazy.collect_schema().names():
+            raise LakeError(f"{layer}/{table} is written with commit points: read it instead")
+        return lazy
+
+    def count(
+        self, layer: str, table: str, where: Mapping[str, str | list[str]] | None = None
+    ) -> int:
+        """Rows of a table (or of some partitions) as a reader sees them, without loading them."""
+        scanned = self._scan(layer, table, where)
+        if scanned is None:
+            return 0
+        lazy, loaded = scanned
+        if BATCH_COLUMN not in lazy.collect_schema().names():
+            return int(lazy.select(pl.len()).collect().item())
         keys = list(loaded.metadata().partition_columns)
-        wanted = [*dict.fromkeys([*(columns or names), *keys, BATCH_COLUMN])]
-        rows = visible_rows(lazy.select(wanted).collect(), self.commits(layer, table), keys)
-        return rows.select(columns) if columns else rows.drop(BATCH_COLUMN)
+        return self.read(layer, table, where, columns=keys).height
 
     def commits(self, layer: str, table: str) -> pl.DataFrame:
         """Commit records of one table: partition columns, ``_batch_id`` and ``rows``.
@@ -306,7 +441,7 @@ class LakeResource(ConfigurableResource):
         )
 
     def overwrite_partition(
-        self, layer: str, table: str, frame: pl.DataFrame, partition: Mapping[str, str]
+        self, layer: str, table: str, frame: Rows, partition: Mapping[str, str]
     ) -> int:
         """Replace exactly one partition of a table with ``frame``.
 
@@ -329,7 +464,7 @@ class LakeResource(ConfigurableResource):
         self,
         layer: str,
         table: str,
-        frame: pl.DataFrame,
+        frame: Rows,
         partitions: Sequence[Mapping[str, str]],
     ) -> int:
         """Replace several partitions in one atomic commit.
@@ -357,16 +492,20 @@ class LakeResource(ConfigurableResource):
             mode="overwrite",
             predicate=_predicate(allowed),
             partition_by=columns,
+            allowed=allowed,
         )
 
     def _partitions_of(
         self,
         layer: str,
         table: str,
-        frame: pl.DataFrame,
+        frame: Rows,
         partitions: Sequence[Mapping[str, str]],
     ) -> tuple[list[str], pl.DataFrame]:
         """Validate partitions and rows; return the partition columns and distinct values.
+
+        The rows of a :class:`FrameStream` are checked batch by batch as they are
+        written (a stray row aborts the write before its commit).
 
         Raises
         ------
@@ -401,6 +540,8 @@ class LakeResource(ConfigurableResource):
         allowed = pl.DataFrame(
             [dict(p) for p in partitions], schema={c: pl.String for c in columns}
         ).unique(maintain_order=True)
+        if isinstance(frame, FrameStream):
+            return columns, allowed
         stray = frame.select(pl.col(c).cast(pl.String) for c in columns).join(
             allowed, on=columns, how="anti"
         )
@@ -458,16 +599,21 @@ class LakeResource(ConfigurableResource):
         versions: dict[str, int] = {}
         records = []
         for write, columns, allowed in prepared:
-            tagged = write.frame.with_columns(pl.lit(batch).alias(BATCH_COLUMN))
+            counts: Counter[str] = Counter()
+            if isinstance(write.frame, FrameStream):
+                tagged: Rows = write.frame.with_constant(BATCH_COLUMN, batch)
+            else:
+                tagged = write.frame.with_columns(pl.lit(batch).alias(BATCH_COLUMN))
+                counts.update(_partition_counts(write.frame, columns))
             versions[f"{write.layer}/{write.table}"] = self._write(
-                write.layer, write.table, tagged, mode="append", partition_by=columns, batch=batch
-            )
-            counts = dict(
-                write.frame.select(pl.col(c).cast(pl.String) for c in columns)
-                .group_by(columns)
-                .len()
-                .select(pl.concat_str(columns, separator="\x1f"), "len")
-                .iter_rows()
+                write.layer,
+                write.table,
+                tagged,
+                mode="append",
+                partition_by=columns,
+                batch=batch,
+                allowed=allowed,
+                counts=counts,
             )
             for partition in allowed.iter_rows(named=True):
                 key = "\x1f".join(partition[c] for c in columns)
@@ -528,7 +674,15 @@ class LakeResource(ConfigurableResource):
         return self._write(layer, table, frame, mode="append")
 
     def _write(
-        self, layer: str, table: str, frame: pl.DataFrame, *, batch: str | None = None, **kwargs
+        self,
+        layer: str,
+        table: str,
+        frame: Rows,
+        *,
+        batch: str | None = None,
+        allowed: pl.DataFrame | None = None,
+        counts: Counter[str] | None = None,
+        **kwargs,
     ) -> int:
         """One Delta write, retried when a concurrent writer wins the commit race.
 
@@ -536,20 +690,31 @@ class LakeResource(ConfigurableResource):
         so a retried partition overwrite applies to what the winner left. A write
         tagged with ``batch`` records it in its commit's metadata; before a retry,
         a commit already carrying it means the lost race was only reported lost,
-        and the rows are not appended twice.
+        and the rows are not appended twice. A :class:`FrameStream` is produced
+        again for each attempt, checked against ``allowed`` partitions on the way and
+        counted into ``counts`` (rows per partition, see :func:`_partition_counts`).
         """
         import deltalake
         from deltalake import CommitProperties
         from deltalake.exceptions import CommitFailedError
 
         uri = self.table_uri(layer, table)
-        data = frame.to_arrow()
+        streamed = isinstance(frame, FrameStream)
+        data = None if streamed else frame.to_arrow()
+        columns = list(allowed.columns) if allowed is not None else []
         properties = CommitProperties(
             custom_metadata={BATCH_METADATA_KEY: batch} if batch else None
         )
         for attempt in range(self.commit_retries):
             if attempt and batch and self._has_commit(uri, batch):
                 break
+            checked = None
+            if streamed:
+                empty = pl.DataFrame(schema={c: pl.String for c in columns})
+                checked = _CheckedStream(
+                    frame, f"{layer}/{table}", columns, empty if allowed is None else allowed
+                )
+                data = checked.reader()
             try:
                 deltalake.write_deltalake(
                     uri,
@@ -564,13 +729,18 @@ class LakeResource(ConfigurableResource):
                     commit_properties=properties,
                     **kwargs,
                 )
+                if checked is not None and counts is not None:
+                    counts.clear()
+                    counts.update(checked.counts)
                 break
             except CommitFailedError:
                 if attempt == self.commit_retries - 1:
                     raise
                 time.sleep(0.2 * 2**attempt)
-            except OSError as exc:
-                if self.is_local:
+            except Exception as exc:
+                if checked is not None and checked.error is not None:
+                    raise checked.error from exc
+                if not isinstance(exc, OSError) or self.is_local:
                     raise
                 raise self._unavailable(uri, exc) from exc
         loaded = self._load(uri)
@@ -638,6 +808,17 @@ class LakeResource(ConfigurableResource):
 
         filesystem, path = fs.FileSystem.from_uri(uri)
         return filesystem.get_file_info(path).type == fs.FileType.File
+
+
+def _partition_counts(frame: pl.DataFrame, columns: list[str]) -> dict[str, int]:
+    """Rows per partition, keyed by the partition values joined with the unit separator."""
+    return dict(
+        frame.select(pl.col(c).cast(pl.String) for c in columns)
+        .group_by(columns)
+        .len()
+        .select(pl.concat_str(columns, separator="\x1f"), "len")
+        .iter_rows()
+    )
 
 
 def _predicate(partitions: pl.DataFrame) -> str:

@@ -17,9 +17,15 @@ from dagster import ConfigurableResource
 from pipeline.domain.landing import (
     COMPLETION_MARKER,
     LandingFileError,
+    Utf8Validator,
+    parquet_ends_intact,
     parse_as_text,
     partition_key_of,
+    text_columns,
 )
+
+READ_CHUNK_BYTES = 8 << 20
+"""Bytes read at a time when hashing a delivered file."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,16 @@ class LandingResource(ConfigurableResource):
         """Where ``relative`` lives, for messages."""
         return f"{self.path.rstrip('/')}/{relative}"
 
+    def signature(self, relative: str) -> tuple[int, int] | None:
+        """``(size, modification time in ns)`` of a file now, ``None`` when it is gone."""
+        from pyarrow import fs
+
+        filesystem, path = self._filesystem(relative)
+        info = filesystem.get_file_info(path)
+        if info.type != fs.FileType.File:
+            return None
+        return int(info.size), int(info.mtime_ns or 0)
+
     def exists(self, relative: str) -> bool:
         """Whether a file exists at ``relative`` under the landing root."""
         from pyarrow import fs
@@ -156,3 +172,66 @@ class LandingResource(ConfigurableResource):
     def read_as_text(self, file: LandingFile) -> pl.DataFrame:
         """One delivered file with every column as text (see ``parse_as_text``)."""
         return parse_as_text(self.uri(file.relative), self.read_bytes(file.relative))
+
+    def digest(self, relative: str) -> str:
+        """SHA-256 of a delivered file, read in chunks; a CSV is also checked to be UTF-8.
+
+        A drop of tens of millions of rows is gigabytes: neither the hash nor the
+        check holds the file in memory.
+
+        Raises
+        ------
+        LandingFileError
+            When the file is empty, is a CSV that is not UTF-8 (first invalid byte
+            and its offset), vanished or cannot be opened; the message names it.
+        """
+        filesystem, path = self._filesystem(relative)
+        uri = self.uri(relative)
+        digest, size = hashlib.sha256(), 0
+        utf8 = Utf8Validator(uri) if relative.endswith(".csv") else None
+        try:
+            with filesystem.open_input_stream(path) as stream:
+                while chunk := stream.read(READ_CHUNK_BYTES):
+                    digest.update(chunk)
+                    if utf8 is not None:
+                        utf8.feed(chunk)
+                    size += len(chunk)
+        except (FileNotFoundError, OSError) as exc:
+            raise LandingFileError(f"{uri}: cannot be read: {exc}") from exc
+        if size == 0:
+            raise LandingFileError(f"{uri}: file is empty (0 bytes)")
+        if utf8 is not None:
+            utf8.finish()
+        return digest.hexdigest()
+
+    def parquet_complete(self, file: LandingFile) -> bool:
+        """Whether a Parquet drop ends with its footer, reading 12 bytes of it."""
+        filesystem, path = self._filesystem(file.relative)
+        try:
+            with filesystem.open_input_file(path) as handle:
+                size = handle.size()
+                head = handle.read_at(4, 0)
+                tail = handle.read_at(8, max(0, size - 8))
+        except (FileNotFoundError, OSError):
+            return False
+        return parquet_ends_intact(head, tail, size)
+
+    def scan_as_text(self, relative: str) -> pl.LazyFrame:
+        """A lazy read of one delivered file, every column as text (as ``parse_as_text``).
+
+        Nothing is read until the query runs; a file that stops parsing half way
+        raises then. Local folders and the object stores polars reads natively.
+        """
+        uri = self.uri(relative)
+        if relative.endswith(".csv"):
+            return pl.scan_csv(uri, infer_schema=False)
+        if relative.endswith(".parquet"):
+            lazy = pl.scan_parquet(uri)
+            try:
+                schema = lazy.collect_schema()
+            except Exception as exc:  # polars raises several unrelated types for broken files
+                raise LandingFileError(
+                    f"{uri}: cannot be parsed: {type(exc).__name__}: {exc}"
+                ) from exc
+            return lazy.with_columns(text_columns(schema))
+        raise LandingFileError(f"{uri}: unsupported file type {Path(relative).suffix!r}")

@@ -12,7 +12,7 @@ readers see the curated rows and the quarantined rows of one batch, or neither.
 import datetime as dt
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import polars as pl
@@ -20,11 +20,17 @@ from dagster import AssetKey, Failure, MetadataValue, PartitionsDefinition
 
 from pipeline import keys
 from pipeline.domain import contracts
-from pipeline.domain.landing import LandingFileError, parse_as_text
+from pipeline.domain.landing import LandingFileError
 from pipeline.metadata import counts_table
 from pipeline.partitions import date_partitions, month_partitions, valuation_date_partitions
-from pipeline.resources.lake import BatchCommit, LakeResource, PartitionWrite
-from pipeline.resources.landing import LandingResource
+from pipeline.resources.lake import (
+    STREAM_BATCH_ROWS,
+    BatchCommit,
+    FrameStream,
+    LakeResource,
+    PartitionWrite,
+)
+from pipeline.resources.landing import LandingFile, LandingResource
 
 BRONZE_PARTITION_COLUMN = "_partition_key"
 LANDING_HASHES_METADATA = "landing_sha256"
@@ -83,6 +89,17 @@ SOURCES = {
 }
 
 
+LINEAGE_TYPES = {
+    "_source_file": pl.String(),
+    "_source_sha256": pl.String(),
+    "_row_number": pl.Int64(),
+    "_ingested_at": pl.Datetime("us"),
+    "_delivered_at": pl.Datetime("us"),
+    BRONZE_PARTITION_COLUMN: pl.String(),
+}
+"""The lineage columns bronze adds to every delivered row."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """What bronze stores for one partition, and what it was read from.
@@ -91,7 +108,8 @@ class Delivery:
     ----------
     rows
         Every delivered column as text (the union over the partition's files) plus
-        lineage columns.
+        lineage columns, as a stream: the files are parsed batch by batch while
+        bronze is written, so a drop of any size is ingested in bounded memory.
     sha256
         Relative file name to the content hash of the bytes read; the landing
         sensor compares it with what is in the landing folder now.
@@ -99,7 +117,7 @@ class Delivery:
         Delivered columns the contract does not declare, in first-seen order.
     """
 
-    rows: pl.DataFrame
+    rows: FrameStream
     sha256: dict[str, str]
     undeclared: list[str]
 
@@ -109,15 +127,26 @@ class Delivery:
         return json.dumps(self.sha256, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class _DeliveredFile:
+    file: LandingFile
+    rows: pl.LazyFrame
+    lineage: dict[str, object]
+
+
 def read_delivery(landing: LandingResource, source: Source, partition_key: str) -> Delivery:
-    """All files of one landing partition as text, with lineage columns.
+    """All files of one landing partition as a stream of text rows with lineage columns.
+
+    Each file is hashed and its header checked before any row is read; its rows are
+    read when bronze is written.
 
     Raises
     ------
     Failure
-        When no file was delivered, or a file is unreadable, lacks a contract
-        column or has column names bronze cannot store; the message names the file
-        and the problem.
+        When no file was delivered, or a file is empty, not UTF-8, unreadable, lacks a
+        contract column or has column names bronze cannot store; the message names the
+        file and the problem. Raised by the stream (so no row is committed) when a file
+        stops parsing part of the way through, or changes while it is read.
     """
     files = landing.partition_files(source.name, partition_key)
     if not files:
@@ -126,58 +155,129 @@ def read_delivery(landing: LandingResource, source: Source, partition_key: str) 
             f"{source.name}_{partition_key}*.csv|parquet under {landing.uri(source.name)}"
         )
     contract = source.contract(partition_key)
-    frames, hashes, undeclared = [], {}, {}
+    delivered, hashes, undeclared = [], {}, {}
     ingested_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     for file in files:
         try:
-            payload = landing.read_bytes(file.relative)
-            frame = parse_as_text(landing.uri(file.relative), payload)
-            contracts.check_required_columns(frame, contract, file.relative)
-            contracts.check_storable_columns(frame.columns, file.relative)
+            hashes[file.relative] = landing.digest(file.relative)  # also on each row
+            rows = landing.scan_as_text(file.relative)
+            columns = _delivered_columns(landing, file, rows)
+            contracts.check_required_columns(columns, contract, file.relative)
+            contracts.check_storable_columns(columns, file.relative)
         except (LandingFileError, contracts.ContractError) as exc:
-            raise Failure(
-                f"{source.name} partition {partition_key}: {exc}",
-                metadata={"file": file.relative},
-            ) from exc
-        hashes[file.relative] = landing.sha256(payload)  # also on each row: `pipeline lineage`
-        undeclared.update(dict.fromkeys(contracts.undeclared_columns(frame, contract)))
+            raise _file_failure(source, partition_key, file, exc) from exc
+        undeclared.update(dict.fromkeys(contracts.undeclared_columns(columns, contract)))
         delivered_at = dt.datetime.fromtimestamp(file.mtime_ns / 1e9, dt.UTC).replace(tzinfo=None)
-        frames.append(
-            frame.with_columns(
-                pl.lit(file.relative).alias("_source_file"),
-                pl.lit(hashes[file.relative]).alias("_source_sha256"),
-                pl.int_range(1, frame.height + 1, dtype=pl.Int64).alias("_row_number"),
-                pl.lit(ingested_at).alias("_ingested_at"),
-                pl.lit(delivered_at).alias("_delivered_at"),
-                pl.lit(partition_key).alias(BRONZE_PARTITION_COLUMN),
-            )
+        lineage = {
+            "_source_file": file.relative,
+            "_source_sha256": hashes[file.relative],
+            "_ingested_at": ingested_at,
+            "_delivered_at": delivered_at,
+            BRONZE_PARTITION_COLUMN: partition_key,
+        }
+        delivered.append(_DeliveredFile(file, rows, lineage))
+    union = list(
+        dict.fromkeys(
+            c for d in delivered for c in (*d.rows.collect_schema().names(), *LINEAGE_TYPES)
         )
-    rows = pl.concat(frames, how="diagonal")
+    )
     declared = list(contract.required_columns)
     extra = list(undeclared)
-    rows = rows.select(
-        *declared, *extra, *[c for c in rows.columns if c not in (*declared, *extra)]
+    order = [*declared, *extra, *[c for c in union if c not in (*declared, *extra)]]
+    schema = pl.Schema({c: LINEAGE_TYPES.get(c, pl.String()) for c in order})
+
+    def batches() -> Iterator[pl.DataFrame]:
+        for one in delivered:
+            yield from _file_batches(landing, source, partition_key, one, schema)
+
+    return Delivery(FrameStream(schema, batches), hashes, extra)
+
+
+def _delivered_columns(
+    landing: LandingResource, file: LandingFile, rows: pl.LazyFrame
+) -> list[str]:
+    try:
+        columns = rows.collect_schema().names()
+    except Exception as exc:  # polars raises several unrelated types for broken files
+        raise LandingFileError(
+            f"{landing.uri(file.relative)}: cannot be parsed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not columns:
+        raise LandingFileError(f"{landing.uri(file.relative)}: no columns")
+    return columns
+
+
+def _file_failure(source: Source, partition_key: str, file: LandingFile, exc: Exception) -> Failure:
+    return Failure(
+        f"{source.name} partition {partition_key}: {exc}", metadata={"file": file.relative}
     )
-    return Delivery(rows, hashes, extra)
 
 
-def undeclared_in_bronze(stored: pl.DataFrame, source: Source, partition_key: str) -> list[str]:
+def _file_batches(
+    landing: LandingResource,
+    source: Source,
+    partition_key: str,
+    delivered: _DeliveredFile,
+    schema: pl.Schema,
+) -> Iterator[pl.DataFrame]:
+    """The rows of one file, batch by batch, numbered from 1 and aligned to ``schema``."""
+    file, read = delivered.file, 0
+    constants = [pl.lit(v, dtype=LINEAGE_TYPES[c]).alias(c) for c, v in delivered.lineage.items()]
+    try:
+        for batch in delivered.rows.collect_batches(chunk_size=STREAM_BATCH_ROWS, lazy=True):
+            numbered = batch.with_columns(
+                *constants,
+                pl.int_range(read + 1, read + batch.height + 1, dtype=pl.Int64).alias(
+                    "_row_number"
+                ),
+            )
+            read += batch.height
+            yield numbered.select(
+                pl.col(c) if c in numbered.columns else pl.lit(None, dtype=t).alias(c)
+                for c, t in schema.items()
+            )
+    except Failure:
+        raise
+    except Exception as exc:  # polars raises several unrelated types for broken files
+        problem = LandingFileError(
+            f"{landing.uri(file.relative)}: cannot be parsed: {type(exc).__name__}: {exc}"
+        )
+        raise _file_failure(source, partition_key, file, problem) from exc
+    if landing.signature(file.relative) != (file.size, file.mtime_ns):
+        problem = LandingFileError(
+            f"{landing.uri(file.relative)}: changed while it was ingested (size or "
+            "modification time differs from when it was listed); nothing is stored, the "
+            "landing sensor ingests it again once it settles"
+        )
+        raise _file_failure(source, partition_key, file, problem)
+
+
+def undeclared_in_bronze(stored: pl.LazyFrame, source: Source, partition_key: str) -> list[str]:
     """Undeclared columns holding a value in a stored bronze partition.
 
     The bronze table's schema is the union over every partition ever stored, so a
     column is drift *for this partition* only where one of its rows has a value.
     """
     contract = source.contract(partition_key)
-    return [
-        c
-        for c in contracts.undeclared_columns(stored, contract)
-        if stored[c].null_count() < stored.height
-    ]
+    candidates = contracts.undeclared_columns(stored.collect_schema().names(), contract)
+    if not candidates:
+        return []
+    held = stored.select(pl.col(c).is_not_null().any() for c in candidates).collect()
+    return [c for c in candidates if held[c].item()]
 
 
 def read_bronze(lake: LakeResource, source: Source, partition_key: str) -> pl.DataFrame:
     """The stored bronze rows of one partition (empty when never ingested)."""
     return lake.read("bronze", source.name, {BRONZE_PARTITION_COLUMN: partition_key})
+
+
+def scan_bronze(lake: LakeResource, source: Source, partition_key: str) -> pl.LazyFrame:
+    """The stored bronze rows of one partition, lazily (no rows when never ingested).
+
+    For what a partition of any size allows: counts, maxima, a streamed pass.
+    """
+    lazy = lake.scan("bronze", source.name, {BRONZE_PARTITION_COLUMN: partition_key})
+    return pl.LazyFrame() if lazy is None else lazy
 
 
 def split_partition(

@@ -196,7 +196,9 @@ def test_bronze_without_lineage_or_a_contract_column_is_refused() -> None:
 def test_check_required_columns_names_file_and_every_missing_column() -> None:
     frame = pl.DataFrame({"policy_id": ["P1"], "district": ["D1"], "valuation_month": ["x"]})
     with pytest.raises(ContractError) as err:
-        contracts.check_required_columns(frame, contracts.claims_contract("2026-07"), CLAIMS_FILE)
+        contracts.check_required_columns(
+            frame.columns, contracts.claims_contract("2026-07"), CLAIMS_FILE
+        )
     message = str(err.value)
     assert message.startswith(f"{CLAIMS_FILE}: missing required column(s) exposure, claim_count")
     assert "found: policy_id, district, valuation_month" in message
@@ -410,7 +412,7 @@ def test_undeclared_columns_are_named_in_file_order_without_lineage() -> None:
         CLAIMS_FILE,
     )
     contract = contracts.claims_contract("2026-07")
-    assert contracts.undeclared_columns(frame, contract) == ["channel", "broker"]
+    assert contracts.undeclared_columns(frame.columns, contract) == ["channel", "broker"]
 
 
 def test_undeclared_columns_stay_out_of_curated_and_in_the_quarantined_record() -> None:

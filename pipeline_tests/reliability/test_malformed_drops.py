@@ -418,7 +418,9 @@ def test_a_malformed_drop_ends_in_a_reject_an_error_or_a_quarantine(
     (request,) = result.run_requests
     source = SOURCES[drop.source]
     partition_key = request.partition_key
-    check: Callable[[], object] = lambda: read_delivery(landing, source, partition_key)  # noqa: E731
+    check: Callable[[], object] = lambda: read_delivery(
+        landing, source, partition_key
+    ).rows.collect()  # noqa: E731
     if drop.outcome == "error":
         with pytest.raises(dg.Failure) as failure:
             check()
@@ -426,7 +428,7 @@ def test_a_malformed_drop_ends_in_a_reject_an_error_or_a_quarantine(
         assert message.startswith(f"{drop.source} partition {partition_key}: ")
         assert drop.name in message and drop.expect in message, message
         return
-    delivered = read_delivery(landing, source, partition_key).rows
+    delivered = read_delivery(landing, source, partition_key).rows.collect()
     curated, quarantined = contracts.apply_contract(
         delivered, source.contract(partition_key), partition_key=partition_key
     )
