@@ -77,8 +77,6 @@ from pipeline.domain.landing import (
     LandingFileError,
     is_settled,
     landing_name_problem,
-    parquet_footer_intact,
-    parse_as_text,
 )
 from pipeline.gates import check_record_failures
 from pipeline.partitions import symbol_date_key, symbol_partitions
@@ -226,13 +224,14 @@ class Observation:
         What to remember (``None``: nothing, e.g. a marker beside its file).
     reject
         Why the file is reported, when it is newly reported.
-    frame
-        The file read as text, when it is newly complete and readable.
+    rows
+        The file's rows as text (lazily; every row parses), when it is newly complete
+        and readable.
     """
 
     state: FileState | None
     reject: str | None = None
-    frame: pl.DataFrame | None = None
+    rows: pl.LazyFrame | None = None
 
 
 def observe_file(
@@ -278,7 +277,6 @@ def observe_file(
             f"partition outside the definition: {partition_key!r} is not a partition of "
             f"{target.bronze.to_user_string()} (not ingested until it is)",
         )
-    payload = None
     complete = f"{file.name}{COMPLETION_MARKER}" in names or (
         mode == "settle"
         and is_settled(
@@ -286,16 +284,15 @@ def observe_file(
         )
     )
     if not complete and mode == "settle" and file.name.endswith(".parquet"):
-        payload = landing.read_bytes(file.relative)
-        complete = parquet_footer_intact(payload)
+        complete = landing.parquet_complete(file)
     if not complete:
         return Observation(state(WAITING))
     try:
-        payload = landing.read_bytes(file.relative) if payload is None else payload
-        frame = parse_as_text(landing.uri(file.relative), payload)
+        sha256 = landing.digest(file.relative)
+        rows = landing.scan_parsed(file.relative)
     except LandingFileError as exc:
         return Observation(state(REJECTED), f"unreadable: {exc}")
-    return Observation(state(DONE, landing.sha256(payload)), frame=frame)
+    return Observation(state(DONE, sha256), rows=rows)
 
 
 def record_rejects(
@@ -363,10 +360,10 @@ def landing_run_key(
 
 def read_landing_symbols(landing: LandingResource, file: LandingFile) -> list[str]:
     """Distinct raw ``symbol`` values of one FX tick file."""
-    return symbols_of(landing.read_as_text(file), file.relative)
+    return symbols_of(landing.scan_as_text(file.relative), file.relative)
 
 
-def symbols_of(frame: pl.DataFrame, relative: str) -> list[str]:
+def symbols_of(rows: pl.LazyFrame, relative: str) -> list[str]:
     """Distinct raw ``symbol`` values of one FX tick file read as text.
 
     Raises
@@ -374,9 +371,10 @@ def symbols_of(frame: pl.DataFrame, relative: str) -> list[str]:
     LandingFileError
         When the file has no ``symbol`` column.
     """
-    if "symbol" not in frame.columns:
+    if "symbol" not in rows.collect_schema().names():
         raise LandingFileError(f"{relative}: no symbol column")
-    return sorted({str(v) for v in frame["symbol"].drop_nulls().unique().to_list()})
+    distinct = rows.select(pl.col("symbol").drop_nulls().unique()).collect(engine="streaming")
+    return sorted(str(v) for v in distinct["symbol"].to_list())
 
 
 def normalise_symbols(raw: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -470,7 +468,7 @@ def evaluate_landing(
     next_cursor: dict[str, FileState] = {}
     rejects: dict[LandingFile, str] = {}
     by_partition: dict[str, dict[str, FileState]] = {}
-    frames: dict[str, pl.DataFrame] = {}
+    scans: dict[str, pl.LazyFrame] = {}
     for file in files:
         seen_before = seen.get(file.name)
         observed = observe_file(landing, target, file, seen_before, names, now_s)
@@ -483,9 +481,9 @@ def evaluate_landing(
             seen_before is None or seen_before.signature != observed.state.signature
         ):
             context.log.info(f"landing/{file.relative}: waiting until it is complete")
-        if observed.frame is not None:
+        if observed.rows is not None:
             by_partition.setdefault(file.partition_key or "", {})[file.name] = observed.state
-            frames[file.name] = observed.frame
+            scans[file.name] = observed.rows
     record_rejects(context, lake, target.source, rejects)
 
     run_requests: list[RunRequest] = []
@@ -504,7 +502,7 @@ def evaluate_landing(
         if target.source == "fx_ticks":
             for name in changed:
                 try:
-                    raw_symbols.update(symbols_of(frames[name], f"fx_ticks/{name}"))
+                    raw_symbols.update(symbols_of(scans[name], f"fx_ticks/{name}"))
                 except LandingFileError as exc:
                     context.log.warning(f"fx_ticks: {exc}; its bronze run will report it")
         run_requests.append(

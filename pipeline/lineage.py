@@ -132,7 +132,7 @@ def landing_state(landing: LandingResource, name: str, ingested: str | None) -> 
     """(hash to show, what the landing folder holds now) for one bronze source file."""
     if not landing.exists(name):
         return ingested or "unknown (not stored, file gone)", "no longer in the landing folder"
-    now = landing.sha256(landing.read_bytes(name))
+    now = landing.digest(name, validate=False)
     if ingested is None:
         return now, "hash not stored in bronze: computed now from the landing file"
     if now == ingested:

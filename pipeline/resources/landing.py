@@ -19,7 +19,6 @@ from pipeline.domain.landing import (
     LandingFileError,
     Utf8Validator,
     parquet_ends_intact,
-    parse_as_text,
     partition_key_of,
     text_columns,
 )
@@ -128,11 +127,6 @@ class LandingResource(ConfigurableResource):
         """Files of ``source`` whose names name ``partition_key``, in name order."""
         return [f for f in self.files(source) if f.partition_key == partition_key]
 
-    @staticmethod
-    def sha256(payload: bytes) -> str:
-        """Content hash of a delivered file: what decides whether it changed."""
-        return hashlib.sha256(payload).hexdigest()
-
     def uri(self, relative: str) -> str:
         """Where ``relative`` lives, for messages."""
         return f"{self.path.rstrip('/')}/{relative}"
@@ -154,29 +148,32 @@ class LandingResource(ConfigurableResource):
         filesystem, path = self._filesystem(relative)
         return filesystem.get_file_info(path).type == fs.FileType.File
 
-    def read_bytes(self, relative: str) -> bytes:
-        """The whole content of one landing file.
+    def scan_parsed(self, relative: str) -> pl.LazyFrame:
+        """:meth:`scan_as_text` of a file every row of which has been parsed once.
+
+        One streamed pass (a ragged line, a value polars cannot read), in bounded
+        memory: 50 million policy rows take a few seconds and no more memory than a
+        few batches.
 
         Raises
         ------
         LandingFileError
-            When the file vanished or cannot be opened; the message names it.
+            Naming the file and the first problem.
         """
-        filesystem, path = self._filesystem(relative)
+        rows = self.scan_as_text(relative)
         try:
-            with filesystem.open_input_stream(path) as stream:
-                return stream.read()
-        except (FileNotFoundError, OSError) as exc:
-            raise LandingFileError(f"{self.uri(relative)}: cannot be read: {exc}") from exc
+            rows.select(pl.all().count()).collect(engine="streaming")
+        except Exception as exc:  # polars raises several unrelated types for broken files
+            raise LandingFileError(
+                f"{self.uri(relative)}: cannot be parsed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return rows
 
-    def read_as_text(self, file: LandingFile) -> pl.DataFrame:
-        """One delivered file with every column as text (see ``parse_as_text``)."""
-        return parse_as_text(self.uri(file.relative), self.read_bytes(file.relative))
+    def digest(self, relative: str, *, validate: bool = True) -> str:
+        """SHA-256 of a delivered file, read in chunks, and (``validate``) that it is readable.
 
-    def digest(self, relative: str) -> str:
-        """SHA-256 of a delivered file, read in chunks; a CSV is also checked to be UTF-8.
-
-        A drop of tens of millions of rows is gigabytes: neither the hash nor the
+        With ``validate`` a CSV must be UTF-8 and no file may be empty. A drop of tens
+        of millions of rows is gigabytes: neither the hash nor the
         check holds the file in memory.
 
         Raises
@@ -188,7 +185,7 @@ class LandingResource(ConfigurableResource):
         filesystem, path = self._filesystem(relative)
         uri = self.uri(relative)
         digest, size = hashlib.sha256(), 0
-        utf8 = Utf8Validator(uri) if relative.endswith(".csv") else None
+        utf8 = Utf8Validator(uri) if validate and relative.endswith(".csv") else None
         try:
             with filesystem.open_input_stream(path) as stream:
                 while chunk := stream.read(READ_CHUNK_BYTES):
@@ -198,7 +195,7 @@ class LandingResource(ConfigurableResource):
                     size += len(chunk)
         except (FileNotFoundError, OSError) as exc:
             raise LandingFileError(f"{uri}: cannot be read: {exc}") from exc
-        if size == 0:
+        if validate and size == 0:
             raise LandingFileError(f"{uri}: file is empty (0 bytes)")
         if utf8 is not None:
             utf8.finish()
