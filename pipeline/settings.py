@@ -74,6 +74,7 @@ class Settings:
     ingest_max_runtime_s: int = 900
     run_max_runtime_s: int = 21_600
     vacuum_retention_hours: int = 168
+    curate_bucket_rows: int = 1_000_000
 
     @property
     def lake_is_local(self) -> bool:
@@ -140,6 +141,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         ingest_max_runtime_s=_whole_number(env, "PIPELINE_INGEST_MAX_RUNTIME_S", 900, 60, 86_400),
         run_max_runtime_s=_whole_number(env, "PIPELINE_RUN_MAX_RUNTIME_S", 21_600, 60, 604_800),
         vacuum_retention_hours=_whole_number(env, "PIPELINE_VACUUM_RETENTION_HOURS", 168, 1, 8_760),
+        curate_bucket_rows=_whole_number(
+            env, "PIPELINE_CURATE_BUCKET_ROWS", 1_000_000, 1, 1_000_000_000
+        ),
     )
 
 

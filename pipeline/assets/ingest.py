@@ -16,12 +16,14 @@ from dagster import (
     AssetKey,
     AssetsDefinition,
     BackfillPolicy,
+    Config,
     Failure,
     MaterializeResult,
     MetadataValue,
     MultiToSingleDimensionPartitionMapping,
     asset,
 )
+from pydantic import Field
 
 from pipeline import keys
 from pipeline.domain import contracts
@@ -29,6 +31,8 @@ from pipeline.metadata import attach_per_partition, column_schema, markdown_tabl
 from pipeline.partitions import split_symbol_date, symbol_date_key, symbol_date_partitions
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.landing import LandingResource
+from pipeline.settings import get_settings
+from pipeline.stores.curation import curate_partition
 from pipeline.stores.sources import (
     BRONZE_PARTITION_COLUMN,
     LANDING_HASHES_METADATA,
@@ -38,8 +42,6 @@ from pipeline.stores.sources import (
     publish_partition,
     quarantine_fx_day_without_symbols,
     read_delivery,
-    reconciliation_metadata,
-    split_partition,
 )
 
 
@@ -94,15 +96,35 @@ def _bronze_asset(source: Source) -> AssetsDefinition:
 bronze_assets = [_bronze_asset(source) for source in SOURCES.values()]
 
 
+class CurationConfig(Config):
+    """How a curated partition is split while its contract is applied."""
+
+    bucket_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Rows per key bucket: a partition with more rows is spilled to local Parquet "
+            "and curated bucket by bucket, which bounds memory. Unset: "
+            "PIPELINE_CURATE_BUCKET_ROWS (1,000,000)."
+        ),
+    )
+
+
 def _curated_asset(
     *,
     key: AssetKey,
     source: Source,
     description: str,
-    transform: Callable[[pl.DataFrame, str], pl.DataFrame],
+    per_bucket: Callable[[pl.DataFrame], pl.DataFrame],
+    publish: Callable[[list[pl.DataFrame], str], pl.DataFrame],
     partition_column: str,
 ) -> AssetsDefinition:
-    """A curated asset with the same partitions as its bronze source."""
+    """A curated asset with the same partitions as its bronze source.
+
+    The contract runs per key bucket (:mod:`pipeline.stores.curation`): ``per_bucket``
+    reduces a bucket's curated rows and ``publish`` merges the parts into the rows
+    published for the partition.
+    """
 
     @asset(
         key=key,
@@ -113,25 +135,37 @@ def _curated_asset(
         kinds={"delta", "polars"},
         metadata={"layer": "curated"},
     )
-    def curated(context: AssetExecutionContext, lake: LakeResource) -> MaterializeResult:
+    def curated(
+        context: AssetExecutionContext, config: CurationConfig, lake: LakeResource
+    ) -> MaterializeResult:
         partition_key = context.partition_key
-        rows, quarantined, rows_in = split_partition(lake, source, partition_key)
-        published = transform(rows, partition_key)
-        table = key.path[-1]
-        commit = publish_partition(
-            lake, table, published, {partition_column: partition_key}, quarantined, partition_key
-        )
+        bucket_rows = config.bucket_rows or get_settings().curate_bucket_rows
+        outcome = curate_partition(lake, source, partition_key, per_bucket, bucket_rows=bucket_rows)
+        try:
+            published = publish(outcome.parts, partition_key)
+            table = key.path[-1]
+            commit = publish_partition(
+                lake,
+                table,
+                published,
+                {partition_column: partition_key},
+                outcome.quarantined,
+                partition_key,
+            )
+        finally:
+            outcome.cleanup()
         for leftover in commit.leftovers:
             context.log.warning(leftover)
         context.log.info(
-            f"{table} {partition_key}: {rows_in} rows in, {rows.height} curated, "
-            f"{quarantined.height} quarantined (batch {commit.batch_id})"
+            f"{table} {partition_key}: {outcome.rows_in} rows in, {outcome.rows_curated} "
+            f"curated, {outcome.rows_quarantined} quarantined in {outcome.buckets} key "
+            f"bucket(s) (batch {commit.batch_id})"
         )
         return MaterializeResult(
             metadata={
                 "dagster/row_count": published.height,
                 "dagster/column_schema": column_schema(published),
-                **reconciliation_metadata(rows_in, rows.height, quarantined),
+                **outcome.reconciliation_metadata(),
                 "preview": MetadataValue.md(markdown_table(published, max_rows=10)),
                 "delta_version": commit.versions[f"curated/{table}"],
                 "batch_id": commit.batch_id,
@@ -142,11 +176,20 @@ def _curated_asset(
     return curated
 
 
+def _rows_as_curated(*columns: str) -> dict:
+    """``per_bucket`` and ``publish`` of a source whose curated rows are published as rows."""
+    return {
+        "per_bucket": lambda rows: rows.select(columns),
+        "publish": lambda parts, _: pl.concat(parts),
+    }
+
+
 claims_by_district = _curated_asset(
     key=keys.CLAIMS_BY_DISTRICT,
     source=SOURCES["claims"],
     description="Exposure (policy-years), claim counts and policy counts by district and month.",
-    transform=lambda rows, month: contracts.aggregate_claims(rows, month),
+    per_bucket=contracts.claims_statistics,
+    publish=contracts.merge_claims_statistics,
     partition_column="month",
 )
 
@@ -160,7 +203,8 @@ fx_incidents = _curated_asset(
         "reviewer went through) and `anomaly` rows (confirmed incidents). The promotion gate "
         "scores only ticks inside reviewed windows."
     ),
-    transform=lambda rows, _: rows.select(FX_INCIDENT_COLUMNS).sort("symbol", "start"),
+    per_bucket=lambda rows: rows.select(FX_INCIDENT_COLUMNS),
+    publish=lambda parts, _: pl.concat(parts).sort("symbol", "start"),
     partition_column="date",
 )
 
@@ -168,9 +212,7 @@ loan_book = _curated_asset(
     key=keys.LOAN_BOOK,
     source=SOURCES["loan_book"],
     description="Validated loan book (EAD, PD, LGD, rate, segment) per valuation date.",
-    transform=lambda rows, _: rows.select(
-        "valuation_date", "loan_id", "ead", "pd", "lgd", "rate", "segment"
-    ),
+    **_rows_as_curated("valuation_date", "loan_id", "ead", "pd", "lgd", "rate", "segment"),
     partition_column="valuation_date",
 )
 
@@ -178,9 +220,7 @@ loan_scenarios = _curated_asset(
     key=keys.LOAN_SCENARIOS,
     source=SOURCES["loan_scenarios"],
     description="Validated macro scenarios per valuation date.",
-    transform=lambda rows, _: rows.select(
-        "valuation_date", "scenario", "pd_multiplier", "asset_correlation"
-    ),
+    **_rows_as_curated("valuation_date", "scenario", "pd_multiplier", "asset_correlation"),
     partition_column="valuation_date",
 )
 

@@ -177,6 +177,15 @@ def _cast(col: str, dtype: pl.DataType) -> pl.Expr:
     return raw.cast(dtype, strict=False).alias(col)
 
 
+def typed_key(contract: Contract) -> list[pl.Expr]:
+    """The contract's key columns typed exactly as :func:`apply_contract` types them.
+
+    Two delivered values that become the same key (``" P1"`` and ``"P1"``) give the
+    same typed value, so rows bucketed on it meet their duplicates in one bucket.
+    """
+    return [_cast(k, contract.columns[k]) for k in contract.key]
+
+
 def check_required_columns(columns: Sequence[str], contract: Contract, source_file: str) -> None:
     """Fail the whole file when a contract column is missing from its ``columns``.
 
@@ -666,16 +675,43 @@ def claims_by_district_contract(month: str) -> Contract:
     )
 
 
-def aggregate_claims(policies: pl.DataFrame, month: str) -> pl.DataFrame:
-    """Per-district sufficient statistics of one month's curated policies."""
+EXPOSURE_SUM_DTYPE = pl.Decimal(38, 12)
+"""Exposure is summed as decimals of 1e-12 policy-years: 128-bit integer sums are exact,
+so a district's total does not depend on the order of its rows, on how they were split
+into batches or buckets, or on threads (a float sum does, in its last bits)."""
+
+
+def claims_statistics(policies: pl.DataFrame) -> pl.DataFrame:
+    """Mergeable per-district sufficient statistics of some curated policies.
+
+    ``exposure`` stays a :data:`EXPOSURE_SUM_DTYPE` sum, so statistics of disjoint
+    parts of a month merge exactly (:func:`merge_claims_statistics`).
+    """
+    return policies.group_by("district").agg(
+        pl.col("exposure").cast(EXPOSURE_SUM_DTYPE).sum(),
+        pl.col("claim_count").sum().cast(pl.Int64),
+        pl.len().cast(pl.Int64).alias("n_policies"),
+    )
+
+
+def merge_claims_statistics(parts: Sequence[pl.DataFrame], month: str) -> pl.DataFrame:
+    """One month's ``claims_by_district`` rows from statistics of disjoint parts of it."""
+    schema = {
+        "district": pl.String,
+        "exposure": EXPOSURE_SUM_DTYPE,
+        "claim_count": pl.Int64,
+        "n_policies": pl.Int64,
+    }
     return (
-        policies.group_by("district")
-        .agg(
-            pl.col("exposure").sum(),
-            pl.col("claim_count").sum().cast(pl.Int64),
-            pl.len().cast(pl.Int64).alias("n_policies"),
-        )
-        .with_columns(pl.lit(month).alias("month"))
+        pl.concat([pl.DataFrame(schema=schema), *(p.cast(schema) for p in parts)])
+        .group_by("district")
+        .agg(pl.col("exposure").sum(), pl.col("claim_count").sum(), pl.col("n_policies").sum())
+        .with_columns(pl.lit(month).alias("month"), pl.col("exposure").cast(pl.Float64))
         .select("month", "district", "exposure", "claim_count", "n_policies")
         .sort("district")
     )
+
+
+def aggregate_claims(policies: pl.DataFrame, month: str) -> pl.DataFrame:
+    """Per-district sufficient statistics of one month's curated policies."""
+    return merge_claims_statistics([claims_statistics(policies)], month)

@@ -16,12 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import polars as pl
-from dagster import AssetKey, Failure, MetadataValue, PartitionsDefinition
+from dagster import AssetKey, Failure, PartitionsDefinition
 
 from pipeline import keys
 from pipeline.domain import contracts
 from pipeline.domain.landing import LandingFileError
-from pipeline.metadata import counts_table
 from pipeline.partitions import date_partitions, month_partitions, valuation_date_partitions
 from pipeline.resources.lake import (
     STREAM_BATCH_ROWS,
@@ -29,6 +28,7 @@ from pipeline.resources.lake import (
     FrameStream,
     LakeResource,
     PartitionWrite,
+    Rows,
 )
 from pipeline.resources.landing import LandingFile, LandingResource
 
@@ -304,7 +304,7 @@ def publish_partition(
     table: str,
     published: pl.DataFrame,
     partition: dict[str, str],
-    quarantined: pl.DataFrame,
+    quarantined: Rows,
     partition_key: str,
 ) -> BatchCommit:
     """Commit one curated partition and its quarantine together (all or nothing)."""
@@ -314,20 +314,6 @@ def publish_partition(
             PartitionWrite("quarantine", table, quarantined, [{"partition_key": partition_key}]),
         ]
     )
-
-
-def reconciliation_metadata(rows_in: int, curated_rows: int, quarantined: pl.DataFrame) -> dict:
-    """Metadata showing that every delivered row is accounted for."""
-    reasons = Counter()
-    for reason in quarantined["reason"].to_list():
-        for part in reason.split("; "):
-            reasons[part.split(" = ")[0] if part.startswith("duplicate key") else part] += 1
-    return {
-        "rows_in": rows_in,
-        "rows_curated": curated_rows,
-        "rows_quarantined": quarantined.height,
-        "quarantine_reasons": MetadataValue.md(counts_table(reasons)),
-    }
 
 
 def quarantined_symbol(quarantined: pl.DataFrame) -> pl.Series:

@@ -7,6 +7,7 @@ are 1-based data rows of the delivered file (the header is not a row).
 """
 
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import dagster as dg
@@ -224,6 +225,64 @@ def test_bad_claims_rows_are_quarantined_and_everything_reconciles(platform: Pla
     assert check_descriptions(result)[("curated/claims_by_district", keys.CHECK_RECONCILES)] == (
         f"{N_POLICIES + 1} in = {N_POLICIES - 2} curated + 3 quarantined"
     )
+
+
+def curate_claims(platform: Platform, bucket_rows: int) -> dg.ExecuteInProcessResult:
+    config = {"ops": {"curated__claims_by_district": {"config": {"bucket_rows": bucket_rows}}}}
+    return platform.materialize([keys.CLAIMS_BY_DISTRICT], MONTH, run_config=config)
+
+
+def test_a_month_curated_in_key_buckets_equals_the_month_curated_whole(
+    platform: Platform,
+) -> None:
+    """Spilled to buckets of its typed key, a month gives the same rows and quarantine.
+
+    The second file repeats keys of the first (one with padding that the contract
+    strips), so a duplicate is only found if both rows meet in one bucket.
+    """
+    first = [[f"P{i}", f"D{i % 5}", MONTH, f"0.{i:03d}", str(i % 3)] for i in range(1, 61)]
+    first[6][3] = "abc"
+    first[11][3] = "-0.2"
+    second = [
+        ["P5", "D9", MONTH, "0.5", "1"],
+        [" P8 ", "D9", MONTH, "0.5", "1"],
+        ["P61", "D1", "2026-06", "0.5", "0"],
+        ["P62", "D1", MONTH, "0.25", "2"],
+    ]
+    write_claims_csv(platform, first)
+    write_claims_csv(platform, second, name=f"claims/claims_{MONTH}_resend.csv")
+    platform.materialize([keys.BRONZE_CLAIMS], MONTH)
+
+    whole = curate_claims(platform, bucket_rows=1_000)
+    assert metadata(whole, keys.CLAIMS_BY_DISTRICT)["buckets"] == 1
+    stored_whole = platform.lake.read("curated", "claims_by_district", {"month": MONTH})
+    quarantined_whole = quarantine(platform, "claims_by_district", MONTH)
+
+    bucketed = curate_claims(platform, bucket_rows=7)
+    meta = metadata(bucketed, keys.CLAIMS_BY_DISTRICT)
+    assert meta["buckets"] == 10  # ceil(64 / 7)
+    assert all(check_outcomes(bucketed).values()), check_descriptions(bucketed)
+    stored = platform.lake.read("curated", "claims_by_district", {"month": MONTH})
+    assert_frame_equal(stored.sort("district"), stored_whole.sort("district"))
+    assert_frame_equal(quarantine(platform, "claims_by_district", MONTH), quarantined_whole)
+    assert quarantined_whole.select("_row_number", "reason").rows() == [
+        (7, "exposure: cannot parse 'abc' as Float64"),
+        (12, "exposure < 0"),
+        (1, f"duplicate key (policy_id) = (P5); first seen at row 5 of {CLAIMS_CSV}"),
+        (2, f"duplicate key (policy_id) = (P8); first seen at row 8 of {CLAIMS_CSV}"),
+        (3, f"valuation_month is not the partition month {MONTH}"),
+    ]
+    assert (meta["rows_in"], meta["rows_curated"], meta["rows_quarantined"]) == (64, 59, 5)
+
+    # the statistics against a plain sum of the kept rows: exposures of 3 decimals sum
+    # exactly in decimals of 1e-12, so the stored float is the correctly rounded total
+    kept = [r for r in first if r[3] not in ("abc", "-0.2")] + [second[3]]
+    for district in stored["district"]:
+        rows = [r for r in kept if r[1] == district]
+        row = stored.filter(pl.col("district") == district).row(0, named=True)
+        assert row["n_policies"] == len(rows)
+        assert row["claim_count"] == sum(int(r[4]) for r in rows)
+        assert row["exposure"] == float(sum(Decimal(r[3]) for r in rows))
 
 
 def test_the_demo_defects_are_quarantined_exactly_where_the_truth_says(
@@ -512,6 +571,47 @@ def test_unreadable_files_fail_the_partition_naming_the_file(
     assert description.startswith(f"claims partition {MONTH}: {path}: {problem}")
     assert meta == {"file": name}
     assert not platform.lake.exists("bronze", "claims")
+
+
+def test_bronze_streamed_in_small_batches_numbers_rows_across_batches(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    demo(platform)
+    whole = platform.materialize([keys.BRONZE_CLAIMS], MONTH)
+    stored_whole = platform.lake.read("bronze", "claims").drop("_ingested_at")
+
+    monkeypatch.setattr("pipeline.stores.sources.STREAM_BATCH_ROWS", 7)
+    batched = platform.materialize([keys.BRONZE_CLAIMS], MONTH)
+    stored = platform.lake.read("bronze", "claims").drop("_ingested_at")
+    assert_frame_equal(stored.sort("_row_number"), stored_whole.sort("_row_number"))
+    assert stored["_row_number"].sort().to_list() == list(range(1, N_POLICIES + 1))
+    assert metadata(batched, keys.BRONZE_CLAIMS)["dagster/row_count"] == N_POLICIES
+    assert (
+        metadata(whole, keys.BRONZE_CLAIMS)["landing_sha256"]
+        == (metadata(batched, keys.BRONZE_CLAIMS)["landing_sha256"])
+    )
+
+
+def test_a_file_that_breaks_part_of_the_way_leaves_the_previous_bronze_readable(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows stream into bronze in batches; a ragged line after some batches commits none."""
+    write_claims_csv(platform, good_claims(40))
+    platform.materialize([keys.BRONZE_CLAIMS], MONTH)
+    version = platform.lake.version("bronze", "claims")
+    before = platform.lake.read("bronze", "claims")
+
+    rows = good_claims(60)
+    rows[49] = [*rows[49], "surplus"]
+    write_claims_csv(platform, rows)
+    monkeypatch.setattr("pipeline.stores.sources.STREAM_BATCH_ROWS", 10)
+    result = platform.materialize([keys.BRONZE_CLAIMS], MONTH, raise_on_error=False)
+    description, meta = failure(result, keys.BRONZE_CLAIMS)
+    path = platform.settings.landing_dir / CLAIMS_CSV
+    assert description.startswith(f"claims partition {MONTH}: {path}: cannot be parsed: ")
+    assert meta == {"file": CLAIMS_CSV}
+    assert platform.lake.version("bronze", "claims") == version
+    assert_frame_equal(platform.lake.read("bronze", "claims"), before)
 
 
 def test_no_landing_file_fails_naming_the_expected_pattern(platform: Platform) -> None:

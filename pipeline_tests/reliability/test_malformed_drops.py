@@ -10,7 +10,7 @@ quarantined rows whose count reconciles with what was delivered.
 import datetime as dt
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -418,9 +418,10 @@ def test_a_malformed_drop_ends_in_a_reject_an_error_or_a_quarantine(
     (request,) = result.run_requests
     source = SOURCES[drop.source]
     partition_key = request.partition_key
-    check: Callable[[], object] = lambda: read_delivery(
-        landing, source, partition_key
-    ).rows.collect()  # noqa: E731
+
+    def check() -> pl.DataFrame:
+        return read_delivery(landing, source, partition_key).rows.collect()
+
     if drop.outcome == "error":
         with pytest.raises(dg.Failure) as failure:
             check()
@@ -428,7 +429,7 @@ def test_a_malformed_drop_ends_in_a_reject_an_error_or_a_quarantine(
         assert message.startswith(f"{drop.source} partition {partition_key}: ")
         assert drop.name in message and drop.expect in message, message
         return
-    delivered = read_delivery(landing, source, partition_key).rows.collect()
+    delivered = check()
     curated, quarantined = contracts.apply_contract(
         delivered, source.contract(partition_key), partition_key=partition_key
     )

@@ -23,6 +23,7 @@ from polars.testing import assert_frame_equal
 
 from pipeline.resources import lake as lake_module
 from pipeline.resources.lake import (
+    FrameStream,
     LakeError,
     LakeResource,
     PartitionWrite,
@@ -134,6 +135,59 @@ def test_several_partitions_are_replaced_in_one_commit(lake: LakeResource) -> No
     with pytest.raises(LakeError, match=r"partition value '\.\./x' is not safe"):
         lake.overwrite_partitions("curated", "t", frame("a"), [{"p": "a"}, {"p": "../x"}])
     assert lake.version("curated", "t") == version
+
+
+# --- streamed writes ---------------------------------------------------------------------
+
+
+def stream_of(*batches: pl.DataFrame, fail_after: int | None = None) -> FrameStream:
+    """A stream of ``batches``; with ``fail_after`` it raises once that many were produced."""
+
+    def produce():
+        for i, batch in enumerate(batches):
+            if fail_after is not None and i == fail_after:
+                raise ValueError(f"upstream broke after batch {i}")
+            yield batch
+
+    return FrameStream(batches[0].schema, produce)
+
+
+def test_a_stream_is_written_as_one_commit_of_every_batch(lake: LakeResource) -> None:
+    lake.overwrite_partition("curated", "t", frame("b"), {"p": "b"})
+    before = lake.version("curated", "t")
+    stream = stream_of(frame("a", 3), frame("a", 4, offset=10.0), frame("a", 2, offset=20.0))
+    assert lake.overwrite_partition("curated", "t", stream, {"p": "a"}) == before + 1
+    assert_frame_equal(sorted_read(lake, "t"), pl.concat([stream.collect(), frame("b")]))
+    assert lake.count("curated", "t", {"p": "a"}) == 9
+    assert lake.scan("curated", "t", {"p": "a"}).select(pl.col("x").sum()).collect().item() == (
+        3 + 46 + 41
+    )
+
+
+def test_a_stream_that_fails_part_of_the_way_commits_nothing(lake: LakeResource) -> None:
+    lake.overwrite_partition("curated", "t", frame("a"), {"p": "a"})
+    before = lake.version("curated", "t")
+    broken = stream_of(frame("a", 3), frame("a", 4), frame("a", 2), fail_after=2)
+    with pytest.raises(ValueError, match="upstream broke after batch 2"):
+        lake.overwrite_partition("curated", "t", broken, {"p": "a"})
+    stray = stream_of(frame("a", 3), frame("b", 2))
+    with pytest.raises(LakeError, match=r"2 row\(s\) of a batch lie outside the partitions"):
+        lake.overwrite_partition("curated", "t", stray, {"p": "a"})
+    assert lake.version("curated", "t") == before
+    assert_frame_equal(sorted_read(lake, "t"), frame("a"))
+
+
+def test_a_streamed_outcome_records_its_rows_per_partition(lake: LakeResource) -> None:
+    stream = stream_of(frame("a", 3), frame("b", 2), frame("a", 1, offset=5.0))
+    commit = lake.commit_outcome(
+        [PartitionWrite("curated", "t", stream, [{"p": "a"}, {"p": "b"}, {"p": "c"}])]
+    )
+    records = lake.commits("curated", "t").sort("p")
+    assert records.select("p", "rows").rows() == [("a", 4), ("b", 2), ("c", 0)]
+    assert set(records["_batch_id"]) == {commit.batch_id}
+    assert lake.count("curated", "t") == 6
+    with pytest.raises(LakeError, match="written with commit points"):
+        lake.scan("curated", "t")
 
 
 # --- partition-scoped overwrite ------------------------------------------------------
