@@ -9,7 +9,15 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ("loan_loss", "fx_models", "credibility", "dev_idle", "scale", "instance_scale")
+BENCHMARKS = (
+    "loan_loss",
+    "fx_models",
+    "credibility",
+    "dev_idle",
+    "scale",
+    "claims_scale",
+    "instance_scale",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

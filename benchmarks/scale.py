@@ -32,7 +32,7 @@ b. the alternative the Spark path did not take, fitting in the tasks and logging
 
 Targets (exit status 1 when one fails): the cost per symbol at the largest size is within
 1.3x of the cost at the second largest, on each path; scoring throughput >= 2x the
-migrated pattern's. The claims-ingest growth series is not measured here (see the README).
+migrated pattern's. The claims-ingest growth series is :mod:`benchmarks.claims_scale`.
 """
 
 import argparse

@@ -37,7 +37,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,8 +45,16 @@ import polars as pl
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from pipeline.resources.lake_stream import (
+    FrameStream,
+    LakeError,
+    Rows,
+    partition_counts,
+    table_schema,
+    write_stream_files,
+)
+
 if TYPE_CHECKING:
-    import pyarrow as pa
     from deltalake import DeltaTable
 
 LAYERS = ("bronze", "curated", "quarantine", "gold", "ops")
@@ -59,12 +67,6 @@ BATCH_METADATA_KEY = "pipeline.batch_id"
 _TABLE = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _PREDICATE_VALUE = re.compile(r"[A-Za-z0-9_.:\- |]{1,64}")
 _COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-STREAM_BATCH_ROWS = 200_000
-"""Rows per batch when a :class:`FrameStream` is written: bounds the writer's memory."""
-
-
-class LakeError(ValueError):
-    """A table name, layer or partition value is not acceptable."""
 
 
 class LakeUnavailableError(OSError):
@@ -80,93 +82,6 @@ def new_batch_id(now: dt.datetime | None = None) -> str:
 def batch_time(batch_id: str) -> dt.datetime:
     """The UTC time (naive) encoded in a batch id."""
     return dt.datetime.strptime(batch_id[:21], "%Y%m%dT%H%M%S%f")
-
-
-@dataclass(frozen=True)
-class FrameStream:
-    """Rows too many to hold at once: their schema and a way to produce them in batches.
-
-    The lake writes a stream batch by batch into one Delta commit, so a month of 50
-    million policies goes from its landing file to bronze, or from spill files to a
-    quarantine, in the memory of a few batches. ``batches`` is called once per write
-    attempt (a lost commit race writes again from the start); every batch must have
-    ``schema``'s columns and types. An exception a batch raises (a landing file that
-    stops parsing half way) aborts the write before anything is committed and reaches
-    the caller as raised, not as delta-rs' wrapper of it.
-    """
-
-    schema: pl.Schema
-    batches: Callable[[], Iterator[pl.DataFrame]]
-
-    @classmethod
-    def of(cls, lazy: pl.LazyFrame, batch_rows: int = STREAM_BATCH_ROWS) -> "FrameStream":
-        """A lazy query (a scan of files) run by polars' streaming engine, batch by batch."""
-        return cls(
-            lazy.collect_schema(),
-            lambda: iter(lazy.collect_batches(chunk_size=batch_rows, lazy=True)),
-        )
-
-    @property
-    def columns(self) -> list[str]:
-        """Column names, in order."""
-        return self.schema.names()
-
-    def collect(self) -> pl.DataFrame:
-        """Every row in memory at once: for small streams and tests only."""
-        return pl.concat(
-            [pl.DataFrame(schema=self.schema), *(b.select(self.columns) for b in self.batches())]
-        )
-
-    def with_constant(self, name: str, value: str) -> "FrameStream":
-        """The same rows with a text column holding ``value`` (a batch id)."""
-        schema = pl.Schema({**self.schema, name: pl.String()})
-        return FrameStream(
-            schema, lambda: (b.with_columns(pl.lit(value).alias(name)) for b in self.batches())
-        )
-
-
-Rows = pl.DataFrame | FrameStream
-"""What a lake write takes: rows in memory, or a stream of batches."""
-
-
-class _CheckedStream:
-    """One write attempt of a :class:`FrameStream`: Arrow batches, each checked and counted.
-
-    Every batch is checked against the partitions being written (a row outside them
-    aborts the write before its commit) and counted per partition, which is what
-    :meth:`LakeResource.commit_outcome` records. The first exception is kept, because
-    delta-rs reports a failing Arrow stream under its own exception type.
-    """
-
-    def __init__(self, stream: FrameStream, where: str, columns: list[str], allowed: pl.DataFrame):
-        self.stream, self.where, self.columns, self.allowed = stream, where, columns, allowed
-        self.counts: Counter[str] = Counter()
-        self.error: BaseException | None = None
-
-    def reader(self) -> "pa.RecordBatchReader":
-        import pyarrow as pa
-
-        schema = pl.DataFrame(schema=self.stream.schema).to_arrow().schema
-        return pa.RecordBatchReader.from_batches(schema, self._arrow_batches(schema))
-
-    def _arrow_batches(self, schema: "pa.Schema") -> Iterator["pa.RecordBatch"]:
-        try:
-            for batch in self.stream.batches():
-                batch = batch.select(self.stream.columns)
-                if self.columns:
-                    keys = batch.select(pl.col(c).cast(pl.String) for c in self.columns)
-                    stray = keys.join(self.allowed, on=self.columns, how="anti")
-                    if stray.height:
-                        raise LakeError(
-                            f"{self.where}: {stray.height} row(s) of a batch lie outside the "
-                            f"partitions being written (e.g. {stray.row(0, named=True)}); "
-                            "refusing to write outside them"
-                        )
-                    self.counts.update(_partition_counts(keys, self.columns))
-                yield from batch.to_arrow().cast(schema).to_batches()
-        except BaseException as exc:
-            self.error = exc
-            raise
 
 
 @dataclass(frozen=True)
@@ -604,7 +519,7 @@ class LakeResource(ConfigurableResource):
                 tagged: Rows = write.frame.with_constant(BATCH_COLUMN, batch)
             else:
                 tagged = write.frame.with_columns(pl.lit(batch).alias(BATCH_COLUMN))
-                counts.update(_partition_counts(write.frame, columns))
+                counts.update(partition_counts(write.frame, columns))
             versions[f"{write.layer}/{write.table}"] = self._write(
                 write.layer,
                 write.table,
@@ -690,31 +605,26 @@ class LakeResource(ConfigurableResource):
         so a retried partition overwrite applies to what the winner left. A write
         tagged with ``batch`` records it in its commit's metadata; before a retry,
         a commit already carrying it means the lost race was only reported lost,
-        and the rows are not appended twice. A :class:`FrameStream` is produced
-        again for each attempt, checked against ``allowed`` partitions on the way and
-        counted into ``counts`` (rows per partition, see :func:`_partition_counts`).
+        and the rows are not appended twice. A :class:`FrameStream` goes through
+        :meth:`_write_stream` (``allowed`` partitions, rows per partition into
+        ``counts``).
         """
         import deltalake
         from deltalake import CommitProperties
         from deltalake.exceptions import CommitFailedError
 
         uri = self.table_uri(layer, table)
-        streamed = isinstance(frame, FrameStream)
-        data = None if streamed else frame.to_arrow()
-        columns = list(allowed.columns) if allowed is not None else []
+        if isinstance(frame, FrameStream):
+            return self._write_stream(
+                uri, frame, batch=batch, allowed=allowed, counts=counts, mode=kwargs["mode"]
+            )
+        data = frame.to_arrow()
         properties = CommitProperties(
             custom_metadata={BATCH_METADATA_KEY: batch} if batch else None
         )
         for attempt in range(self.commit_retries):
             if attempt and batch and self._has_commit(uri, batch):
                 break
-            checked = None
-            if streamed:
-                empty = pl.DataFrame(schema={c: pl.String for c in columns})
-                checked = _CheckedStream(
-                    frame, f"{layer}/{table}", columns, empty if allowed is None else allowed
-                )
-                data = checked.reader()
             try:
                 deltalake.write_deltalake(
                     uri,
@@ -729,20 +639,90 @@ class LakeResource(ConfigurableResource):
                     commit_properties=properties,
                     **kwargs,
                 )
-                if checked is not None and counts is not None:
-                    counts.clear()
-                    counts.update(checked.counts)
                 break
             except CommitFailedError:
                 if attempt == self.commit_retries - 1:
                     raise
                 time.sleep(0.2 * 2**attempt)
-            except Exception as exc:
-                if checked is not None and checked.error is not None:
-                    raise checked.error from exc
-                if not isinstance(exc, OSError) or self.is_local:
+            except OSError as exc:
+                if self.is_local:
                     raise
                 raise self._unavailable(uri, exc) from exc
+        loaded = self._load(uri)
+        return -1 if loaded is None else loaded.version()
+
+    def _write_stream(
+        self,
+        uri: str,
+        stream: FrameStream,
+        *,
+        mode: str,
+        batch: str | None,
+        allowed: pl.DataFrame | None,
+        counts: Counter[str] | None,
+    ) -> int:
+        """Write a stream as data files, then add them in one transaction (see lake_stream).
+
+        ``overwrite`` replaces the ``allowed`` partitions (one partition column); the
+        table's schema gains the stream's new columns. A lost commit race retries the
+        transaction over the same files.
+        """
+        import pyarrow as pa
+        from deltalake import CommitProperties
+        from deltalake.exceptions import CommitFailedError
+        from deltalake.schema import Schema as DeltaSchema
+        from deltalake.transaction import create_table_with_add_actions
+
+        columns = [] if allowed is None else list(allowed.columns)
+        if mode == "overwrite" and len(columns) != 1:
+            raise LakeError(f"{uri}: a streamed overwrite needs exactly one partition column")
+        files = write_stream_files(
+            uri,
+            stream,
+            where=uri,
+            columns=columns,
+            allowed=allowed if allowed is not None else pl.DataFrame(),
+        )
+        properties = CommitProperties(
+            custom_metadata={BATCH_METADATA_KEY: batch} if batch else None
+        )
+        filters = None
+        if mode == "overwrite":
+            values = allowed[columns[0]].to_list()
+            filters = [(columns[0], "in", values)]
+        for attempt in range(self.commit_retries):
+            loaded = self._load(uri)
+            if attempt and batch and self._has_commit(uri, batch):
+                break
+            try:
+                if loaded is None:
+                    create_table_with_add_actions(
+                        uri,
+                        DeltaSchema.from_arrow(table_schema(stream, None)),
+                        files.actions,
+                        mode="append",
+                        partition_by=columns or None,
+                        storage_options=self._delta_options(),
+                        commit_properties=properties,
+                    )
+                else:
+                    existing = pa.schema(loaded.schema().to_arrow())
+                    loaded.create_write_transaction(
+                        files.actions,
+                        mode,
+                        table_schema(stream, existing),
+                        partition_by=columns or None,
+                        partition_filters=filters,
+                        commit_properties=properties,
+                    )
+                break
+            except CommitFailedError:
+                if attempt == self.commit_retries - 1:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+        if counts is not None:
+            counts.clear()
+            counts.update(files.counts)
         loaded = self._load(uri)
         return -1 if loaded is None else loaded.version()
 
@@ -808,17 +788,6 @@ class LakeResource(ConfigurableResource):
 
         filesystem, path = fs.FileSystem.from_uri(uri)
         return filesystem.get_file_info(path).type == fs.FileType.File
-
-
-def _partition_counts(frame: pl.DataFrame, columns: list[str]) -> dict[str, int]:
-    """Rows per partition, keyed by the partition values joined with the unit separator."""
-    return dict(
-        frame.select(pl.col(c).cast(pl.String) for c in columns)
-        .group_by(columns)
-        .len()
-        .select(pl.concat_str(columns, separator="\x1f"), "len")
-        .iter_rows()
-    )
 
 
 def _predicate(partitions: pl.DataFrame) -> str:

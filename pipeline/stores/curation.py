@@ -28,7 +28,8 @@ from dagster import Failure, MetadataValue
 
 from pipeline.domain import contracts
 from pipeline.metadata import counts_table
-from pipeline.resources.lake import FrameStream, LakeResource, Rows
+from pipeline.resources.lake import LakeResource
+from pipeline.resources.lake_stream import FrameStream, Rows
 from pipeline.stores.sources import Source, scan_bronze, split_partition
 
 BUCKET_COLUMN = "__bucket"

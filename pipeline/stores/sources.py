@@ -22,14 +22,8 @@ from pipeline import keys
 from pipeline.domain import contracts
 from pipeline.domain.landing import LandingFileError
 from pipeline.partitions import date_partitions, month_partitions, valuation_date_partitions
-from pipeline.resources.lake import (
-    STREAM_BATCH_ROWS,
-    BatchCommit,
-    FrameStream,
-    LakeResource,
-    PartitionWrite,
-    Rows,
-)
+from pipeline.resources.lake import BatchCommit, LakeResource, PartitionWrite
+from pipeline.resources.lake_stream import STREAM_BATCH_ROWS, FrameStream, Rows
 from pipeline.resources.landing import LandingFile, LandingResource
 
 BRONZE_PARTITION_COLUMN = "_partition_key"

@@ -23,7 +23,6 @@ from polars.testing import assert_frame_equal
 
 from pipeline.resources import lake as lake_module
 from pipeline.resources.lake import (
-    FrameStream,
     LakeError,
     LakeResource,
     PartitionWrite,
@@ -31,6 +30,7 @@ from pipeline.resources.lake import (
     new_batch_id,
     visible_rows,
 )
+from pipeline.resources.lake_stream import FrameStream
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -167,6 +167,7 @@ def test_a_stream_is_written_as_one_commit_of_every_batch(lake: LakeResource) ->
 def test_a_stream_that_fails_part_of_the_way_commits_nothing(lake: LakeResource) -> None:
     lake.overwrite_partition("curated", "t", frame("a"), {"p": "a"})
     before = lake.version("curated", "t")
+    files = sorted(Path(lake.table_uri("curated", "t")).rglob("*.parquet"))
     broken = stream_of(frame("a", 3), frame("a", 4), frame("a", 2), fail_after=2)
     with pytest.raises(ValueError, match="upstream broke after batch 2"):
         lake.overwrite_partition("curated", "t", broken, {"p": "a"})
@@ -175,6 +176,7 @@ def test_a_stream_that_fails_part_of_the_way_commits_nothing(lake: LakeResource)
         lake.overwrite_partition("curated", "t", stray, {"p": "a"})
     assert lake.version("curated", "t") == before
     assert_frame_equal(sorted_read(lake, "t"), frame("a"))
+    assert sorted(Path(lake.table_uri("curated", "t")).rglob("*.parquet")) == files
 
 
 def test_a_streamed_outcome_records_its_rows_per_partition(lake: LakeResource) -> None:
