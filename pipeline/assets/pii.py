@@ -6,28 +6,20 @@ card number. ``curated/claims_by_district`` publishes no personal column (the cl
 contract declares them personal) and its quarantine withholds them.
 """
 
-from collections import Counter
-
-import polars as pl
 from dagster import (
     AssetExecutionContext,
     AssetSpec,
-    Failure,
     MaterializeResult,
     MetadataValue,
     multi_asset,
 )
 
 from pipeline import keys
-from pipeline.audit import input_versions, with_audit
+from pipeline.audit import input_versions
 from pipeline.metadata import counts_table
 from pipeline.resources.lake import LakeResource, PartitionWrite
 from pipeline.resources.pii import PiiResource
-from pipeline.stores.sources import SOURCES, read_bronze
-
-CLAIMS = SOURCES["claims"]
-DOCUMENT_ID = pl.format("{}#{}", pl.col("_source_file"), pl.col("_row_number"))
-"""A delivered row: landing file and row number (also in every curated and quarantine row)."""
+from pipeline.stores.claims_pii import CLAIMS, scrub_month
 
 
 @multi_asset(
@@ -58,38 +50,29 @@ DOCUMENT_ID = pl.format("{}#{}", pl.col("_source_file"), pl.col("_row_number"))
     partitions_def=CLAIMS.partitions_def,
 )
 def claims_pii_scan(context: AssetExecutionContext, lake: LakeResource, pii: PiiResource):
-    """Scan one month of bronze claims; commit redacted rows and their log together."""
+    """Scan one month of bronze claims, batch by batch; commit redacted rows and log together."""
     month = context.partition_key
     policy, salt = pii.policy(), pii.salt_bytes()
     inputs = input_versions(lake, "bronze/claims")
-    bronze = read_bronze(lake, CLAIMS, month)
-    if bronze.height == 0:
-        raise Failure(f"claims partition {month}: bronze has no rows to scan; ingest it first")
-    # Presidio (and the spaCy it imports) costs ~4 s of import: loaded by the scan only, so
-    # the code server, the daemon and every sensor process start without it
-    from pipeline.domain.pii import scrub
-
-    scrubbed, log = scrub(bronze, policy, salt, document_id=DOCUMENT_ID)
-    scrubbed = scrubbed.drop("_batch_id", strict=False).with_columns(pl.lit(month).alias("month"))
-    log = with_audit(
-        log.with_columns(pl.lit(month).alias("month")),
-        dagster_run_id=context.run.run_id,
-        inputs=inputs,
+    scanned = scrub_month(
+        lake, month, policy, salt, dagster_run_id=context.run.run_id, inputs=inputs
     )
-    commit = lake.commit_outcome(
-        [
-            PartitionWrite("curated", "claims_redacted", scrubbed, [{"month": month}]),
-            PartitionWrite("gold", "pii_detection_log", log, [{"month": month}]),
-        ]
-    )
-    found = Counter(f"{e} ({a})" for e, a in log.select("entity_type", "action").iter_rows())
+    try:
+        commit = lake.commit_outcome(
+            [
+                PartitionWrite("curated", "claims_redacted", scanned.redacted, [{"month": month}]),
+                PartitionWrite("gold", "pii_detection_log", scanned.log, [{"month": month}]),
+            ]
+        )
+    finally:
+        scanned.cleanup()
     context.log.info(
-        f"claims {month}: {log.height} spans in {bronze.height} rows, policy {policy.version}"
+        f"claims {month}: {scanned.spans} spans in {scanned.rows} rows, policy {policy.version}"
     )
     yield MaterializeResult(
         asset_key=keys.CLAIMS_REDACTED,
         metadata={
-            "dagster/row_count": scrubbed.height,
+            "dagster/row_count": scanned.rows,
             "pii_policy_version": policy.version,
             "delta_version": commit.versions["curated/claims_redacted"],
             "batch_id": commit.batch_id,
@@ -98,12 +81,12 @@ def claims_pii_scan(context: AssetExecutionContext, lake: LakeResource, pii: Pii
     yield MaterializeResult(
         asset_key=keys.PII_DETECTION_LOG,
         metadata={
-            "dagster/row_count": log.height,
+            "dagster/row_count": scanned.spans,
             "pii_policy_version": policy.version,
-            "spans_by_entity_and_action": MetadataValue.md(counts_table(found, label="entity")),
-            "documents_with_pii_in_text": log.filter(pl.col("column").is_in(policy.text_columns))[
-                "document_id"
-            ].n_unique(),
+            "spans_by_entity_and_action": MetadataValue.md(
+                counts_table(scanned.spans_by_entity_and_action, label="entity")
+            ),
+            "documents_with_pii_in_text": scanned.documents_with_pii_in_text,
             "delta_version": commit.versions["gold/pii_detection_log"],
         },
     )

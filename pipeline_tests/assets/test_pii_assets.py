@@ -94,6 +94,33 @@ def test_no_curated_gold_or_quarantine_table_holds_a_raw_policyholder_value(
     assert quarantined.height > 0 and not quarantined["record"].str.contains("policyholder").any()
 
 
+def test_a_month_scanned_in_batches_equals_the_month_scanned_at_once(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan reads bronze in batches and spills them: the outcome may not depend on it."""
+    delivered = _demo(platform)
+    platform.materialize([keys.BRONZE_CLAIMS, *SCAN], MONTH)
+    audit = ["dagster_run_id"]
+    whole = platform.lake.read("curated", "claims_redacted").sort("_row_number")
+    log = platform.lake.read("gold", "pii_detection_log").drop(audit, strict=False)
+
+    monkeypatch.setattr("pipeline.stores.claims_pii.SCAN_BATCH_ROWS", 37)
+    result = platform.materialize(SCAN, MONTH)
+    batched = platform.lake.read("curated", "claims_redacted").sort("_row_number")
+    batched_log = platform.lake.read("gold", "pii_detection_log").drop(audit, strict=False)
+    assert batched.height == whole.height == delivered.height > 37 * 10
+    assert batched.equals(whole)
+    order = ["document_id", "column", "start"]
+    assert batched_log.sort(order).equals(log.sort(order))
+    assert log.height > 100
+    (event,) = [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == keys.PII_DETECTION_LOG
+    ]
+    assert event.materialization.metadata["dagster/row_count"].value == log.height
+
+
 def test_a_policy_version_change_rewrites_only_what_it_affects(
     platform: Platform, tmp_path: Path
 ) -> None:
