@@ -37,7 +37,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -611,7 +611,6 @@ class LakeResource(ConfigurableResource):
         """
         import deltalake
         from deltalake import CommitProperties
-        from deltalake.exceptions import CommitFailedError
 
         uri = self.table_uri(layer, table)
         if isinstance(frame, FrameStream):
@@ -622,23 +621,37 @@ class LakeResource(ConfigurableResource):
         properties = CommitProperties(
             custom_metadata={BATCH_METADATA_KEY: batch} if batch else None
         )
+
+        def write() -> None:
+            deltalake.write_deltalake(
+                uri,
+                data,
+                # appends, partition overwrites and bronze add new columns to the
+                # table (older rows read them as null) instead of refusing the write:
+                # a table written by an older release keeps working after an upgrade
+                schema_mode="merge"
+                if kwargs.get("mode") == "append" or "predicate" in kwargs or layer == "bronze"
+                else None,
+                storage_options=self._delta_options(),
+                commit_properties=properties,
+                **kwargs,
+            )
+
+        return self._commit_with_retries(uri, batch, write)
+
+    def _commit_with_retries(self, uri: str, batch: str | None, commit: Callable[[], None]) -> int:
+        """Run ``commit`` until it wins the commit race; return the table's version after it.
+
+        Before a retry, a commit already carrying ``batch`` means the lost race was only
+        reported lost, and nothing is committed twice.
+        """
+        from deltalake.exceptions import CommitFailedError
+
         for attempt in range(self.commit_retries):
             if attempt and batch and self._has_commit(uri, batch):
                 break
             try:
-                deltalake.write_deltalake(
-                    uri,
-                    data,
-                    # appends, partition overwrites and bronze add new columns to the
-                    # table (older rows read them as null) instead of refusing the write:
-                    # a table written by an older release keeps working after an upgrade
-                    schema_mode="merge"
-                    if kwargs.get("mode") == "append" or "predicate" in kwargs or layer == "bronze"
-                    else None,
-                    storage_options=self._delta_options(),
-                    commit_properties=properties,
-                    **kwargs,
-                )
+                commit()
                 break
             except CommitFailedError:
                 if attempt == self.commit_retries - 1:
@@ -669,7 +682,6 @@ class LakeResource(ConfigurableResource):
         """
         import pyarrow as pa
         from deltalake import CommitProperties
-        from deltalake.exceptions import CommitFailedError
         from deltalake.schema import Schema as DeltaSchema
         from deltalake.transaction import create_table_with_add_actions
 
@@ -690,41 +702,34 @@ class LakeResource(ConfigurableResource):
         if mode == "overwrite":
             values = allowed[columns[0]].to_list()
             filters = [(columns[0], "in", values)]
-        for attempt in range(self.commit_retries):
+
+        def commit() -> None:
             loaded = self._load(uri)
-            if attempt and batch and self._has_commit(uri, batch):
-                break
-            try:
-                if loaded is None:
-                    create_table_with_add_actions(
-                        uri,
-                        DeltaSchema.from_arrow(table_schema(stream, None)),
-                        files.actions,
-                        mode="append",
-                        partition_by=columns or None,
-                        storage_options=self._delta_options(),
-                        commit_properties=properties,
-                    )
-                else:
-                    existing = pa.schema(loaded.schema().to_arrow())
-                    loaded.create_write_transaction(
-                        files.actions,
-                        mode,
-                        table_schema(stream, existing),
-                        partition_by=columns or None,
-                        partition_filters=filters,
-                        commit_properties=properties,
-                    )
-                break
-            except CommitFailedError:
-                if attempt == self.commit_retries - 1:
-                    raise
-                time.sleep(0.2 * 2**attempt)
+            if loaded is None:
+                create_table_with_add_actions(
+                    uri,
+                    DeltaSchema.from_arrow(table_schema(stream, None)),
+                    files.actions,
+                    mode="append",
+                    partition_by=columns or None,
+                    storage_options=self._delta_options(),
+                    commit_properties=properties,
+                )
+                return
+            loaded.create_write_transaction(
+                files.actions,
+                mode,
+                table_schema(stream, pa.schema(loaded.schema().to_arrow())),
+                partition_by=columns or None,
+                partition_filters=filters,
+                commit_properties=properties,
+            )
+
+        version = self._commit_with_retries(uri, batch, commit)
         if counts is not None:
             counts.clear()
             counts.update(files.counts)
-        loaded = self._load(uri)
-        return -1 if loaded is None else loaded.version()
+        return version
 
     def _has_commit(self, uri: str, batch: str) -> bool:
         loaded = self._load(uri)
