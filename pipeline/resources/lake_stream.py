@@ -18,6 +18,7 @@ import secrets
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -58,6 +59,18 @@ class FrameStream:
             lazy.collect_schema(),
             lambda: iter(lazy.collect_batches(chunk_size=batch_rows, lazy=True)),
         )
+
+    @classmethod
+    def of_files(cls, paths: list[Path]) -> "FrameStream":
+        """Local Parquet files of one schema (spill files), read one file at a time.
+
+        Reading them through a lazy scan would let polars read ahead across files; one
+        file at a time holds exactly one file's rows.
+        """
+        if not paths:
+            raise ValueError("a stream of files needs at least one file")
+        schema = pl.read_parquet_schema(paths[0])
+        return cls(pl.Schema(schema), lambda: (pl.read_parquet(p) for p in paths))
 
     @property
     def columns(self) -> list[str]:

@@ -116,8 +116,8 @@ def scrub_month(
             pl.col("document_id").n_unique()
         )
         return ScrubbedMonth(
-            redacted=FrameStream.of(pl.scan_parquet(redacted_dir / "*.parquet")),
-            log=FrameStream.of(logged) if spans else empty_log,
+            redacted=FrameStream.of_files(sorted(redacted_dir.glob("*.parquet"))),
+            log=FrameStream.of_files(sorted(log_dir.glob("*.parquet"))) if spans else empty_log,
             rows=rows,
             spans=spans,
             spans_by_entity_and_action=found,

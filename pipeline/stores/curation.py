@@ -173,7 +173,7 @@ def _curate_in_buckets(
             f"{rows_curated} curated + {rows_quarantined} quarantined"
         )
     quarantine: Rows = (
-        FrameStream.of(pl.scan_parquet(rejected / "*.parquet"))
+        FrameStream.of_files(sorted(rejected.glob("*.parquet")))
         if rows_quarantined
         else contracts.empty_quarantine()
     )
