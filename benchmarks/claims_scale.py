@@ -98,7 +98,7 @@ def generate(path: Path, n: int, seed: int = 7) -> int:
     return duplicates
 
 
-INGEST = r"""
+CHILD = r"""
 import json, re, resource, sys, threading, time
 peak = {"anon_kb": 0}
 def sample():
@@ -109,23 +109,30 @@ def sample():
         time.sleep(0.02)
 threading.Thread(target=sample, daemon=True).start()
 import dagster as dg
-import polars as pl
 from pipeline import keys
 from pipeline.definitions import build_definitions
 from pipeline.resources import build_resources
 from pipeline.settings import get_settings
-month, out = sys.argv[1], sys.argv[2]
 settings = get_settings()
 defs = build_definitions(settings)
 resources = build_resources(settings)
-instance = dg.DagsterInstance.ephemeral()
+def materialize(month, *asset_keys):
+    return dg.materialize(
+        [*defs.assets, *(defs.asset_checks or [])],
+        selection=dg.AssetSelection.assets(*asset_keys),
+        partition_key=month, resources=resources, instance=dg.DagsterInstance.ephemeral(),
+    )
+"""
+"""What both measured child processes start with: a 20 ms sampler of anonymous memory
+(``peak``), the definitions and resources of the settings, and ``materialize``."""
+
+INGEST = (
+    CHILD
+    + r"""
+month, out = sys.argv[1], sys.argv[2]
 baseline_anon_kb = peak["anon_kb"]
 started = time.perf_counter()
-result = dg.materialize(
-    [*defs.assets, *(defs.asset_checks or [])],
-    selection=dg.AssetSelection.assets(keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT),
-    partition_key=month, resources=resources, instance=instance,
-)
+result = materialize(month, keys.BRONZE_CLAIMS, keys.CLAIMS_BY_DISTRICT)
 seconds = time.perf_counter() - started
 checks = {f"{e.asset_key.to_user_string()}:{e.check_name}": e.passed
           for e in result.get_asset_check_evaluations()}
@@ -143,36 +150,17 @@ print(json.dumps({
     "checks": checks,
 }))
 """
+)
 
-SCAN = r"""
-import json, re, sys, threading, time
-peak = {"anon_kb": 0}
-def sample():
-    while True:
-        status = open("/proc/self/status").read()
-        anon = int(re.search(r"RssAnon:\s+(\d+)", status).group(1))
-        peak["anon_kb"] = max(peak["anon_kb"], anon)
-        time.sleep(0.02)
-threading.Thread(target=sample, daemon=True).start()
-import dagster as dg
-from pipeline import keys
-from pipeline.definitions import build_definitions
-from pipeline.resources import build_resources
-from pipeline.settings import get_settings
+SCAN = (
+    CHILD
+    + r"""
 month, step = sys.argv[1], sys.argv[2]
-settings = get_settings()
-defs = build_definitions(settings)
-resources = build_resources(settings)
 scan = [keys.CLAIMS_REDACTED, keys.PII_DETECTION_LOG]
-selected = [keys.BRONZE_CLAIMS] if step == "bronze" else scan
 import pipeline.domain.pii  # Presidio's import is not the scan's work
 imports_kb = peak["anon_kb"]
 started = time.perf_counter()
-result = dg.materialize(
-    [*defs.assets, *(defs.asset_checks or [])],
-    selection=dg.AssetSelection.assets(*selected),
-    partition_key=month, resources=resources, instance=dg.DagsterInstance.ephemeral(),
-)
+result = materialize(month, *([keys.BRONZE_CLAIMS] if step == "bronze" else scan))
 seconds = time.perf_counter() - started
 logged = [e for e in result.get_asset_materialization_events()
           if e.asset_key == keys.PII_DETECTION_LOG]
@@ -184,6 +172,7 @@ print(json.dumps({
     "spans": logged[0].materialization.metadata["dagster/row_count"].value if logged else 0,
 }))
 """
+)
 
 REFERENCE = r"""
 import json, sys
