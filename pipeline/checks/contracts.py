@@ -39,6 +39,7 @@ from pipeline.stores.sources import (
     BRONZE_PARTITION_COLUMN,
     SOURCES,
     Source,
+    count_rows,
     quarantined_symbol,
     scan_bronze,
     undeclared_in_bronze,
@@ -62,15 +63,11 @@ BronzeVerdict = Callable[[pl.LazyFrame, Source, str], Verdict]
 ``(stored rows, source, partition key) -> verdict``."""
 
 
-def _rows(stored: pl.LazyFrame) -> int:
-    return int(stored.select(pl.len()).collect().item()) if stored.collect_schema() else 0
-
-
 def _schema_verdict(stored: pl.LazyFrame, source: Source, partition_key: str) -> Verdict:
     required = source.contract(partition_key).required_columns
     columns = stored.collect_schema().names()
     missing = [c for c in required if c not in columns]
-    rows = _rows(stored)
+    rows = count_rows(stored)
     if rows == 0:
         return Verdict(False, "no rows stored", {"rows": 0})
     if missing:
@@ -79,7 +76,7 @@ def _schema_verdict(stored: pl.LazyFrame, source: Source, partition_key: str) ->
 
 
 def _ingest_lag_verdict(stored: pl.LazyFrame, source: Source, partition_key: str) -> Verdict:
-    if _rows(stored) == 0:
+    if count_rows(stored) == 0:
         return Verdict(False, "no rows stored", {})
     lag = stored.select((pl.col("_ingested_at") - pl.col("_delivered_at")).max()).collect().item()
     hours = lag.total_seconds() / 3600
@@ -91,7 +88,7 @@ def _ingest_lag_verdict(stored: pl.LazyFrame, source: Source, partition_key: str
 
 
 def _drift_verdict(stored: pl.LazyFrame, source: Source, partition_key: str) -> Verdict:
-    extra = undeclared_in_bronze(stored, source, partition_key) if _rows(stored) else []
+    extra = undeclared_in_bronze(stored, source, partition_key) if count_rows(stored) else []
     if not extra:
         return Verdict(True, "every delivered column is declared", {"undeclared": ""})
     files = (

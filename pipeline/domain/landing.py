@@ -136,6 +136,15 @@ def read_as_text(path: Path) -> pl.DataFrame:
     return parse_as_text(str(path), path.read_bytes())
 
 
+def unparseable(name: str, exc: Exception) -> LandingFileError:
+    """The error for a file polars could not parse, naming the file and polars' reason.
+
+    polars raises several unrelated exception types for broken files; every reader of
+    delivered files reports them in this one form.
+    """
+    return LandingFileError(f"{name}: cannot be parsed: {type(exc).__name__}: {exc}")
+
+
 class Utf8Validator:
     """Checks that a file is UTF-8 as its bytes arrive in chunks (a drop may be gigabytes).
 
@@ -200,7 +209,7 @@ def parse_as_text(name: str, payload: bytes) -> pl.DataFrame:
     except LandingFileError:
         raise
     except Exception as exc:  # polars raises several unrelated types for broken files
-        raise LandingFileError(f"{name}: cannot be parsed: {type(exc).__name__}: {exc}") from exc
+        raise unparseable(name, exc) from exc
     if frame.width == 0:
         raise LandingFileError(f"{name}: no columns")
     return frame

@@ -21,6 +21,7 @@ from pipeline.domain.landing import (
     parquet_ends_intact,
     partition_key_of,
     text_columns,
+    unparseable,
 )
 
 READ_CHUNK_BYTES = 8 << 20
@@ -143,10 +144,7 @@ class LandingResource(ConfigurableResource):
 
     def exists(self, relative: str) -> bool:
         """Whether a file exists at ``relative`` under the landing root."""
-        from pyarrow import fs
-
-        filesystem, path = self._filesystem(relative)
-        return filesystem.get_file_info(path).type == fs.FileType.File
+        return self.signature(relative) is not None
 
     def scan_parsed(self, relative: str) -> pl.LazyFrame:
         """:meth:`scan_as_text` of a file every row of which has been parsed once.
@@ -164,9 +162,7 @@ class LandingResource(ConfigurableResource):
         try:
             rows.select(pl.all().count()).collect(engine="streaming")
         except Exception as exc:  # polars raises several unrelated types for broken files
-            raise LandingFileError(
-                f"{self.uri(relative)}: cannot be parsed: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise unparseable(self.uri(relative), exc) from exc
         return rows
 
     def digest(self, relative: str, *, validate: bool = True) -> str:
@@ -227,8 +223,6 @@ class LandingResource(ConfigurableResource):
             try:
                 schema = lazy.collect_schema()
             except Exception as exc:  # polars raises several unrelated types for broken files
-                raise LandingFileError(
-                    f"{uri}: cannot be parsed: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise unparseable(uri, exc) from exc
             return lazy.with_columns(text_columns(schema))
         raise LandingFileError(f"{uri}: unsupported file type {Path(relative).suffix!r}")

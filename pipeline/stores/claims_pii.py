@@ -20,7 +20,7 @@ from dagster import Failure
 from pipeline.audit import with_audit
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.lake_stream import FrameStream, Rows
-from pipeline.stores.sources import BRONZE_PARTITION_COLUMN, SOURCES, scan_bronze
+from pipeline.stores.sources import SOURCES, count_rows, scan_bronze
 
 if TYPE_CHECKING:
     from pipeline.domain.pii import PiiPolicy
@@ -76,7 +76,8 @@ def scrub_month(
     Failure
         When bronze holds no rows for the month.
     """
-    rows = lake.count("bronze", CLAIMS.name, {BRONZE_PARTITION_COLUMN: month})
+    bronze = scan_bronze(lake, CLAIMS, month)
+    rows = count_rows(bronze)
     if rows == 0:
         raise Failure(f"claims partition {month}: bronze has no rows to scan; ingest it first")
     # Presidio (and the spaCy it imports) costs ~4 s of import: loaded by the scan only, so
@@ -90,7 +91,6 @@ def scrub_month(
     found: Counter[str] = Counter()
     spans = 0
     try:
-        bronze = scan_bronze(lake, CLAIMS, month)
         batches = bronze.collect_batches(chunk_size=batch_rows or SCAN_BATCH_ROWS, lazy=True)
         for i, batch in enumerate(batches):
             scrubbed, log = scrub(batch, policy, salt, document_id=DOCUMENT_ID)

@@ -30,7 +30,7 @@ from pipeline.domain import contracts
 from pipeline.metadata import counts_table
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.lake_stream import FrameStream, Rows
-from pipeline.stores.sources import Source, scan_bronze, split_partition
+from pipeline.stores.sources import Source, count_rows, scan_bronze, split_partition
 
 BUCKET_COLUMN = "__bucket"
 SPILL_ROW_GROUP_ROWS = 20_000
@@ -107,7 +107,7 @@ def curate_partition(
         When bronze holds no rows for the partition.
     """
     bronze = scan_bronze(lake, source, partition_key)
-    rows_in = lake.count("bronze", source.name, {"_partition_key": partition_key})
+    rows_in = count_rows(bronze)
     if rows_in == 0:
         raise Failure(
             f"{source.name} partition {partition_key}: bronze has no rows; "

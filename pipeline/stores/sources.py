@@ -20,7 +20,7 @@ from dagster import AssetKey, Failure, PartitionsDefinition
 
 from pipeline import keys
 from pipeline.domain import contracts
-from pipeline.domain.landing import LandingFileError
+from pipeline.domain.landing import LandingFileError, unparseable
 from pipeline.partitions import date_partitions, month_partitions, valuation_date_partitions
 from pipeline.resources.lake import BatchCommit, LakeResource, PartitionWrite
 from pipeline.resources.lake_stream import STREAM_BATCH_ROWS, FrameStream, Rows
@@ -125,6 +125,7 @@ class Delivery:
 class _DeliveredFile:
     file: LandingFile
     rows: pl.LazyFrame
+    columns: list[str]
     lineage: dict[str, object]
 
 
@@ -169,12 +170,8 @@ def read_delivery(landing: LandingResource, source: Source, partition_key: str) 
             "_delivered_at": delivered_at,
             BRONZE_PARTITION_COLUMN: partition_key,
         }
-        delivered.append(_DeliveredFile(file, rows, lineage))
-    union = list(
-        dict.fromkeys(
-            c for d in delivered for c in (*d.rows.collect_schema().names(), *LINEAGE_TYPES)
-        )
-    )
+        delivered.append(_DeliveredFile(file, rows, columns, lineage))
+    union = list(dict.fromkeys(c for d in delivered for c in (*d.columns, *LINEAGE_TYPES)))
     declared = list(contract.required_columns)
     extra = list(undeclared)
     order = [*declared, *extra, *[c for c in union if c not in (*declared, *extra)]]
@@ -193,9 +190,7 @@ def _delivered_columns(
     try:
         columns = rows.collect_schema().names()
     except Exception as exc:  # polars raises several unrelated types for broken files
-        raise LandingFileError(
-            f"{landing.uri(file.relative)}: cannot be parsed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise unparseable(landing.uri(file.relative), exc) from exc
     if not columns:
         raise LandingFileError(f"{landing.uri(file.relative)}: no columns")
     return columns
@@ -233,9 +228,7 @@ def _file_batches(
     except Failure:
         raise
     except Exception as exc:  # polars raises several unrelated types for broken files
-        problem = LandingFileError(
-            f"{landing.uri(file.relative)}: cannot be parsed: {type(exc).__name__}: {exc}"
-        )
+        problem = unparseable(landing.uri(file.relative), exc)
         raise _file_failure(source, partition_key, file, problem) from exc
     if landing.signature(file.relative) != (file.size, file.mtime_ns):
         problem = LandingFileError(
@@ -263,6 +256,11 @@ def undeclared_in_bronze(stored: pl.LazyFrame, source: Source, partition_key: st
 def read_bronze(lake: LakeResource, source: Source, partition_key: str) -> pl.DataFrame:
     """The stored bronze rows of one partition (empty when never ingested)."""
     return lake.read("bronze", source.name, {BRONZE_PARTITION_COLUMN: partition_key})
+
+
+def count_rows(stored: pl.LazyFrame) -> int:
+    """Rows of a lazy read such as :func:`scan_bronze` (0 for a partition never stored)."""
+    return int(stored.select(pl.len()).collect().item()) if stored.collect_schema() else 0
 
 
 def scan_bronze(lake: LakeResource, source: Source, partition_key: str) -> pl.LazyFrame:
