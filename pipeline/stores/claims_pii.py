@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
-from dagster import Failure
 
 from pipeline.audit import with_audit
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.lake_stream import FrameStream, Rows
-from pipeline.stores.sources import SOURCES, count_rows, scan_bronze
+from pipeline.stores.sources import SOURCES, stored_bronze
 
 if TYPE_CHECKING:
     from pipeline.domain.pii import PiiPolicy
@@ -76,10 +75,7 @@ def scrub_month(
     Failure
         When bronze holds no rows for the month.
     """
-    bronze = scan_bronze(lake, CLAIMS, month)
-    rows = count_rows(bronze)
-    if rows == 0:
-        raise Failure(f"claims partition {month}: bronze has no rows to scan; ingest it first")
+    bronze, rows = stored_bronze(lake, CLAIMS, month)
     # Presidio (and the spaCy it imports) costs ~4 s of import: loaded by the scan only, so
     # the code server, the daemon and every sensor process start without it
     from pipeline.domain.pii import LOG_COLUMNS, scrub

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-from dagster import Failure, MetadataValue
+from dagster import MetadataValue
 
 from pipeline.domain import contracts
 from pipeline.metadata import counts_table
 from pipeline.resources.lake import LakeResource
 from pipeline.resources.lake_stream import FrameStream, Rows
-from pipeline.stores.sources import Source, count_rows, scan_bronze, split_partition
+from pipeline.stores.sources import Source, split_partition, stored_bronze
 
 BUCKET_COLUMN = "__bucket"
 SPILL_ROW_GROUP_ROWS = 20_000
@@ -106,13 +106,7 @@ def curate_partition(
     Failure
         When bronze holds no rows for the partition.
     """
-    bronze = scan_bronze(lake, source, partition_key)
-    rows_in = count_rows(bronze)
-    if rows_in == 0:
-        raise Failure(
-            f"{source.name} partition {partition_key}: bronze has no rows; "
-            f"materialise {source.key.to_user_string()} for this partition first"
-        )
+    bronze, rows_in = stored_bronze(lake, source, partition_key)
     buckets = math.ceil(rows_in / bucket_rows)
     if buckets == 1:
         curated, quarantined, rows_in = split_partition(lake, source, partition_key)

@@ -258,6 +258,31 @@ def read_bronze(lake: LakeResource, source: Source, partition_key: str) -> pl.Da
     return lake.read("bronze", source.name, {BRONZE_PARTITION_COLUMN: partition_key})
 
 
+def no_bronze_rows(source: Source, partition_key: str) -> Failure:
+    """The failure of a step that needs a bronze partition which holds no rows."""
+    return Failure(
+        f"{source.name} partition {partition_key}: bronze has no rows; "
+        f"materialise {source.key.to_user_string()} for this partition first"
+    )
+
+
+def stored_bronze(
+    lake: LakeResource, source: Source, partition_key: str
+) -> tuple[pl.LazyFrame, int]:
+    """A stored bronze partition read lazily, and its row count.
+
+    Raises
+    ------
+    Failure
+        When the partition holds no rows (:func:`no_bronze_rows`).
+    """
+    bronze = scan_bronze(lake, source, partition_key)
+    rows = count_rows(bronze)
+    if rows == 0:
+        raise no_bronze_rows(source, partition_key)
+    return bronze, rows
+
+
 def count_rows(stored: pl.LazyFrame) -> int:
     """Rows of a lazy read such as :func:`scan_bronze` (0 for a partition never stored)."""
     return int(stored.select(pl.len()).collect().item()) if stored.collect_schema() else 0
@@ -281,10 +306,7 @@ def split_partition(
     """
     bronze = read_bronze(lake, source, partition_key)
     if bronze.height == 0:
-        raise Failure(
-            f"{source.name} partition {partition_key}: bronze has no rows; "
-            f"materialise {source.key.to_user_string()} for this partition first"
-        )
+        raise no_bronze_rows(source, partition_key)
     curated, quarantined = contracts.apply_contract(
         bronze, source.contract(partition_key), partition_key=partition_key
     )
